@@ -1,0 +1,32 @@
+"""kongtask: a PostgreSQL job queue for trio that speaks graphile-worker's schema.
+
+The public API is re-exported here; the implementation lives in private modules.
+"""
+
+from ._config import DEFAULT_SCHEMA as DEFAULT_SCHEMA
+from ._errors import (
+    ConfigError as ConfigError,
+    KongtaskError as KongtaskError,
+    MigrationError as MigrationError,
+    NoPostgresError as NoPostgresError,
+    SchemaTooNewError as SchemaTooNewError,
+)
+from ._cli import main as main
+from ._version import __version__ as __version__
+
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "ConfigError",
+    "KongtaskError",
+    "MigrationError",
+    "NoPostgresError",
+    "SchemaTooNewError",
+    "__version__",
+    "main",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("kongtask._"):
+        _obj.__module__ = "kongtask"
+del _name, _obj

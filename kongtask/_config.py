@@ -1,0 +1,53 @@
+"""Options and environment: the schema name, the connection string."""
+
+from __future__ import annotations
+
+import os
+
+from ._errors import ConfigError
+
+DEFAULT_SCHEMA = "graphile_worker"
+# PostgreSQL truncates identifiers at NAMEDATALEN - 1 bytes.
+MAX_IDENTIFIER_BYTES = 63
+
+
+def resolve_schema(schema: str | None = None) -> str:
+    """The schema to use: ``schema``, else ``GRAPHILE_WORKER_SCHEMA``, else the default.
+
+    Raises:
+      ConfigError: the name is one PostgreSQL cannot hold (empty, NUL, over 63 bytes).
+    """
+    if schema is None:
+        schema = os.environ.get("GRAPHILE_WORKER_SCHEMA") or DEFAULT_SCHEMA
+    return validate_identifier(schema, what="schema name")
+
+
+def validate_identifier(name: str, *, what: str = "identifier") -> str:
+    if not isinstance(name, str):
+        raise ConfigError(f"{what} must be a string, not {type(name).__name__}")
+    if name == "":
+        raise ConfigError(f"{what} must not be empty")
+    if "\x00" in name:
+        raise ConfigError(f"{what} {name!r} contains a NUL character, which PostgreSQL cannot hold")
+    size = len(name.encode("utf-8"))
+    if size > MAX_IDENTIFIER_BYTES:
+        raise ConfigError(
+            f"{what} {name!r} is {size} bytes long; PostgreSQL identifiers hold at most "
+            f"{MAX_IDENTIFIER_BYTES} bytes"
+        )
+    return name
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier (always quoted, so any case or character works)."""
+    return '"' + validate_identifier(name).replace('"', '""') + '"'
+
+
+def resolve_dsn(dsn: str | None = None) -> str | None:
+    """The connection string: ``dsn``, else ``DATABASE_URL``.
+
+    ``None`` means "let libpq's ``PG*`` environment variables decide" (asyncpg reads them).
+    """
+    if dsn:
+        return dsn
+    return os.environ.get("DATABASE_URL") or None

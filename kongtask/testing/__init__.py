@@ -1,0 +1,22 @@
+"""Testing helpers: a real PostgreSQL for tests (and the pytest plugin's fixtures).
+
+The hypothesis lifecycle harness lives in :mod:`kongtask.testing.lifecycle`.
+"""
+
+from ._postgres import (
+    NO_SERVER_MESSAGE as NO_SERVER_MESSAGE,
+    PostgresServer as PostgresServer,
+    docker_engine_available as docker_engine_available,
+    find_pg_bindir as find_pg_bindir,
+    provide_postgres as provide_postgres,
+    run_sync_sql as run_sync_sql,
+)
+
+__all__ = [
+    "NO_SERVER_MESSAGE",
+    "PostgresServer",
+    "docker_engine_available",
+    "find_pg_bindir",
+    "provide_postgres",
+    "run_sync_sql",
+]

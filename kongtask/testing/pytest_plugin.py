@@ -1,0 +1,81 @@
+"""pytest plugin (registered as ``kongtask`` under ``pytest11``): real Postgres fixtures.
+
+Fixtures:
+  ``kongtask_server``: the session's :class:`~kongtask.testing.PostgresServer`.
+  ``kongtask_dsn``: a fresh database, cloned from a template migrated to kongtask's schema.
+  ``kongtask_blank_dsn``: a fresh empty database (no schema).
+  ``kongtask_database_factory``: call ``make(migrated=True)`` for more databases in one test.
+
+Everything is created lazily: a project that installs kongtask but never asks for
+these fixtures starts no server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from ._postgres import PostgresServer, provide_postgres, run_sync_sql
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def kongtask_server() -> Iterator[PostgresServer]:
+    with provide_postgres() as server:
+        yield server
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@pytest.fixture(scope="session")
+def kongtask_template(kongtask_server: PostgresServer) -> Iterator[str]:
+    """Name of a database migrated to kongtask's schema, used as a template."""
+    from .._migrate import migrate_sync
+
+    name = f"kongtask_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    run_sync_sql(kongtask_server.dsn, f"create database {_quote(name)}")
+    try:
+        migrate_sync(kongtask_server.dsn_for(name))
+        yield name
+    finally:
+        run_sync_sql(kongtask_server.dsn, f"drop database if exists {_quote(name)} with (force)")
+
+
+DatabaseFactory = Callable[..., str]
+
+
+@pytest.fixture
+def kongtask_database_factory(
+    kongtask_server: PostgresServer, request: pytest.FixtureRequest
+) -> Iterator[DatabaseFactory]:
+    made: list[str] = []
+
+    def make(*, migrated: bool = True) -> str:
+        template = request.getfixturevalue("kongtask_template") if migrated else "template0"
+        name = f"kongtask_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+        run_sync_sql(kongtask_server.dsn, f"create database {_quote(name)} template {_quote(template)}")
+        made.append(name)
+        return kongtask_server.dsn_for(name)
+
+    yield make
+    for name in made:
+        run_sync_sql(kongtask_server.dsn, f"drop database if exists {_quote(name)} with (force)")
+
+
+@pytest.fixture
+def kongtask_dsn(kongtask_database_factory: DatabaseFactory) -> str:
+    """A fresh database with kongtask's (graphile-worker's) schema in ``graphile_worker``."""
+    return kongtask_database_factory(migrated=True)
+
+
+@pytest.fixture
+def kongtask_blank_dsn(kongtask_database_factory: DatabaseFactory) -> str:
+    """A fresh database with nothing in it."""
+    return kongtask_database_factory(migrated=False)
