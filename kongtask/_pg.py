@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import asyncpg
 import trio
@@ -62,8 +62,18 @@ class Database:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """Run asyncio ``fn(conn, *args)`` on a pooled connection (acquired and released in asyncio)."""
-        return await self.run(_on_pooled_connection, self.pool, fn, *args, **kwargs)
+        """Run asyncio ``fn(conn, *args)`` on a pooled connection.
+
+        The connection is acquired and released on the asyncio side, so a cancellation
+        cannot leak it (STACK.md P2).
+        """
+
+        async def on_pooled_connection() -> T:
+            async with self.pool.acquire() as conn:
+                # The proxy forwards every Connection method; callers see a Connection.
+                return await fn(cast(asyncpg.Connection, conn), *args, **kwargs)
+
+        return await self.run(on_pooled_connection)
 
     async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         return await self.run(self.pool.fetch, query, *args)
@@ -79,8 +89,10 @@ class Database:
 
     async def connect(self) -> asyncpg.Connection:
         """A dedicated connection outside the pool (LISTEN needs one: pool release UNLISTENs)."""
-        conn: asyncpg.Connection = await self.run(asyncpg.connect, **self._connect_kwargs)
-        return conn
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(**self._connect_kwargs)
+
+        return await self.run(connect)
 
     async def close_connection(self, conn: asyncpg.Connection) -> None:
         """Close a dedicated connection, even from a cancelled scope."""
@@ -89,15 +101,6 @@ class Database:
         if scope.cancelled_caught:
             conn.terminate()
 
-
-async def _on_pooled_connection(
-    pool: asyncpg.Pool,
-    fn: Callable[..., Awaitable[T]],
-    *args: Any,
-    **kwargs: Any,
-) -> T:
-    async with pool.acquire() as conn:
-        return await fn(conn, *args, **kwargs)
 
 
 @asynccontextmanager

@@ -26,7 +26,7 @@ class OracleUnavailable(Exception):
 
 
 def oracle_dir(version: str) -> Path:
-    """Install graphile-worker ``version`` (and Node 22 when it needs it) once; return its folder."""
+    """Install graphile-worker ``version`` (and Node 22 if needed) once; return its folder."""
     folder = CACHE / f"gw-{version}"
     cli = folder / "node_modules" / "graphile-worker" / "dist" / "cli.js"
     packages = [f"graphile-worker@{version}"]
@@ -43,10 +43,15 @@ def oracle_dir(version: str) -> Path:
                 (folder / "package.json").write_text('{"name": "oracle", "private": true}\n')
             proc = subprocess.run(
                 [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", *packages],
-                cwd=folder, capture_output=True, text=True, timeout=600,
+                cwd=folder,
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
             if proc.returncode != 0:
-                raise OracleUnavailable(f"npm install {' '.join(packages)} failed: {proc.stderr[-1500:]}")
+                raise OracleUnavailable(
+                    f"npm install {' '.join(packages)} failed: {proc.stderr[-1500:]}"
+                )
     return folder
 
 
@@ -70,7 +75,10 @@ def run_cli(version: str, *args: str, timeout: float = 120) -> subprocess.Comple
     cli = folder / "node_modules" / "graphile-worker" / "dist" / "cli.js"
     return subprocess.run(
         [node_for(version), str(cli), *args],
-        cwd=folder, capture_output=True, text=True, timeout=timeout,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -81,7 +89,8 @@ def oracle_migrate(dsn: str, *, version: str = "0.18.0", schema: str | None = No
         args += ["-s", schema]
     proc = run_cli(version, *args)
     if proc.returncode != 0:
-        raise RuntimeError(f"graphile-worker {version} migrate failed ({proc.returncode}): {proc.stderr}{proc.stdout}")
+        output = proc.stderr + proc.stdout
+        raise RuntimeError(f"graphile-worker {version} migrate exited {proc.returncode}: {output}")
 
 
 def require_oracle(version: str = "0.18.0") -> Path:

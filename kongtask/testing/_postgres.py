@@ -78,11 +78,11 @@ def find_pg_bindir() -> Path | None:
         name = Path(path).parent.name
         return tuple(int(p) for p in name.split(".") if p.isdigit())
 
-    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version_key, reverse=True):
-        candidates.append(Path(bindir))
-    for bindir in candidates:
-        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
-            return bindir
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version_key, reverse=True)
+    candidates.extend(Path(bindir) for bindir in found)
+    for candidate in candidates:
+        if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
+            return candidate
     return None
 
 
@@ -99,7 +99,9 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
     for name in ("postgres", "nobody"):
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(name)
-    raise NoPostgresError("running as root, but there is no 'postgres' or 'nobody' user to run initdb as")
+    raise NoPostgresError(
+        "running as root, but there is no 'postgres' or 'nobody' user to run initdb as"
+    )
 
 
 class LocalCluster:
@@ -122,7 +124,7 @@ class LocalCluster:
         env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
         if self.user is not None:
             env["HOME"] = str(self.root)
-        return subprocess.run(
+        result: subprocess.CompletedProcess[str] = subprocess.run(
             [str(self.bindir / args[0]), *args[1:]],
             capture_output=True,
             text=True,
@@ -131,6 +133,7 @@ class LocalCluster:
             check=False,
             **kwargs,  # type: ignore[call-overload]
         )
+        return result
 
     def start(self) -> str:
         self.sockets.mkdir()
@@ -139,8 +142,16 @@ class LocalCluster:
             for path in (self.root, self.sockets):
                 os.chown(path, self.user.pw_uid, self.user.pw_gid)
         init = self._run(
-            "initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
-            "-E", "UTF8", "--no-sync", "--locale=C",
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
         )
         if init.returncode != 0:
             raise NoPostgresError(f"initdb failed: {init.stderr.strip() or init.stdout.strip()}")
@@ -157,7 +168,17 @@ class LocalCluster:
             ]
         )
         start = self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-o", options, "-w", "-t", "60", "start"
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.logfile),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
         if start.returncode != 0:
             tail = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
@@ -274,7 +295,12 @@ def run_sync_sql(dsn: str, *statements: str) -> list[object]:
     async def go() -> list[object]:
         conn = await asyncpg.connect(dsn)
         try:
-            return [await conn.fetch(s) if s.lstrip().lower().startswith("select") else await conn.execute(s) for s in statements]
+            return [
+                await conn.fetch(s)
+                if s.lstrip().lower().startswith("select")
+                else await conn.execute(s)
+                for s in statements
+            ]
         finally:
             await conn.close()
 

@@ -60,7 +60,9 @@ def kongtask_database_factory(
     def make(*, migrated: bool = True) -> str:
         template = request.getfixturevalue("kongtask_template") if migrated else "template0"
         name = f"kongtask_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
-        run_sync_sql(kongtask_server.dsn, f"create database {_quote(name)} template {_quote(template)}")
+        run_sync_sql(
+            kongtask_server.dsn, f"create database {_quote(name)} template {_quote(template)}"
+        )
         made.append(name)
         return kongtask_server.dsn_for(name)
 
