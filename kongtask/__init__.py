@@ -7,17 +7,9 @@ from ._cli import main as main
 from ._config import DEFAULT_SCHEMA as DEFAULT_SCHEMA
 from ._errors import (
     ConfigError as ConfigError,
-)
-from ._errors import (
     KongtaskError as KongtaskError,
-)
-from ._errors import (
     MigrationError as MigrationError,
-)
-from ._errors import (
     NoPostgresError as NoPostgresError,
-)
-from ._errors import (
     SchemaTooNewError as SchemaTooNewError,
 )
 from ._version import __version__ as __version__

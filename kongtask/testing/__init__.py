@@ -5,20 +5,10 @@ The hypothesis lifecycle harness lives in :mod:`kongtask.testing.lifecycle`.
 
 from ._postgres import (
     NO_SERVER_MESSAGE as NO_SERVER_MESSAGE,
-)
-from ._postgres import (
     PostgresServer as PostgresServer,
-)
-from ._postgres import (
     docker_engine_available as docker_engine_available,
-)
-from ._postgres import (
     find_pg_bindir as find_pg_bindir,
-)
-from ._postgres import (
     provide_postgres as provide_postgres,
-)
-from ._postgres import (
     run_sync_sql as run_sync_sql,
 )
 
