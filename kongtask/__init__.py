@@ -4,6 +4,7 @@ The public API is re-exported here; the implementation lives in private modules.
 """
 
 from ._cli import main as main
+from ._client import Client as Client, add_job as add_job, open_client as open_client
 from ._config import DEFAULT_SCHEMA as DEFAULT_SCHEMA
 from ._errors import (
     ConfigError as ConfigError,
@@ -12,17 +13,23 @@ from ._errors import (
     NoPostgresError as NoPostgresError,
     SchemaTooNewError as SchemaTooNewError,
 )
+from ._job import Job as Job, JobSpec as JobSpec
 from ._version import __version__ as __version__
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "Client",
     "ConfigError",
+    "Job",
+    "JobSpec",
     "KongtaskError",
     "MigrationError",
     "NoPostgresError",
     "SchemaTooNewError",
     "__version__",
+    "add_job",
     "main",
+    "open_client",
 ]
 
 for _name in __all__:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
+import asyncpg
+
 #: Any value :func:`json.dumps` turns into JSON: what a job payload may be.
 JSONValue: TypeAlias = Any
 
@@ -60,7 +62,7 @@ class Job:
     @classmethod
     def from_record(
         cls,
-        row: Mapping[str, Any],
+        row: asyncpg.Record | Mapping[str, Any],
         task_identifier: str,
         queue_name: str | None,
     ) -> Job:

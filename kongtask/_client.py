@@ -1,0 +1,646 @@
+"""Adding jobs and administering them without running a worker.
+
+Every public method checks its arguments completely before anything is sent, so a bad
+value never leaves half a batch behind, then does its database work as one asyncio
+unit of work (one crossing through :meth:`Database.run`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import asyncpg
+
+from ._client_sql import ClientQueries, client_queries
+from ._config import resolve_dsn, resolve_schema
+from ._errors import ConfigError, KongtaskError
+from ._job import Job, JobSpec, JSONValue
+from ._pg import Database, open_database
+
+JobKeyMode = Literal["replace", "preserve_run_at", "unsafe_dedupe"]
+CleanupTask = Literal["DELETE_PERMAFAILED_JOBS", "GC_TASK_IDENTIFIERS", "GC_JOB_QUEUES"]
+
+JOB_KEY_MODES: Final = ("replace", "preserve_run_at", "unsafe_dedupe")
+#: Cleanup tasks in the order they run, whatever order they were asked for in.
+CLEANUP_TASKS: Final = ("DELETE_PERMAFAILED_JOBS", "GC_TASK_IDENTIFIERS", "GC_JOB_QUEUES")
+
+SMALLINT_MIN: Final = -32768
+SMALLINT_MAX: Final = 32767
+BIGINT_MIN: Final = -(2**63)
+BIGINT_MAX: Final = 2**63 - 1
+MAX_NAME_LENGTH: Final = 128  # tasks_identifier_check, job_queues_queue_name_check
+MAX_KEY_LENGTH: Final = 512  # jobs_key_check
+
+# graphile-worker's own add_jobs can drop a keyed spec when the keyed row gets locked
+# between its retire step and its upsert (#580, SCHEMA.md §8). A retry resolves it: the
+# row is now locked, so the retire step takes it. More than a few misses in a row
+# means something else is wrong.
+ADD_ATTEMPTS: Final = 5
+
+# Names never change for an id and identity values are never reused, so the id -> name
+# maps can be cached for the life of the client; the bound only caps memory for
+# databases with very many queue names.
+_NAME_CACHE_LIMIT: Final = 10_000
+
+
+class Client:
+    """Adds jobs and runs admin operations on one schema. Made by :func:`open_client`.
+
+    All methods are safe to call concurrently from several trio tasks; each one uses a
+    pooled connection for its own statements.
+    """
+
+    def __init__(self, db: Database, schema: str) -> None:
+        self._db = db
+        self._schema = schema
+        self._queries: ClientQueries = client_queries(schema)
+        self._task_names: dict[int, str] = {}
+        self._queue_names: dict[int, str] = {}
+
+    @property
+    def schema(self) -> str:
+        """The schema this client works in."""
+        return self._schema
+
+    async def add_job(
+        self,
+        identifier: str,
+        payload: JSONValue = None,
+        *,
+        queue_name: str | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        job_key: str | None = None,
+        job_key_mode: JobKeyMode | None = None,
+        priority: int | None = None,
+        flags: Iterable[str] | None = None,
+    ) -> Job:
+        """Add one job through ``<schema>.add_job`` and return the stored row.
+
+        Args:
+          identifier: the task name (at most 128 characters).
+          payload: any JSON-serialisable value; ``None`` stores ``{}``. NaN and infinities
+            are rejected because JSON cannot hold them.
+          queue_name: a named queue; its jobs run one at a time.
+          run_at: when the job may run first. Must be timezone-aware: a naive datetime
+            is ambiguous (the server's and the client's time zones may differ), so it is
+            rejected instead of guessed. ``None`` means now.
+          max_attempts: 1 to 32767 (default 25).
+          job_key: 1 to 512 characters; an existing job with the same key is replaced,
+            updated or kept depending on ``job_key_mode`` (see ``docs/client.md``).
+          job_key_mode: ``"replace"`` (default), ``"preserve_run_at"`` or ``"unsafe_dedupe"``.
+          priority: -32768 to 32767 (default 0); lower runs first.
+          flags: flag names (not a single string).
+
+        Returns:
+          The inserted or updated job. With ``unsafe_dedupe`` this can be an existing
+          job of another task, returned as it is.
+
+        Raises:
+          ConfigError: an argument is invalid (nothing was sent).
+          KongtaskError: the database kept dropping the job (graphile-worker #580).
+        """
+        mode = _check_job_key_mode(job_key_mode)
+        spec = JobSpec(
+            identifier, payload, queue_name, run_at, max_attempts, job_key, priority, flags
+        )
+        args = _add_job_args(_checked_spec(spec, "add_job"), mode)
+        rows, names = await self._db.with_connection(
+            _add_job_unit, self._queries, args, self._task_names, self._queue_names
+        )
+        self._remember(names)
+        return self._job(rows[0])
+
+    async def add_jobs(
+        self, specs: Iterable[JobSpec], *, job_key_preserve_run_at: bool = False
+    ) -> list[Job]:
+        """Add many jobs in one statement through ``<schema>.add_jobs``.
+
+        The batch is atomic: every job is added, or none (a failing constraint rolls
+        back the whole statement). An empty batch returns ``[]`` without a round trip,
+        so listeners get no spurious wake-up (SCHEMA.md §8 Q4).
+
+        Args:
+          specs: the jobs. Two specs must not share a ``job_key`` (PostgreSQL would
+            reject the batch with "cannot affect row a second time"; this is checked
+            here first, with a clearer message).
+          job_key_preserve_run_at: keep the ``run_at`` of a replaced job that has not
+            been attempted yet (the ``preserve_run_at`` mode of :meth:`add_job`).
+            ``unsafe_dedupe`` is not available in bulk.
+
+        Returns:
+          The inserted or updated jobs, in no particular order.
+
+        Raises:
+          ConfigError: a spec is invalid or keys repeat (nothing was sent).
+          KongtaskError: the database kept dropping keyed jobs (graphile-worker #580).
+        """
+        if not isinstance(job_key_preserve_run_at, bool):
+            raise ConfigError("job_key_preserve_run_at must be a bool")
+        checked: list[dict[str, Any]] = []
+        seen_keys: dict[str, int] = {}
+        for index, spec in enumerate(specs):
+            if not isinstance(spec, JobSpec):
+                raise ConfigError(
+                    f"add_jobs: item {index} is a {type(spec).__name__}, expected a JobSpec"
+                )
+            fields = _checked_spec(spec, f"add_jobs: spec {index}")
+            key = fields.get("job_key")
+            if key is not None:
+                if key in seen_keys:
+                    raise ConfigError(
+                        f"add_jobs: specs {seen_keys[key]} and {index} share job_key {key!r}; "
+                        "one batch may hold each key once"
+                    )
+                seen_keys[key] = index
+            checked.append(fields)
+        if not checked:
+            return []
+        encoded = _encode_specs(checked)
+        rows, names = await self._db.with_connection(
+            _add_jobs_unit,
+            self._queries,
+            checked,
+            encoded,
+            job_key_preserve_run_at,
+            self._task_names,
+            self._queue_names,
+        )
+        self._remember(names)
+        return [self._job(row) for row in rows]
+
+    async def complete_jobs(self, ids: Iterable[int]) -> list[Job]:
+        """Delete the given jobs as if they had succeeded (``<schema>.complete_jobs``).
+
+        Jobs locked by a worker less than 4 hours ago are left alone; permanently failed
+        jobs are deleted too.
+
+        Returns:
+          The deleted jobs.
+        """
+        job_ids = _check_ids(ids)
+        if not job_ids:
+            return []
+        return await self._admin(self._queries.complete_jobs, job_ids)
+
+    async def permanently_fail_jobs(
+        self, ids: Iterable[int], message: str | None = None
+    ) -> list[Job]:
+        """Mark unlocked jobs as permanently failed (``attempts := max_attempts``).
+
+        Args:
+          ids: the job ids.
+          message: stored as ``last_error``; ``None`` stores "Manually marked as failed".
+
+        Returns:
+          The updated jobs (locked ones are skipped).
+        """
+        job_ids = _check_ids(ids)
+        if message is not None:
+            _check_text(message, "message")
+        if not job_ids:
+            return []
+        return await self._admin(self._queries.permanently_fail_jobs, job_ids, message)
+
+    async def reschedule_jobs(
+        self,
+        ids: Iterable[int],
+        *,
+        run_at: datetime | None = None,
+        priority: int | None = None,
+        attempts: int | None = None,
+        max_attempts: int | None = None,
+    ) -> list[Job]:
+        """Change when and how unlocked jobs run (``<schema>.reschedule_jobs``).
+
+        ``None`` keeps a column as it is; any number, ``0`` included, replaces it.
+        Setting ``attempts`` below ``max_attempts`` revives a permanently failed job.
+
+        Returns:
+          The updated jobs (locked ones are skipped).
+        """
+        job_ids = _check_ids(ids)
+        if run_at is not None:
+            _check_aware(run_at, "run_at")
+        _check_smallint(priority, "priority")
+        _check_smallint(attempts, "attempts")
+        _check_max_attempts(max_attempts, "max_attempts")
+        if not job_ids:
+            return []
+        return await self._admin(
+            self._queries.reschedule_jobs, job_ids, run_at, priority, attempts, max_attempts
+        )
+
+    async def remove_job(self, key: str) -> Job | None:
+        """Remove the job with ``key`` (``<schema>.remove_job``).
+
+        An unlocked job is deleted. A locked (running) job keeps running once more but
+        loses its key and is never retried.
+
+        Returns:
+          The deleted or retired job, or ``None`` when no job has this key.
+        """
+        _check_text(key, "key")
+        jobs = await self._admin(self._queries.remove_job, key)
+        return jobs[0] if jobs else None
+
+    async def force_unlock_workers(self, pool_ids: Iterable[str]) -> None:
+        """Release every job and queue locked by the given worker pools.
+
+        Use it for pools known to be dead (their jobs would otherwise wait 4 hours for
+        the stale-lock sweep). The ids are pool ids (``pool-…``/``otpool-…``), which is
+        what ``locked_by`` holds since graphile-worker 0.17. The interrupted attempt
+        still counts.
+        """
+        if isinstance(pool_ids, str):
+            raise ConfigError("pool_ids must be a collection of pool ids, not a single string")
+        ids = list(pool_ids)
+        for pool_id in ids:
+            _check_text(pool_id, "pool id")
+        if ids:
+            await self._db.execute(self._queries.force_unlock_workers, ids)
+
+    async def cleanup(
+        self,
+        tasks: Iterable[CleanupTask] = ("GC_JOB_QUEUES",),
+        *,
+        keep_task_identifiers: Iterable[str] = (),
+    ) -> dict[CleanupTask, int]:
+        """Delete rows nothing needs any more.
+
+        The selected tasks run in this order, whatever order they are given in:
+
+        - ``DELETE_PERMAFAILED_JOBS``: unlocked jobs with ``attempts >= max_attempts``;
+        - ``GC_TASK_IDENTIFIERS``: task names no job uses, except ``keep_task_identifiers``.
+          Workers cache task ids, so run it only while no worker runs (or keep their
+          task names);
+        - ``GC_JOB_QUEUES``: unlocked queue names no job uses.
+
+        Returns:
+          How many rows each selected task deleted, in the order they ran.
+
+        Raises:
+          ConfigError: an unknown task name (the message lists the allowed ones).
+        """
+        if isinstance(tasks, str):
+            raise ConfigError("tasks must be a collection of task names, not a single string")
+        wanted = list(tasks)
+        unknown = [t for t in wanted if t not in CLEANUP_TASKS]
+        if unknown:
+            raise ConfigError(
+                f"unknown cleanup task {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(CLEANUP_TASKS)}"
+            )
+        if isinstance(keep_task_identifiers, str):
+            raise ConfigError("keep_task_identifiers must be a collection, not a single string")
+        keep = list(keep_task_identifiers)
+        for name in keep:
+            _check_text(name, "kept task identifier")
+        selected = [t for t in CLEANUP_TASKS if t in wanted]
+        return await self._db.with_connection(_cleanup_unit, self._queries, selected, keep)
+
+    async def _admin(self, query: str, *args: object) -> list[Job]:
+        rows = await self._db.fetch(query, *args)
+        return [
+            Job.from_record(row, row["task_identifier"], row["queue_name"])
+            for row in rows
+            if row["id"] is not None  # remove_job's "no such key" is a row of NULLs
+        ]
+
+    def _remember(self, names: Sequence[asyncpg.Record]) -> None:
+        if len(self._task_names) + len(self._queue_names) + len(names) > _NAME_CACHE_LIMIT:
+            self._task_names.clear()
+            self._queue_names.clear()
+        for is_queue, id_, name in names:
+            (self._queue_names if is_queue else self._task_names)[id_] = name
+
+    def _job(self, row: asyncpg.Record) -> Job:
+        queue_id = row["job_queue_id"]
+        return Job.from_record(
+            row,
+            # Only a concurrent GC_TASK_IDENTIFIERS (documented as unsafe while jobs
+            # are added) can make the lookup miss; show the id rather than fail an add
+            # that has already committed.
+            self._task_names.get(row["task_id"], f"<task id {row['task_id']}>"),
+            None if queue_id is None else self._queue_names.get(queue_id),
+        )
+
+
+@asynccontextmanager
+async def open_client(
+    dsn: str | None = None,
+    *,
+    schema: str | None = None,
+    max_connections: int = 4,
+    prepared_statements: bool = True,
+) -> AsyncIterator[Client]:
+    """Connect to the database and yield a :class:`Client`; disconnect on exit.
+
+    Args:
+      dsn: a libpq connection string or URL; default ``$DATABASE_URL``, then libpq's
+        ``PG*`` variables.
+      schema: default ``$GRAPHILE_WORKER_SCHEMA``, then ``graphile_worker``.
+      max_connections: the size of the connection pool.
+      prepared_statements: ``False`` behind a transaction-pooling pgBouncer.
+
+    Example::
+
+        async with kongtask.open_client(dsn) as client:
+            job = await client.add_job("send_email", {"to": "a@example.com"})
+    """
+    schema_name = resolve_schema(schema)
+    if max_connections < 1:
+        raise ConfigError("max_connections must be at least 1")
+    async with open_database(
+        resolve_dsn(dsn),
+        min_size=1,
+        max_size=max_connections,
+        prepared_statements=prepared_statements,
+    ) as db:
+        yield Client(db, schema_name)
+
+
+async def add_job(
+    identifier: str,
+    payload: JSONValue = None,
+    *,
+    dsn: str | None = None,
+    schema: str | None = None,
+    queue_name: str | None = None,
+    run_at: datetime | None = None,
+    max_attempts: int | None = None,
+    job_key: str | None = None,
+    job_key_mode: JobKeyMode | None = None,
+    priority: int | None = None,
+    flags: Iterable[str] | None = None,
+) -> Job:
+    """Connect, add one job, disconnect: :meth:`Client.add_job` for scripts.
+
+    Opening a connection costs far more than adding a job; keep a client open with
+    :func:`open_client` when adding more than a few.
+    """
+    # Check before connecting, so a bad argument fails fast and offline.
+    _add_job_args(
+        _checked_spec(
+            JobSpec(
+                identifier, payload, queue_name, run_at, max_attempts, job_key, priority, flags
+            ),
+            "add_job",
+        ),
+        _check_job_key_mode(job_key_mode),
+    )
+    async with open_client(dsn, schema=schema, max_connections=1) as client:
+        return await client.add_job(
+            identifier,
+            payload,
+            queue_name=queue_name,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            job_key=job_key,
+            job_key_mode=job_key_mode,
+            priority=priority,
+            flags=flags,
+        )
+
+
+# --- validation and encoding ------------------------------------------------------------
+
+
+def _checked_spec(spec: JobSpec, where: str) -> dict[str, Any]:
+    """``spec`` as the JSON object ``json_populate_recordset`` reads, after every check
+    except the payload's (encoded later, once, by :func:`_encode_payload` or
+    :func:`_encode_specs`).
+
+    Options left as ``None`` are omitted, so the database applies its defaults.
+    """
+    fields: dict[str, Any] = {"identifier": _check_name(spec.identifier, f"{where}: identifier")}
+    if spec.payload is not None:
+        fields["payload"] = spec.payload
+    if spec.queue_name is not None:
+        fields["queue_name"] = _check_name(spec.queue_name, f"{where}: queue_name")
+    if spec.run_at is not None:
+        fields["run_at"] = _check_aware(spec.run_at, f"{where}: run_at")
+    if spec.max_attempts is not None:
+        fields["max_attempts"] = _check_max_attempts(spec.max_attempts, f"{where}: max_attempts")
+    if spec.job_key is not None:
+        key = _check_text(spec.job_key, f"{where}: job_key")
+        if not 1 <= len(key) <= MAX_KEY_LENGTH:
+            raise ConfigError(
+                f"{where}: job_key must be 1 to {MAX_KEY_LENGTH} characters long, not {len(key)}"
+            )
+        fields["job_key"] = key
+    if spec.priority is not None:
+        fields["priority"] = _check_smallint(spec.priority, f"{where}: priority")
+    if spec.flags is not None:
+        if isinstance(spec.flags, str):
+            raise ConfigError(f"{where}: flags must be a collection of names, not a single string")
+        fields["flags"] = [_check_text(flag, f"{where}: flag") for flag in spec.flags]
+    return fields
+
+
+def _add_job_args(fields: Mapping[str, Any], mode: str | None) -> tuple[object, ...]:
+    """The bound parameters of the ``add_job`` query, in ``$1..$9`` order."""
+    return (
+        fields["identifier"],
+        _encode_payload(fields["payload"], "add_job") if "payload" in fields else None,
+        fields.get("queue_name"),
+        fields.get("run_at"),
+        fields.get("max_attempts"),
+        fields.get("job_key"),
+        fields.get("priority"),
+        fields.get("flags"),
+        mode,
+    )
+
+
+def _json_default(value: object) -> object:
+    # Only the run_at datetimes that _checked_spec let through reach this; UTC keeps the
+    # text free of odd historical offsets.
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# allow_nan=False: JSON has no NaN or Infinity, and PostgreSQL's json type rejects them.
+_dumps = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
+_dumps_specs = json.JSONEncoder(
+    allow_nan=False, ensure_ascii=False, separators=(",", ":"), default=_json_default
+).encode
+
+
+def _encode_payload(payload: JSONValue, where: str) -> str:
+    try:
+        # encode(): a lone surrogate passes json.dumps but cannot be sent as UTF-8.
+        text = _dumps(payload)
+        text.encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{where}: payload is not JSON-serialisable: {exc}") from None
+    return text
+
+
+def _encode_specs(specs: list[dict[str, Any]]) -> str:
+    """The whole batch as one JSON document; on failure, name the spec at fault."""
+    try:
+        text = _dumps_specs(specs)
+        text.encode()
+    except (TypeError, ValueError, RecursionError):
+        # Slow path, only for bad input: find the culprit for a useful message.
+        for index, spec in enumerate(specs):
+            if "payload" in spec:
+                _encode_payload(spec["payload"], f"add_jobs: spec {index}")
+        raise
+    return text
+
+
+def _check_job_key_mode(mode: object) -> str | None:
+    if mode is None or (isinstance(mode, str) and mode in JOB_KEY_MODES):
+        return mode
+    raise ConfigError(f"job_key_mode must be one of {', '.join(JOB_KEY_MODES)}, not {mode!r}")
+
+
+def _check_text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, not {type(value).__name__}")
+    if "\x00" in value:
+        raise ConfigError(
+            f"{what} {value!r} contains a NUL character, which PostgreSQL cannot hold"
+        )
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} {value!r} is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def _check_name(value: object, what: str) -> str:
+    name = _check_text(value, what)
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}")
+    return name
+
+
+def _check_int(value: object, what: str, low: int, high: int) -> int:
+    # bool is an int subclass; True as a priority is a bug, not 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{what} must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ConfigError(f"{what} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _check_smallint(value: int | None, what: str) -> int | None:
+    return None if value is None else _check_int(value, what, SMALLINT_MIN, SMALLINT_MAX)
+
+
+def _check_max_attempts(value: int | None, what: str) -> int | None:
+    return None if value is None else _check_int(value, what, 1, SMALLINT_MAX)
+
+
+def _check_aware(value: object, what: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise ConfigError(f"{what} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ConfigError(
+            f"{what} must be timezone-aware (e.g. datetime.now(timezone.utc)); "
+            "a naive datetime is ambiguous"
+        )
+    return value
+
+
+def _check_ids(ids: Iterable[int]) -> list[int]:
+    return [_check_int(job_id, "job id", BIGINT_MIN, BIGINT_MAX) for job_id in ids]
+
+
+# --- units of work (asyncio side: each runs on one pooled connection) -------------------
+
+
+async def _resolve_names(
+    conn: asyncpg.Connection,
+    queries: ClientQueries,
+    rows: Sequence[asyncpg.Record],
+    task_names: Mapping[int, str],
+    queue_names: Mapping[int, str],
+) -> list[asyncpg.Record]:
+    """Fetch the names of task and queue ids the caches do not know yet.
+
+    The join trick of the admin queries does not work here: add_job may create the
+    task or queue row itself, and a statement's snapshot predates its own function's
+    inserts. A second statement sees them.
+    """
+    task_ids = {row["task_id"] for row in rows} - task_names.keys()
+    queue_ids = {row["job_queue_id"] for row in rows} - queue_names.keys() - {None}
+    if not task_ids and not queue_ids:
+        return []
+    return await conn.fetch(queries.names_by_id, list(task_ids), list(queue_ids))
+
+
+async def _add_job_unit(
+    conn: asyncpg.Connection,
+    queries: ClientQueries,
+    args: tuple[object, ...],
+    task_names: Mapping[int, str],
+    queue_names: Mapping[int, str],
+) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+    for _ in range(ADD_ATTEMPTS):
+        row = await conn.fetchrow(queries.add_job, *args)
+        if row is not None and row["id"] is not None:
+            rows = [row]
+            return rows, await _resolve_names(conn, queries, rows, task_names, queue_names)
+    raise KongtaskError(
+        f"add_job({args[0]!r}, job_key={args[5]!r}) returned no job {ADD_ATTEMPTS} times in a "
+        "row (graphile-worker bug #580: the keyed job kept getting locked mid-update)"
+    )
+
+
+async def _add_jobs_unit(
+    conn: asyncpg.Connection,
+    queries: ClientQueries,
+    specs: list[dict[str, Any]],
+    encoded: str,
+    preserve_run_at: bool,
+    task_names: Mapping[int, str],
+    queue_names: Mapping[int, str],
+) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+    rows: list[asyncpg.Record] = []
+    pending = specs
+    for _ in range(ADD_ATTEMPTS):
+        got = await conn.fetch(queries.add_jobs, encoded, preserve_run_at)
+        rows.extend(got)
+        if len(got) == len(pending):
+            return rows, await _resolve_names(conn, queries, rows, task_names, queue_names)
+        # #580 only ever drops keyed specs: resend those whose key came back nowhere.
+        returned_keys = {row["key"] for row in got}
+        dropped = [s for s in pending if s.get("job_key") not in returned_keys]
+        if len(dropped) != len(pending) - len(got) or any("job_key" not in s for s in dropped):
+            raise KongtaskError(
+                f"add_jobs returned {len(got)} jobs for {len(pending)} specs, and not "
+                "because of keyed jobs getting locked; the add_jobs function misbehaves"
+            )
+        pending = dropped
+        encoded = _dumps_specs(pending)
+    raise KongtaskError(
+        f"add_jobs dropped {len(pending)} keyed job(s) {ADD_ATTEMPTS} times in a row "
+        "(graphile-worker bug #580: the keyed jobs kept getting locked mid-update)"
+    )
+
+
+async def _cleanup_unit(
+    conn: asyncpg.Connection,
+    queries: ClientQueries,
+    selected: list[CleanupTask],
+    keep: list[str],
+) -> dict[CleanupTask, int]:
+    deleted: dict[CleanupTask, int] = {}
+    for task in selected:
+        if task == "DELETE_PERMAFAILED_JOBS":
+            status = await conn.execute(queries.delete_permafailed_jobs)
+        elif task == "GC_TASK_IDENTIFIERS":
+            status = await conn.execute(queries.gc_task_identifiers, keep)
+        else:
+            status = await conn.execute(queries.gc_job_queues)
+        deleted[task] = int(status.rsplit(" ", 1)[-1])  # "DELETE <n>"
+    return deleted

@@ -1,0 +1,90 @@
+"""The client's named queries, rendered once per schema.
+
+User values always travel as bound parameters. The only text spliced into a query is the
+schema name, and only through :func:`quote_ident`. asyncpg keeps a per-connection cache
+of prepared statements keyed by query text, so each of these is parsed and planned once
+per pooled connection (unless ``prepared_statements=False`` for pgBouncer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._config import quote_ident
+
+# The admin functions do not create task or queue rows, so the statement's own snapshot
+# already holds the names: joining them in costs nothing and survives a concurrent
+# GC_JOB_QUEUES that would empty a queue the moment its last job is deleted.
+_WITH_NAMES = """
+select j.*, t.identifier as task_identifier, q.queue_name
+from {call} as j
+left join {s}._private_tasks as t on t.id = j.task_id
+left join {s}._private_job_queues as q on q.id = j.job_queue_id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientQueries:
+    """Every statement the client sends, for one schema."""
+
+    add_job: str
+    add_jobs: str
+    names_by_id: str
+    complete_jobs: str
+    permanently_fail_jobs: str
+    reschedule_jobs: str
+    remove_job: str
+    force_unlock_workers: str
+    delete_permafailed_jobs: str
+    gc_task_identifiers: str
+    gc_job_queues: str
+
+
+def client_queries(schema: str) -> ClientQueries:
+    """Render the client's queries for ``schema`` (quoted as an identifier)."""
+    s = quote_ident(schema)
+
+    def with_names(call: str) -> str:
+        return _WITH_NAMES.format(call=call, s=s)
+
+    return ClientQueries(
+        # Named arguments: immune to parameter order, and the casts pick the one overload.
+        add_job=f"""
+select * from {s}.add_job(
+  identifier => $1::text, payload => $2::json, queue_name => $3::text,
+  run_at => $4::timestamptz, max_attempts => $5::int, job_key => $6::text,
+  priority => $7::int, flags => $8::text[], job_key_mode => $9::text
+)""",
+        # One JSON document for the whole batch: a single json.dumps in Python and one
+        # C-level parse on the server, measured faster than asyncpg's per-field
+        # encoding of a composite array (docs/client.md, "Adding many jobs").
+        add_jobs=f"""
+select * from {s}.add_jobs(
+  array(select spec from json_populate_recordset(null::{s}.job_spec, $1::json) as spec),
+  $2::boolean
+)""",
+        names_by_id=f"""
+select false as is_queue, id, identifier as name from {s}._private_tasks where id = any($1::int[])
+union all
+select true, id, queue_name from {s}._private_job_queues where id = any($2::int[])""",
+        complete_jobs=with_names(f"{s}.complete_jobs($1::bigint[])"),
+        permanently_fail_jobs=with_names(f"{s}.permanently_fail_jobs($1::bigint[], $2::text)"),
+        reschedule_jobs=with_names(
+            f"{s}.reschedule_jobs($1::bigint[], run_at => $2::timestamptz, "
+            "priority => $3::int, attempts => $4::int, max_attempts => $5::int)"
+        ),
+        remove_job=with_names(f"{s}.remove_job($1::text)"),
+        force_unlock_workers=f"select {s}.force_unlock_workers($1::text[])",
+        # SCHEMA.md §8 Q5: `>=` so rows pushed past max_attempts by reschedule_jobs go too.
+        delete_permafailed_jobs=f"""
+delete from {s}._private_jobs
+where attempts >= max_attempts and locked_at is null""",
+        gc_task_identifiers=f"""
+delete from {s}._private_tasks as t
+where t.identifier <> all($1::text[])
+  and not exists (select 1 from {s}._private_jobs as j where j.task_id = t.id)""",
+        gc_job_queues=f"""
+delete from {s}._private_job_queues as q
+where q.locked_at is null
+  and not exists (select 1 from {s}._private_jobs as j where j.job_queue_id = q.id)""",
+    )
