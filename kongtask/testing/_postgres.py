@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import glob
 import logging
 import os
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ from .._errors import NoPostgresError
 log = logging.getLogger("kongtask.testing")
 
 ENV_DSN = "KONGTASK_TEST_DSN"
+# Where Debian-style packages put each major version's binaries; newest wins.
+PG_BINDIR_GLOB = "/usr/lib/postgresql/*/bin"
 
 NO_SERVER_MESSAGE = (
     "kongtask found no PostgreSQL server for the tests. Give it one of: "
@@ -78,7 +82,7 @@ def find_pg_bindir() -> Path | None:
         name = Path(path).parent.name
         return tuple(int(p) for p in name.split(".") if p.isdigit())
 
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version_key, reverse=True)
+    found = sorted(glob.glob(PG_BINDIR_GLOB), key=version_key, reverse=True)
     candidates.extend(Path(bindir) for bindir in found)
     for candidate in candidates:
         if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
@@ -199,12 +203,20 @@ def docker_engine_available() -> tuple[bool, str]:
         import docker  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return False, "the docker package is not installed (pip install 'kongtask[testing]')"
-    try:
-        client = docker.from_env()
-        client.ping()
-        client.close()
-    except Exception as exc:  # docker raises DockerException or connection errors
-        return False, f"no Docker engine answered ({type(exc).__name__}: {exc})"
+    client = None
+    # docker-py leaves a socket unclosed when the engine is missing; collect it here, with
+    # its ResourceWarning silenced, instead of warning at some random later moment.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            client = docker.from_env()
+            client.ping()
+        except Exception as exc:  # DockerException, or a connection error from ping
+            return False, f"no Docker engine answered ({type(exc).__name__}: {exc})"
+        finally:
+            if client is not None:
+                client.close()
+            gc.collect()
     return True, ""
 
 
