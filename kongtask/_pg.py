@@ -125,16 +125,35 @@ async def open_database(
     }
     if not prepared_statements:
         connect_kwargs["statement_cache_size"] = 0
-    async with trio_asyncio.open_loop() as loop:
-        loop.set_exception_handler(_log_asyncio_exception)
-        pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool, loop=loop)(
-            min_size=min(min_size, max_size), max_size=max_size, **connect_kwargs
-        )
-        try:
-            yield Database(loop, pool, connect_kwargs)
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(10) as scope:
-                    await trio_asyncio.aio_as_trio(pool.close, loop=loop)()
-                if scope.cancelled_caught:
-                    pool.terminate()
+    try:
+        async with trio_asyncio.open_loop() as loop:
+            loop.set_exception_handler(_log_asyncio_exception)
+            pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool, loop=loop)(
+                min_size=min(min_size, max_size), max_size=max_size, **connect_kwargs
+            )
+            try:
+                yield Database(loop, pool, connect_kwargs)
+            finally:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(10) as scope:
+                        await trio_asyncio.aio_as_trio(pool.close, loop=loop)()
+                    if scope.cancelled_caught:
+                        pool.terminate()
+    except BaseExceptionGroup as group:
+        # open_loop's two internal nurseries wrap everything raised inside them, the
+        # caller's own exceptions included, in nested one-member groups. Unwrap those,
+        # so `except ConnectionRefusedError` (or a user's KeyError) works as written.
+        leaf = _sole_exception(group)
+        if leaf is None:
+            raise
+        raise leaf from None
+
+
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside nested one-member groups, or ``None`` if there are more."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
