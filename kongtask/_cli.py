@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_options(migrate)
     migrate.add_argument("--silent", action="store_true", help="print nothing on success")
     migrate.set_defaults(func=_migrate_verb)
+
+    from ._cli_client import add_client_verbs
+
+    add_client_verbs(verbs, _add_connection_options)
     return parser
 
 
