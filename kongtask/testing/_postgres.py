@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +109,21 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
 
 
 class LocalCluster:
-    """A throwaway cluster in a temporary directory: private port, fsync off."""
+    """A throwaway cluster in a temporary directory: private port, fsync off by default."""
 
-    def __init__(self, bindir: Path) -> None:
+    #: Server settings; ``settings=`` overrides any of them (the benchmark turns fsync on).
+    DEFAULT_SETTINGS: Mapping[str, str] = {
+        "listen_addresses": "127.0.0.1",
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+        "max_connections": "300",
+        "shared_buffers": "128MB",
+    }
+
+    def __init__(self, bindir: Path, *, settings: Mapping[str, str] | None = None) -> None:
         self.bindir = bindir
+        self.settings = {**self.DEFAULT_SETTINGS, **(settings or {})}
         self.user = _unprivileged_user()
         self.root = Path(tempfile.mkdtemp(prefix="kongtask-pg-"))
         self.data = self.root / "data"
@@ -163,12 +174,7 @@ class LocalCluster:
             [
                 f"-p {self.port}",
                 f"-k {self.sockets}",
-                "-c listen_addresses=127.0.0.1",
-                "-c fsync=off",
-                "-c synchronous_commit=off",
-                "-c full_page_writes=off",
-                "-c max_connections=300",
-                "-c shared_buffers=128MB",
+                *(f"-c {name}={value}" for name, value in self.settings.items()),
             ]
         )
         start = self._run(
