@@ -1,0 +1,364 @@
+"""The worker's named queries (SCHEMA.md §5), formatted once per schema.
+
+Each attribute of :class:`WorkerQueries` is one SQL statement with positional
+parameters. The schema name is the only thing spliced in, always through
+:func:`~kongtask._config.quote_ident`; everything else is a bind parameter.
+
+Every statement here is idempotent with respect to the pool id, so a statement that
+is retried after a lost connection (maybe committed, maybe not) does no harm: complete
+and fail act only on rows still present or still ``locked_by`` the pool, and unlock a
+queue row only for jobs the very same statement touched.
+
+The ``claim_jobs`` … ``sweep_stale`` coroutines below are the asyncio side of each
+unit of work (STACK.md P2): call them through :meth:`kongtask._pg.Database.run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+
+from ._config import quote_ident
+
+#: Locks older than this are stale (hard-coded upstream, SCHEMA.md §5.7).
+STALE_LOCK_INTERVAL = "4 hours"
+
+# Columns a claimed job brings back: what kongtask.Job needs and nothing more (decoding
+# `returning *` cost ~11% in the prototype, STACK.md). `queue_name` comes from the queue
+# row the claim locks anyway, so no second lookup is needed.
+_CLAIM_RETURNING = """
+    j.id, j.task_id, j.job_queue_id, lq.queue_name, j.payload::text as payload, j.priority,
+    j.run_at, j.attempts, j.max_attempts, j.key, j.flags::text as flags, j.last_error,
+    j.created_at, j.updated_at, j.locked_at, j.locked_by, j.revision"""
+
+
+class WorkerQueries:
+    """The worker's SQL for one schema. Construct once per pool: ``WorkerQueries(schema)``.
+
+    Attributes (SQL strings, parameters in order):
+      claim: ``$1 pool_id text, $2 task_ids int[], $3 limit int, $4 forbidden_flags
+        text[] (NULL or empty = none), $5 now timestamptz (NULL = now())``. Returns the
+        claimed rows ordered by priority, run_at.
+      complete: ``$1 pool_id, $2 job_ids bigint[]``. Returns the deleted ids.
+      fail: ``$1 pool_id, $2 job_ids bigint[], $3 messages text[], $4
+        replacement_payloads text[]`` (a NULL element keeps the payload). Returns
+        ``id, attempts, max_attempts, run_at`` of the failed rows.
+      complete_and_fail: ``complete`` and ``fail`` in one statement: ``$1 pool_id, $2
+        completed ids, $3 failed ids, $4 messages, $5 replacement payloads``. Returns
+        ``kind ('complete'|'fail'), id, attempts, max_attempts``.
+      return_jobs: ``$1 pool_id, $2 job_ids bigint[]``. Returns the returned ids.
+      release_pool: ``$1 pool_id``: return every job still locked by the pool and unlock
+        its queues (the safety net at the end of a shutdown).
+      sweep_stale: no parameters; returns ``jobs, queues`` (counts released).
+      register_tasks: ``$1 identifiers text[]``; returns ``id, identifier`` rows for
+        those identifiers, inserting only the missing ones (#619).
+      add_job: ``select * from <schema>.add_job($1..$9)`` (the SQL function).
+    """
+
+    __slots__ = (
+        "add_job",
+        "claim",
+        "complete",
+        "complete_and_fail",
+        "fail",
+        "register_tasks",
+        "release_pool",
+        "return_jobs",
+        "schema",
+        "sweep_stale",
+    )
+
+    def __init__(self, schema: str) -> None:
+        s = quote_ident(schema)
+        self.schema = schema
+        jobs = f"{s}._private_jobs"
+        queues = f"{s}._private_job_queues"
+
+        # Claim (SCHEMA.md §5.3). Steps:
+        # 1. `candidates`: the first $3 available jobs in (priority, run_at) order, row
+        #    locked with SKIP LOCKED so that concurrent claimers never wait on each
+        #    other. Jobs whose queue is visibly locked are filtered out early so they do
+        #    not use up the limit (the queue lock is re-checked in step 3).
+        # 2. `firsts`: at most one job per named queue (#621): keep the first candidate
+        #    of each queue and drop the rest before anything is marked.
+        # 3. `locked_queues`: row-lock those queues, again SKIP LOCKED. FOR UPDATE
+        #    re-evaluates `is_available` on the newest row version, so a queue that
+        #    another pool locked (committed after our snapshot) is dropped here, and one
+        #    being locked right now is skipped. Either way its job is not claimed, so a
+        #    queue already locked never gets a second job.
+        # 4. Mark the kept queues and jobs with the pool id; attempts + 1.
+        now = "coalesce($5::timestamptz, now())"
+        self.claim = f"""
+with candidates as (
+  select j.id, j.job_queue_id, j.priority, j.run_at
+  from {jobs} j
+  where j.is_available = true
+    and j.run_at <= {now}
+    and j.task_id = any($2::int[])
+    and (j.flags is null or $4::text[] is null or not (j.flags ?| $4::text[]))
+    and (j.job_queue_id is null or exists (
+      select 1 from {queues} q0 where q0.id = j.job_queue_id and q0.is_available = true))
+  order by j.priority asc, j.run_at asc
+  limit $3::int
+  for update of j skip locked
+),
+ranked as (
+  select c.id, c.job_queue_id,
+         row_number() over (partition by c.job_queue_id order by c.priority, c.run_at, c.id) as rn
+  from candidates c
+),
+firsts as (
+  select r.id, r.job_queue_id from ranked r where r.job_queue_id is null or r.rn = 1
+),
+locked_queues as (
+  select q.id, q.queue_name
+  from {queues} q
+  where q.id in (select f.job_queue_id from firsts f where f.job_queue_id is not null)
+    and q.is_available = true
+  for update of q skip locked
+),
+claimable as (
+  select f.id, f.job_queue_id from firsts f
+  where f.job_queue_id is null
+     or f.job_queue_id in (select lq.id from locked_queues lq)
+),
+marked_queues as (
+  update {queues} q
+  set locked_by = $1::text, locked_at = {now}
+  from locked_queues lq
+  where q.id = lq.id
+  returning q.id
+),
+claimed as (
+  update {jobs} j
+  set attempts = j.attempts + 1, locked_by = $1::text, locked_at = {now}
+  from claimable c
+  left join locked_queues lq on lq.id = c.job_queue_id
+  where j.id = c.id
+  returning {_CLAIM_RETURNING}
+)
+select * from claimed order by priority asc, run_at asc
+"""
+
+        # Complete (§5.4): delete by id (no locked_by check, as upstream), and unlock
+        # the queue rows of the jobs this statement deleted, only where we hold them.
+        self.complete = f"""
+with deleted as (
+  delete from {jobs} j where j.id = any($2::bigint[]) returning j.id, j.job_queue_id
+),
+unlocked as (
+  update {queues} q set locked_at = null, locked_by = null
+  from deleted d
+  where q.id = d.job_queue_id and q.locked_by = $1::text
+  returning q.id
+)
+select d.id from deleted d
+"""
+
+        # Fail (§5.5): only rows we still hold. attempts already counted at claim.
+        # exp() of a double; least(attempts, 10) caps the delay at ~6 h.
+        fail_update = f"""
+  update {jobs} j
+  set last_error = i.message,
+      run_at = greatest(now(), j.run_at) + exp(least(j.attempts, 10)) * interval '1 second',
+      locked_at = null,
+      locked_by = null,
+      payload = coalesce(i.payload::json, j.payload)
+  from fail_input i
+  where j.id = i.id and j.locked_by = $1::text"""
+        self.fail = f"""
+with fail_input as (
+  select t.id, t.message, t.payload
+  from unnest($2::bigint[], $3::text[], $4::text[]) as t(id, message, payload)
+),
+failed as ({fail_update}
+  returning j.id, j.job_queue_id, j.attempts, j.max_attempts, j.run_at
+),
+unlocked as (
+  update {queues} q set locked_at = null, locked_by = null
+  from failed f
+  where q.id = f.job_queue_id and q.locked_by = $1::text
+  returning q.id
+)
+select f.id, f.attempts, f.max_attempts, f.run_at from failed f
+"""
+
+        # Both in one statement and one transaction: the completer's usual round trip.
+        # The two sets of ids are disjoint (a job has one outcome), so the two
+        # data-modifying CTEs never touch the same job row; one CTE unlocks all queues.
+        self.complete_and_fail = f"""
+with deleted as (
+  delete from {jobs} j where j.id = any($2::bigint[]) returning j.id, j.job_queue_id
+),
+fail_input as (
+  select t.id, t.message, t.payload
+  from unnest($3::bigint[], $4::text[], $5::text[]) as t(id, message, payload)
+),
+failed as ({fail_update}
+  returning j.id, j.job_queue_id, j.attempts, j.max_attempts
+),
+unlocked as (
+  update {queues} q set locked_at = null, locked_by = null
+  where q.locked_by = $1::text
+    and q.id in (select d.job_queue_id from deleted d
+                 union all
+                 select f.job_queue_id from failed f)
+  returning q.id
+)
+select 'complete' as kind, d.id, null::smallint as attempts, null::smallint as max_attempts
+from deleted d
+union all
+select 'fail', f.id, f.attempts, f.max_attempts from failed f
+"""
+
+        # Return unused claimed jobs (§5.6): undo the claim's attempts + 1.
+        self.return_jobs = f"""
+with returned as (
+  update {jobs} j
+  set attempts = greatest(0, j.attempts - 1), locked_at = null, locked_by = null
+  where j.id = any($2::bigint[]) and j.locked_by = $1::text
+  returning j.id, j.job_queue_id
+),
+unlocked as (
+  update {queues} q set locked_at = null, locked_by = null
+  from returned r
+  where q.id = r.job_queue_id and q.locked_by = $1::text
+  returning q.id
+)
+select r.id from returned r
+"""
+
+        # Safety net for shutdown: anything still locked by this pool after every
+        # handler has finished and every result was written was claimed but never
+        # started (e.g. a claim whose reply raced a cancellation), so it is returned.
+        self.release_pool = f"""
+with returned as (
+  update {jobs} j
+  set attempts = greatest(0, j.attempts - 1), locked_at = null, locked_by = null
+  where j.locked_by = $1::text
+  returning j.id
+),
+unlocked as (
+  update {queues} q set locked_at = null, locked_by = null
+  where q.locked_by = $1::text
+  returning q.id
+)
+select (select count(*) from returned) as jobs, (select count(*) from unlocked) as queues
+"""
+
+        # Stale locks (§5.7): 4 h, attempts not decremented, run_at not in the past.
+        self.sweep_stale = f"""
+with j as (
+  update {jobs}
+  set locked_at = null, locked_by = null, run_at = greatest(run_at, now())
+  where locked_at < now() - interval '{STALE_LOCK_INTERVAL}'
+  returning id
+),
+q as (
+  update {queues}
+  set locked_at = null, locked_by = null
+  where locked_at < now() - interval '{STALE_LOCK_INTERVAL}'
+  returning id
+)
+select (select count(*) from j) as jobs, (select count(*) from q) as queues
+"""
+
+        # Task registration (§5.2, #619): insert only names that are missing, so the
+        # identity sequence is not consumed by every start. Rows inserted by this
+        # statement are invisible to its own snapshot, hence the union with `ins`;
+        # a concurrent insert that won the race is picked up by the caller's retry.
+        self.register_tasks = f"""
+with wanted as (
+  select distinct w.identifier from unnest($1::text[]) as w(identifier)
+),
+ins as (
+  insert into {s}._private_tasks (identifier)
+  select w.identifier from wanted w
+  where not exists (select 1 from {s}._private_tasks t where t.identifier = w.identifier)
+  on conflict do nothing
+  returning id, identifier
+)
+select i.id, i.identifier from ins i
+union all
+select t.id, t.identifier from {s}._private_tasks t where t.identifier = any($1::text[])
+"""
+
+        self.add_job = f"""
+select * from {s}.add_job(
+  identifier => $1::text, payload => $2::json, queue_name => $3::text,
+  run_at => $4::timestamptz, max_attempts => $5::int, job_key => $6::text,
+  priority => $7::int, flags => $8::text[], job_key_mode => $9::text)
+"""
+
+
+# ---------------------------------------------------------------------------
+# asyncio side: one coroutine per unit of work (call through Database.run)
+
+
+async def claim_jobs(
+    conn: asyncpg.Connection,
+    q: WorkerQueries,
+    pool_id: str,
+    task_ids: Sequence[int],
+    limit: int,
+    forbidden_flags: Sequence[str] | None = None,
+    now: datetime | None = None,
+) -> list[asyncpg.Record]:
+    flags = list(forbidden_flags) if forbidden_flags else None
+    return await conn.fetch(q.claim, pool_id, list(task_ids), limit, flags, now)
+
+
+Outcome = tuple[str, int, int | None, int | None]
+
+
+async def complete_and_fail(
+    conn: asyncpg.Connection,
+    q: WorkerQueries,
+    pool_id: str,
+    completed: Sequence[int],
+    failed: Sequence[int],
+    messages: Sequence[str],
+    payloads: Sequence[str | None],
+) -> list[Outcome]:
+    """One round trip for a batch of outcomes (one statement, so all or nothing).
+
+    Returns ``(kind, id, attempts, max_attempts)`` for each row the statement changed;
+    ``kind`` is ``"complete"`` or ``"fail"`` (attempts are ``None`` for completions).
+    """
+    if not failed:
+        if not completed:
+            return []
+        # complete-only batches (the common case) use the cheaper statement
+        rows = await conn.fetch(q.complete, pool_id, list(completed))
+        return [("complete", r["id"], None, None) for r in rows]
+    rows = await conn.fetch(
+        q.complete_and_fail, pool_id, list(completed), list(failed), list(messages), list(payloads)
+    )
+    return [(r["kind"], r["id"], r["attempts"], r["max_attempts"]) for r in rows]
+
+
+async def return_jobs(
+    conn: asyncpg.Connection, q: WorkerQueries, pool_id: str, job_ids: Sequence[int]
+) -> list[int]:
+    if not job_ids:
+        return []
+    rows = await conn.fetch(q.return_jobs, pool_id, list(job_ids))
+    return [int(r["id"]) for r in rows]
+
+
+async def register_tasks(
+    conn: asyncpg.Connection, q: WorkerQueries, identifiers: Sequence[str]
+) -> dict[str, int]:
+    """``identifier -> task id`` for every identifier, inserting the missing ones."""
+    wanted = sorted(set(identifiers))
+    found: dict[str, int] = {}
+    for _ in range(5):
+        rows = await conn.fetch(q.register_tasks, wanted)
+        found = {r["identifier"]: int(r["id"]) for r in rows}
+        if len(found) == len(wanted):
+            return found
+        # a concurrent registration inserted some name after our snapshot: read again
+    missing = sorted(set(wanted) - set(found))
+    raise RuntimeError(f"could not register task identifiers {missing}")
