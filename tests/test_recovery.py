@@ -1,0 +1,272 @@
+"""Fast crash recovery: marked pool ids, liveness locks, releasing provably dead pools.
+
+Test rules: a real PostgreSQL; no sleeps to wait for results (events, or polling under
+an absolute ``trio.fail_after``). The end-to-end test kills a real ``kongtask run``
+process with SIGKILL and times how long its jobs take to run elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import pytest
+import trio
+
+from kongtask._liveness import (
+    LOCK_CLASS,
+    DeadPoolSweeper,
+    hold_liveness_lock,
+    is_marked_pool_id,
+    liveness_lock_key,
+    new_pool_id,
+)
+from kongtask._liveness_sql import LOCK_HELD
+from kongtask._pg import Database
+
+S = "graphile_worker"
+
+
+@pytest.fixture
+def ldb(gw_db: Database) -> Database:
+    """A database with graphile-worker's schema (made by the Node oracle, 0.18.0)."""
+    return gw_db
+
+
+def test_pool_id_format_and_marker() -> None:
+    fmt = re.compile(r"^(ot)?pool-[0-9a-f]{18}$")
+    ids = {new_pool_id() for _ in range(200)}
+    assert len(ids) == 200
+    for pool_id in ids:
+        assert fmt.match(pool_id)
+        assert pool_id.startswith("pool-6b6f6e67")
+        assert is_marked_pool_id(pool_id)
+    once = new_pool_id(once=True)
+    assert once.startswith("otpool-6b6f6e67")
+    assert is_marked_pool_id(once)
+    for _ in range(200):
+        plain = new_pool_id(marked=False)
+        assert fmt.match(plain)
+        assert not is_marked_pool_id(plain)
+    # Node-style ids, and near misses, are not ours.
+    for other in [
+        "pool-16bf8f36ad00b4482e",
+        "worker-6b6f6e670000000000",
+        "pool-6b6f6e67000000000",  # 17 digits
+        "pool-6b6f6e6700000000000",  # 19 digits
+        "pool-6B6F6E670000000000",  # uppercase
+        "xpool-6b6f6e670000000000",
+    ]:
+        assert not is_marked_pool_id(other), other
+    with pytest.raises(ValueError, match="not a kongtask pool id"):
+        liveness_lock_key("pool-16bf8f36ad00b4482e")
+
+
+async def test_lock_key_matches_pg_locks(ldb: Database) -> None:
+    pool_id = "pool-6b6f6e6700ffffffff"  # the second key is negative as an int4
+    assert liveness_lock_key(pool_id) == (LOCK_CLASS, -1)
+    conn = await ldb.connect()
+    try:
+        await ldb.run(hold_liveness_lock, conn, pool_id)
+        rows = await ldb.fetch(
+            "select classid::bigint, objid::bigint, objsubid from pg_locks "
+            "where locktype = 'advisory' and pid = $1",
+            conn.get_server_pid(),
+        )
+        assert [tuple(r) for r in rows] == [(LOCK_CLASS, 0xFFFFFFFF, 2)]
+        assert await ldb.fetchval(LOCK_HELD, pool_id) is True
+        assert await ldb.fetchval(LOCK_HELD, "pool-6b6f6e6700fffffffe") is False
+    finally:
+        await ldb.close_connection(conn)
+    assert await ldb.fetchval(LOCK_HELD, pool_id) is False
+
+
+async def _add_locked_jobs(db: Database, pool_id: str, n: int, queue: str | None) -> list[int]:
+    """Add ``n`` jobs and mark them claimed by ``pool_id``, as a claim would."""
+    ids: list[int] = []
+    for i in range(n):
+        job_id = await db.fetchval(
+            f"select id from {S}.add_job('t', json_build_object('i', $1::int), $2::text)",
+            i,
+            queue if i == 0 else None,
+        )
+        ids.append(job_id)
+    await db.execute(
+        f"update {S}._private_jobs set locked_by = $1, locked_at = now() - interval '1 minute', "
+        "attempts = attempts + 1, run_at = now() - interval '2 minutes' where id = any($2)",
+        pool_id,
+        ids,
+    )
+    if queue is not None:
+        await db.execute(
+            f"update {S}._private_job_queues set locked_by = $1, locked_at = now() "
+            "where queue_name = $2",
+            pool_id,
+            queue,
+        )
+    return ids
+
+
+async def _locks(db: Database, ids: list[int]) -> list[tuple[str | None, int]]:
+    rows = await db.fetch(
+        f"select locked_by, attempts from {S}._private_jobs where id = any($1) order by id", ids
+    )
+    return [(r["locked_by"], r["attempts"]) for r in rows]
+
+
+async def test_only_provably_dead_pools_are_released(ldb: Database) -> None:
+    alive, dead, node = new_pool_id(), new_pool_id(), "pool-16bf8f36ad00b4482e"
+    alive_jobs = await _add_locked_jobs(ldb, alive, 2, "qa")
+    dead_jobs = await _add_locked_jobs(ldb, dead, 3, "qd")
+    node_jobs = await _add_locked_jobs(ldb, node, 2, "qn")
+    holder = await ldb.connect()
+    try:
+        await ldb.run(hold_liveness_lock, holder, alive)
+        sweeper = DeadPoolSweeper(S, restart_grace=0)
+        async with _listen(ldb) as notes:
+            first = await sweeper.check(ldb)
+            assert first.pools == ()  # one observation is not enough
+            second = await sweeper.check(ldb)
+            assert second.pools == (dead,)
+            assert (second.jobs, second.queues) == (3, 1)
+            with trio.fail_after(5):
+                payload = await notes.receive()
+            assert re.fullmatch(r'\{"r":[0-9.e-]+,"count":3\}', payload)
+        # Released: lock columns cleared, attempts kept (the lost attempt counts),
+        # run_at moved up to now.
+        assert await _locks(ldb, dead_jobs) == [(None, 1)] * 3
+        assert await ldb.fetchval(
+            f"select bool_and(run_at >= now() - interval '5 seconds' and locked_at is null) "
+            f"from {S}._private_jobs where id = any($1)",
+            dead_jobs,
+        )
+        # The live kongtask pool and the Node pool keep their rows (Node: the 4 h rule).
+        assert await _locks(ldb, alive_jobs) == [(alive, 1)] * 2
+        assert await _locks(ldb, node_jobs) == [(node, 1)] * 2
+        queues = {
+            r["queue_name"]: r["locked_by"]
+            for r in await ldb.fetch(f"select queue_name, locked_by from {S}._private_job_queues")
+        }
+        assert queues == {"qa": alive, "qd": None, "qn": node}
+        # Released jobs are claimable again: they are available.
+        assert await ldb.fetchval(
+            f"select count(*) from {S}._private_jobs where is_available and id = any($1)",
+            dead_jobs,
+        ) == 3
+        # Once the live pool's connection goes, it is dead too (two more checks).
+    finally:
+        await ldb.close_connection(holder)
+    assert (await sweeper.check(ldb)).pools == ()
+    assert (await sweeper.check(ldb)).pools == (alive,)
+    assert await _locks(ldb, alive_jobs) == [(None, 1)] * 2
+    assert await _locks(ldb, node_jobs) == [(node, 1)] * 2
+
+
+async def test_a_pool_that_comes_back_between_checks_is_kept(ldb: Database) -> None:
+    pool_id = new_pool_id()
+    jobs = await _add_locked_jobs(ldb, pool_id, 2, None)
+    sweeper = DeadPoolSweeper(S, restart_grace=0)
+    assert (await sweeper.check(ldb)).pools == ()  # now a suspect
+    conn = await ldb.connect()  # e.g. its listener reconnected
+    try:
+        await ldb.run(hold_liveness_lock, conn, pool_id)
+        assert (await sweeper.check(ldb)).pools == ()
+        assert (await sweeper.check(ldb)).pools == ()
+        assert await _locks(ldb, jobs) == [(pool_id, 1)] * 2
+    finally:
+        await ldb.close_connection(conn)
+
+
+async def test_nothing_is_released_right_after_a_server_restart(ldb: Database) -> None:
+    pool_id = new_pool_id()
+    jobs = await _add_locked_jobs(ldb, pool_id, 1, None)
+    uptime = await ldb.fetchval("select now() - pg_postmaster_start_time()")
+    assert isinstance(uptime, timedelta)
+    sweeper = DeadPoolSweeper(S, restart_grace=uptime.total_seconds() + 3600)
+    for _ in range(3):
+        assert (await sweeper.check(ldb)).pools == ()
+    assert await _locks(ldb, jobs) == [(pool_id, 1)]
+
+
+async def test_a_reconnecting_pool_waits_for_its_old_session(ldb: Database) -> None:
+    """The lock passes from the old session to the new one with no gap in between."""
+    pool_id = new_pool_id()
+    old = await ldb.connect()
+    new = await ldb.connect()
+    try:
+        await ldb.run(hold_liveness_lock, old, pool_id)
+        got_it = trio.Event()
+
+        async def reconnecting() -> None:
+            await ldb.run(hold_liveness_lock, new, pool_id, wait=10)
+            got_it.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reconnecting)
+            # The waiting request is visible in pg_locks: it counts as alive.
+            await _poll(
+                ldb,
+                "select exists (select 1 from pg_locks where locktype = 'advisory' "
+                "and not granted and pid = $1)",
+                new.get_server_pid(),
+            )
+            assert not got_it.is_set()
+            await ldb.close_connection(old)
+            with trio.fail_after(5):
+                await got_it.wait()
+        assert await ldb.fetchval(LOCK_HELD, pool_id) is True
+    finally:
+        await ldb.close_connection(old)
+        await ldb.close_connection(new)
+
+
+async def test_lock_wait_gives_up(ldb: Database) -> None:
+    pool_id = new_pool_id()
+    a, b = await ldb.connect(), await ldb.connect()
+    try:
+        await ldb.run(hold_liveness_lock, a, pool_id)
+        with pytest.raises(TimeoutError):
+            await ldb.run(hold_liveness_lock, b, pool_id, wait=0.2)
+        # No lock request is left queued on b.
+        assert not await ldb.fetchval(
+            "select exists (select 1 from pg_locks where pid = $1 and locktype = 'advisory')",
+            b.get_server_pid(),
+        )
+    finally:
+        await ldb.close_connection(a)
+        await ldb.close_connection(b)
+
+
+async def _poll(db: Database, query: str, *args: object) -> None:
+    """Poll ``query`` until it returns true, failing after 5 s."""
+    with trio.fail_after(5):
+        while True:
+            if await db.fetchval(query, *args):
+                return
+            await trio.sleep(0.01)
+
+
+class _Notes:
+    def __init__(self, recv: trio.MemoryReceiveChannel[str]) -> None:
+        self._recv = recv
+
+    async def receive(self) -> str:
+        return await self._recv.receive()
+
+
+@asynccontextmanager
+async def _listen(db: Database) -> AsyncIterator[_Notes]:
+    send, recv = trio.open_memory_channel[str](100)
+    conn = await db.connect()
+
+    def on_notify(_c: object, _pid: int, _chan: str, payload: str) -> None:
+        send.send_nowait(payload)
+
+    try:
+        await db.run(conn.add_listener, "jobs:insert", on_notify)
+        yield _Notes(recv)
+    finally:
+        await db.close_connection(conn)
+
