@@ -6,6 +6,12 @@ The public API is re-exported here; the implementation lives in private modules.
 from ._cli import main as main
 from ._client import Client as Client, add_job as add_job, open_client as open_client
 from ._config import DEFAULT_SCHEMA as DEFAULT_SCHEMA
+from ._cron import (
+    CronItem as CronItem,
+    CrontabError as CrontabError,
+    crontab as crontab,
+    load_crontab_file as load_crontab_file,
+)
 from ._errors import (
     ConfigError as ConfigError,
     KongtaskError as KongtaskError,
@@ -20,6 +26,8 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "Client",
     "ConfigError",
+    "CronItem",
+    "CrontabError",
     "Job",
     "JobSpec",
     "KongtaskError",
@@ -28,6 +36,8 @@ __all__ = [
     "SchemaTooNewError",
     "__version__",
     "add_job",
+    "crontab",
+    "load_crontab_file",
     "main",
     "open_client",
 ]

@@ -1,0 +1,87 @@
+"""The SQL of the cron scheduler (SCHEMA.md §6.3-6.4).
+
+The schema name goes in through :func:`~kongtask._config.quote_ident` only; every value
+is a bound parameter.
+"""
+
+from __future__ import annotations
+
+from ._config import quote_ident
+
+
+def register_sql(schema: str) -> str:
+    """Register never-seen identifiers; return the rows that existed before.
+
+    ``$1`` text[] identifiers, ``$2`` timestamptz start time. New identifiers get
+    ``known_since = $2`` and no ``last_execution``; the SELECT runs on the statement's
+    snapshot, which does not see the CTE's inserts, so exactly the previously known rows
+    come back (only those are backfilled).
+    """
+    s = quote_ident(schema)
+    return f"""
+with registered as (
+  insert into {s}._private_known_crontabs (identifier, known_since)
+  select ident, $2::timestamptz from unnest($1::text[]) as u(ident)
+  on conflict (identifier) do nothing
+)
+select identifier, known_since, last_execution
+from {s}._private_known_crontabs
+where identifier = any($1::text[])
+"""
+
+
+def schedule_sql(schema: str) -> str:
+    """Claim one minute for some identifiers and add a job for each claim won.
+
+    Parameters: ``$1`` timestamptz (the minute), then parallel arrays in crontab order:
+    ``$2`` identifiers, ``$3`` task names, ``$4`` payloads (JSON text), ``$5`` queue
+    names, ``$6`` max attempts, ``$7`` job keys, ``$8`` priorities, ``$9`` job key modes.
+    Returns the ids of the jobs added.
+
+    The upsert returns a row only where the stored ``last_execution`` is NULL or older
+    than ``$1``. A concurrent scheduler (kongtask or Node) that claimed the same minute
+    holds the row lock until it commits; this statement then re-checks the condition,
+    gets no row and adds no job, so each (identifier, minute) yields exactly one job.
+    Rows are upserted in identifier order so that two kongtask processes lock them in
+    the same order (fewer deadlocks); ``add_job`` is called in crontab order because
+    the lateral call follows its sorted outer input.
+    """
+    s = quote_ident(schema)
+    return f"""
+with specs as (
+  select *
+  from unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[],
+              $8::int[], $9::text[])
+       with ordinality
+       as u(identifier, task, payload, queue_name, max_attempts, job_key, priority,
+            job_key_mode, ord)
+), claimed as (
+  insert into {s}._private_known_crontabs as kc (identifier, known_since, last_execution)
+  select identifier, $1::timestamptz, $1::timestamptz from specs order by identifier
+  on conflict (identifier) do update
+    set last_execution = excluded.last_execution
+    where kc.last_execution is null or kc.last_execution < excluded.last_execution
+  returning kc.identifier
+)
+select j.id
+from (
+  select specs.* from specs join claimed using (identifier) order by specs.ord
+) as c
+cross join lateral {s}.add_job(
+  c.task,
+  c.payload::json,
+  c.queue_name,
+  $1::timestamptz,
+  c.max_attempts,
+  c.job_key,
+  c.priority,
+  null::text[],
+  c.job_key_mode
+) as j
+"""
+
+
+def known_crontabs_sql(schema: str) -> str:
+    """All ``known_crontabs`` rows (for ``kongtask cron list``)."""
+    s = quote_ident(schema)
+    return f"select identifier, known_since, last_execution from {s}._private_known_crontabs"
