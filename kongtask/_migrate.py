@@ -1,0 +1,377 @@
+"""Install and upgrade graphile-worker's schema (migrations 1..20), as graphile-worker does.
+
+The protocol (SCHEMA.md §4.1) matters as much as the SQL, because Node workers and other
+kongtask processes may migrate the same database at the same time:
+
+- one startup query reads the server version and the highest (breaking) migration ids;
+- a missing ``migrations`` table or ``breaking`` column triggers a bootstrap, and a clash
+  with a concurrent bootstrap is retried after a random 400–600 ms;
+- each migration runs in its own transaction that inserts its ``migrations`` row *first*,
+  so concurrent migrators collide on ``migrations_pkey`` and the loser moves on;
+- each transaction sends ``worker:migrate`` so running workers learn about breaking changes.
+
+All database work here is asyncio code on one asyncpg connection; the trio entry point
+:func:`migrate` crosses into asyncio once (STACK.md P2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import asyncpg
+
+from ._config import quote_ident, resolve_schema
+from ._errors import MigrationError, SchemaTooNewError
+from ._pg import Database
+
+log = logging.getLogger("kongtask.migrate")
+
+#: The token the ``.sql`` files use for the (quoted) schema name.
+SCHEMA_PLACEHOLDER = ":GRAPHILE_WORKER_SCHEMA"
+#: The first line of a breaking migration's file.
+BREAKING_MARKER = "--! breaking"
+#: ``server_version_num`` of PostgreSQL 12.0, the oldest server graphile-worker supports.
+MIN_SERVER_VERSION_NUM = 120000
+#: The channel on which each migration transaction announces itself.
+MIGRATE_CHANNEL = "worker:migrate"
+
+# SQLSTATEs meaning "another process is installing the same thing right now":
+# unique_violation, duplicate_schema, duplicate_table, duplicate_object.
+_CLASH_CODES = frozenset({"23505", "42P06", "42P07", "42710"})
+# undefined_table (no migrations table), undefined_column (no `breaking`, <= 0.13.0).
+_BOOTSTRAP_CODES = frozenset({"42P01", "42703"})
+_BOOTSTRAP_ATTEMPTS = 20
+
+LOCKED_JOBS_MESSAGE = (
+    "There are locked jobs present; migration 11 cannot complete. Please ensure all workers "
+    "are shut down cleanly and all locked jobs and queues are unlocked before attempting "
+    "this migration."
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One migration file: its number, whether it is breaking, and its SQL template."""
+
+    id: int
+    breaking: bool
+    template: str
+
+    def sql(self, schema: str) -> str:
+        """The SQL with ``schema`` substituted (as a quoted identifier)."""
+        return render_sql(self.template, schema)
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """What the startup query found in ``<schema>.migrations``.
+
+    Attributes:
+      server_version_num: PostgreSQL's ``server_version_num``.
+      latest: the highest applied migration id (``None`` when none is).
+      latest_breaking: the highest applied breaking migration id (``None`` when none is).
+    """
+
+    server_version_num: int
+    latest: int | None
+    latest_breaking: int | None
+
+
+_FILE_RE = re.compile(r"^(\d{6})\.sql$")
+
+
+@cache
+def load_migrations() -> tuple[Migration, ...]:
+    """The migrations shipped in ``kongtask/_migrations``, in ascending order."""
+    folder = resources.files("kongtask").joinpath("_migrations")
+    found: list[Migration] = []
+    for entry in folder.iterdir():
+        match = _FILE_RE.match(entry.name)
+        if not match:
+            continue
+        text = entry.read_text(encoding="utf-8")
+        found.append(Migration(int(match[1]), text.startswith(BREAKING_MARKER), text))
+    found.sort(key=lambda m: m.id)
+    if [m.id for m in found] != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"kongtask's migration files are not numbered 1..N: {found!r}")
+    return tuple(found)
+
+
+def latest_known_migration() -> int:
+    """The highest migration id this kongtask knows (20: graphile-worker 0.18.0)."""
+    return load_migrations()[-1].id
+
+
+def breaking_migration_ids() -> tuple[int, ...]:
+    """Ids of the known breaking migrations (1, 3, 11, 13, 14, 16, 19)."""
+    return tuple(m.id for m in load_migrations() if m.breaking)
+
+
+def render_sql(template: str, schema: str) -> str:
+    """Substitute the quoted ``schema`` into a migration template.
+
+    Function bodies are dollar-quoted with ``$$``; if the quoted name could end such a
+    body early (it contains ``$``), the bodies get a tag that does not occur in the name.
+    """
+    quoted = quote_ident(schema)
+    if "$" in quoted:
+        n = 0
+        while f"$kt{n}$" in quoted:
+            n += 1
+        template = template.replace("$$", f"$kt{n}$")
+    return template.replace(SCHEMA_PLACEHOLDER, quoted)
+
+
+def too_new_message(latest: int, latest_breaking: int, known: int) -> str:
+    """graphile-worker's wording for "the database has a breaking migration we don't know"."""
+    return (
+        f"Database is using Graphile Worker schema revision {latest} which includes breaking "
+        f"migration {latest_breaking}, but the currently running worker only supports up to "
+        f"revision {known}. It would be unsafe to continue; please ensure all versions of "
+        "Graphile Worker are compatible."
+    )
+
+
+def newer_nonbreaking_message(latest: int, known: int) -> str:
+    """graphile-worker's wording for the warning about a newer, non-breaking schema."""
+    return (
+        f"Database is using Graphile Worker schema revision {latest}, but the currently running "
+        f"worker only supports up to revision {known} which may or may not be compatible. Please "
+        "ensure all versions of Graphile Worker you're running are compatible. Attempting to "
+        "continue regardless."
+    )
+
+
+def runtime_breaking_message(migration_number: int) -> str:
+    """The warning a running worker logs when ``worker:migrate`` announces a breaking change."""
+    return (
+        f"Graphile Worker detected breaking migration to database schema revision "
+        f"'{migration_number}'; it would be unsafe to continue, so shutting down..."
+    )
+
+
+def migrate_notify_payload(migration_id: int, breaking: bool) -> str:
+    """``{"migrationNumber":N,"breaking":bool}``, compact, keys in graphile-worker's order."""
+    return json.dumps(
+        {"migrationNumber": migration_id, "breaking": breaking}, separators=(",", ":")
+    )
+
+
+def _pg_too_old_message(version_num: int) -> str:
+    return (
+        "This version of Graphile Worker requires PostgreSQL v12.0 or greater (detected "
+        f"`server_version_num` = {version_num})"
+    )
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    code = getattr(exc, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+async def _read_status(conn: asyncpg.Connection, schema: str) -> SchemaStatus:
+    q = quote_ident(schema)
+    row = await conn.fetchrow(
+        f"""
+        select
+          current_setting('server_version_num')::int as server_version_num,
+          (select id from {q}.migrations order by id desc limit 1) as latest,
+          (select id from {q}.migrations where breaking is true order by id desc limit 1)
+            as latest_breaking
+        """
+    )
+    assert row is not None
+    return SchemaStatus(row["server_version_num"], row["latest"], row["latest_breaking"])
+
+
+async def _bootstrap(conn: asyncpg.Connection, schema: str) -> None:
+    q = quote_ident(schema)
+    # Refuse before creating anything on a server graphile-worker cannot run on.
+    version_num = int(await conn.fetchval("select current_setting('server_version_num')"))
+    if version_num < MIN_SERVER_VERSION_NUM:
+        raise MigrationError(_pg_too_old_message(version_num))
+    async with conn.transaction():
+        await conn.execute(f"create schema if not exists {q}")
+        await conn.execute(
+            f"create table if not exists {q}.migrations ("
+            " id int primary key,"
+            " ts timestamptz default now() not null"
+            ")"
+        )
+        # Tables made by graphile-worker <= 0.13.0 have no `breaking` column: adopt them.
+        await conn.execute(
+            f"alter table {q}.migrations"
+            " add column if not exists breaking boolean not null default false"
+        )
+        await conn.execute(
+            f"update {q}.migrations set breaking = true"
+            " where id = any($1::int[]) and breaking is not true",
+            list(breaking_migration_ids()),
+        )
+
+
+async def _startup(conn: asyncpg.Connection, schema: str) -> SchemaStatus:
+    """The startup query, bootstrapping the ``migrations`` table when it is missing or old."""
+    for attempt in range(_BOOTSTRAP_ATTEMPTS):
+        try:
+            return await _read_status(conn, schema)
+        except asyncpg.PostgresError as exc:
+            if _sqlstate(exc) not in _BOOTSTRAP_CODES:
+                raise
+        try:
+            await _bootstrap(conn, schema)
+        except asyncpg.PostgresError as exc:
+            if _sqlstate(exc) not in _CLASH_CODES or attempt == _BOOTSTRAP_ATTEMPTS - 1:
+                raise
+            # Another process is bootstrapping the same schema; let it finish.
+            await asyncio.sleep(random.uniform(0.4, 0.6))
+    raise MigrationError(f"could not bootstrap the migrations table of schema {schema!r}")
+
+
+def _check_status(status: SchemaStatus) -> None:
+    if status.server_version_num < MIN_SERVER_VERSION_NUM:
+        raise MigrationError(_pg_too_old_message(status.server_version_num))
+    known = latest_known_migration()
+    if status.latest is not None and status.latest > known:
+        if status.latest_breaking is not None and status.latest_breaking > known:
+            raise SchemaTooNewError(too_new_message(status.latest, status.latest_breaking, known))
+        log.warning(newer_nonbreaking_message(status.latest, known))
+
+
+async def _apply(conn: asyncpg.Connection, schema: str, migration: Migration) -> bool:
+    """Run one migration in its own transaction; ``False`` if another process did it."""
+    q = quote_ident(schema)
+    sql = migration.sql(schema)
+    try:
+        async with conn.transaction():
+            try:
+                # The row goes in first: a concurrent migrator blocks here on
+                # migrations_pkey and then gets a clash instead of running the DDL twice.
+                await conn.execute(
+                    f"insert into {q}.migrations (id, breaking) values ($1, $2)",
+                    migration.id,
+                    migration.breaking,
+                )
+            except asyncpg.PostgresError as exc:
+                if _sqlstate(exc) in _CLASH_CODES:
+                    raise _AlreadyApplied from exc
+                raise
+            # No arguments: the simple query protocol runs the whole multi-statement file.
+            await conn.execute(sql)
+            await conn.execute(
+                "select pg_notify($1, $2)",
+                MIGRATE_CHANNEL,
+                migrate_notify_payload(migration.id, migration.breaking),
+            )
+    except _AlreadyApplied:
+        log.debug("migration %d was applied by another process", migration.id)
+        return False
+    except asyncpg.PostgresError as exc:
+        if migration.id == 11 and _sqlstate(exc) == "22012":
+            raise MigrationError(LOCKED_JOBS_MESSAGE) from exc
+        raise MigrationError(
+            f"migration {migration.id} failed and was rolled back: "
+            f"{type(exc).__name__} ({_sqlstate(exc)}): {exc}"
+        ) from exc
+    log.info("applied migration %06d%s", migration.id, " (breaking)" if migration.breaking else "")
+    return True
+
+
+class _AlreadyApplied(Exception):
+    pass
+
+
+async def migrate_connection(conn: asyncpg.Connection, schema: str | None = None) -> None:
+    """Install or upgrade the schema on an asyncpg connection (asyncio side).
+
+    Args:
+      conn: an open asyncpg connection, not inside a transaction.
+      schema: the schema name; ``None`` means ``GRAPHILE_WORKER_SCHEMA`` or ``graphile_worker``.
+
+    Raises:
+      ConfigError: the schema name is unusable.
+      SchemaTooNewError: the database has a breaking migration newer than kongtask knows.
+      MigrationError: PostgreSQL is older than 12, or a migration failed (rolled back).
+    """
+    schema = resolve_schema(schema)
+    status = await _startup(conn, schema)
+    _check_status(status)
+    latest = status.latest or 0
+    for migration in load_migrations():
+        if migration.id > latest:
+            await _apply(conn, schema, migration)
+
+
+async def check_schema_connection(
+    conn: asyncpg.Connection, schema: str | None = None
+) -> SchemaStatus:
+    """Read the schema's migration state and refuse a too-new one (asyncio side).
+
+    Logs the non-breaking warning when the database is newer but compatible.
+
+    Raises:
+      SchemaTooNewError: the database holds a breaking migration newer than kongtask knows.
+      MigrationError: PostgreSQL is older than 12.
+      asyncpg.UndefinedTableError: the schema is not installed.
+    """
+    status = await _read_status(conn, resolve_schema(schema))
+    _check_status(status)
+    return status
+
+
+async def migrate(db: Database, schema: str | None = None) -> None:
+    """Install or upgrade graphile-worker's schema (migrations 1..20) in ``schema``.
+
+    Safe to run concurrently from many processes, Node graphile-worker included.
+
+    Args:
+      db: an open :class:`~kongtask._pg.Database`.
+      schema: the schema name; ``None`` means ``GRAPHILE_WORKER_SCHEMA`` or ``graphile_worker``.
+
+    Raises:
+      ConfigError: the schema name is unusable.
+      SchemaTooNewError: the database has a breaking migration newer than kongtask knows
+        (the CLI exits with code 57).
+      MigrationError: PostgreSQL is older than 12, or a migration failed (rolled back).
+    """
+    schema = resolve_schema(schema)
+    await db.with_connection(migrate_connection, schema)
+
+
+async def check_schema(db: Database, schema: str | None = None) -> SchemaStatus:
+    """Refuse to run against a schema with a newer breaking migration (for worker start-up).
+
+    Returns:
+      The :class:`SchemaStatus` read from the database.
+
+    Raises:
+      SchemaTooNewError: the database holds a breaking migration newer than kongtask knows.
+    """
+    schema = resolve_schema(schema)
+    return await db.with_connection(check_schema_connection, schema)
+
+
+def migrate_sync(dsn: str, schema: str | None = None) -> None:
+    """Blocking :func:`migrate` on a plain asyncio loop (for fixtures and scripts).
+
+    ``import trio_asyncio`` replaces asyncio's default loop (STACK.md P4), so this asks for
+    a real :class:`asyncio.SelectorEventLoop` explicitly.
+    """
+    schema = resolve_schema(schema)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate_connection(conn, schema)
+        finally:
+            await conn.close()
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(run())
