@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ._cli_client import add_client_verbs
 
     add_client_verbs(verbs, _add_connection_options)
+
+    from ._cli_cron import add_cron_verbs
+
+    add_cron_verbs(verbs, _add_connection_options)
     return parser
 
 
