@@ -288,12 +288,15 @@ class _AlreadyApplied(Exception):
     pass
 
 
-async def migrate_connection(conn: asyncpg.Connection, schema: str | None = None) -> None:
+async def migrate_connection(
+    conn: asyncpg.Connection, schema: str | None = None, *, up_to: int | None = None
+) -> None:
     """Install or upgrade the schema on an asyncpg connection (asyncio side).
 
     Args:
       conn: an open asyncpg connection, not inside a transaction.
       schema: the schema name; ``None`` means ``GRAPHILE_WORKER_SCHEMA`` or ``graphile_worker``.
+      up_to: stop after this migration (tests build intermediate states with it).
 
     Raises:
       ConfigError: the schema name is unusable.
@@ -305,7 +308,7 @@ async def migrate_connection(conn: asyncpg.Connection, schema: str | None = None
     _check_status(status)
     latest = status.latest or 0
     for migration in load_migrations():
-        if migration.id > latest:
+        if migration.id > latest and (up_to is None or migration.id <= up_to):
             await _apply(conn, schema, migration)
 
 
