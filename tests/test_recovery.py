@@ -30,9 +30,9 @@ S = "graphile_worker"
 
 
 @pytest.fixture
-def ldb(gw_db: Database) -> Database:
-    """A database with graphile-worker's schema (made by the Node oracle, 0.18.0)."""
-    return gw_db
+def ldb(db: Database) -> Database:
+    """A database migrated by kongtask."""
+    return db
 
 
 def test_pool_id_format_and_marker() -> None:
