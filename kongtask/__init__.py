@@ -19,8 +19,17 @@ from ._errors import (
     NoPostgresError as NoPostgresError,
     SchemaTooNewError as SchemaTooNewError,
 )
+from ._events import Event as Event
 from ._job import Job as Job, JobSpec as JobSpec
 from ._version import __version__ as __version__
+from ._worker import (
+    JobContext as JobContext,
+    TaskSpec as TaskSpec,
+    Worker as Worker,
+    WorkerStatistics as WorkerStatistics,
+    open_worker as open_worker,
+    task as task,
+)
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -28,18 +37,25 @@ __all__ = [
     "ConfigError",
     "CronItem",
     "CrontabError",
+    "Event",
     "Job",
+    "JobContext",
     "JobSpec",
     "KongtaskError",
     "MigrationError",
     "NoPostgresError",
     "SchemaTooNewError",
+    "TaskSpec",
+    "Worker",
+    "WorkerStatistics",
     "__version__",
     "add_job",
     "crontab",
     "load_crontab_file",
     "main",
     "open_client",
+    "open_worker",
+    "task",
 ]
 
 for _name in __all__:

@@ -40,8 +40,16 @@ async def wdb(worker_dsn: str) -> AsyncIterator[Database]:
 
 async def add(db: Database, task: str, payload: str = "{}", **kw: object) -> int:
     row = await db.fetchrow(
-        Q.add_job, task, payload, kw.get("queue"), kw.get("run_at"), kw.get("max_attempts"),
-        kw.get("key"), kw.get("priority"), kw.get("flags"), None,
+        Q.add_job,
+        task,
+        payload,
+        kw.get("queue"),
+        kw.get("run_at"),
+        kw.get("max_attempts"),
+        kw.get("key"),
+        kw.get("priority"),
+        kw.get("flags"),
+        None,
     )
     assert row is not None
     return int(row["id"])
@@ -88,9 +96,7 @@ async def test_claim_takes_one_job_per_queue_and_skips_locked_queues(wdb: Databa
     free = [await add(wdb, "t") for _ in range(2)]
     got = await claim(wdb, P1, [ids["t"]], 100)
     assert sorted(got) == sorted([q1[0], q2[0], *free])
-    queue_locks = await wdb.fetch(
-        f"select queue_name, locked_by from {JQ} order by queue_name"
-    )
+    queue_locks = await wdb.fetch(f"select queue_name, locked_by from {JQ} order by queue_name")
     assert [(r["queue_name"], r["locked_by"]) for r in queue_locks] == [("q1", P1), ("q2", P1)]
     # another pool gets nothing of the locked queues
     assert await claim(wdb, P2, [ids["t"]], 100) == []
@@ -117,9 +123,12 @@ async def test_fail_backoff_payload_and_pool_filter(wdb: Database) -> None:
         complete_and_fail, Q, P1, [], [a, b], ["boom", "Batch failures:\nno"], [None, "[2]"]
     )
     assert sorted(out) == sorted([("fail", a, 1, 25), ("fail", b, 1, 25)])
-    rows = {r["id"]: r for r in await wdb.fetch(
-        f"select id, last_error, run_at, locked_by, payload::text as p, attempts from {J}"
-    )}
+    rows = {
+        r["id"]: r
+        for r in await wdb.fetch(
+            f"select id, last_error, run_at, locked_by, payload::text as p, attempts from {J}"
+        )
+    }
     for job_id in (a, b):
         delay = (rows[job_id]["run_at"] - before).total_seconds()
         assert math.e - 0.5 < delay < math.e + 2  # exp(1) s from greatest(now, run_at)
@@ -153,9 +162,7 @@ async def test_sweep_releases_only_stale_locks(wdb: Database) -> None:
     a = await add(wdb, "t", queue="q")
     b = await add(wdb, "t")
     await claim(wdb, P1, [ids["t"]], 10)
-    await wdb.execute(
-        f"update {J} set locked_at = now() - interval '5 hours' where id = $1", a
-    )
+    await wdb.execute(f"update {J} set locked_at = now() - interval '5 hours' where id = $1", a)
     await wdb.execute(f"update {JQ} set locked_at = now() - interval '5 hours'")
     counts = await wdb.fetchrow(Q.sweep_stale)
     assert counts is not None

@@ -1,0 +1,1198 @@
+"""The worker: ``open_worker`` and the tasks of its nursery.
+
+Data flows one way (ARCHITECTURE.md)::
+
+    NOTIFY -> notifier --wake--> fetcher --jobs--> workers (N) --outcomes--> completer
+              poll timer --wake--^       (local queue)            (one statement per batch)
+
+- The **fetcher** claims batches sized to the free capacity plus a prefetch that follows
+  the measured job rate (claiming hundreds per statement is what makes throughput,
+  STACK.md), one claim in flight at a time, refilling when the local queue is half empty.
+- The **local queue** is a deque, not a memory channel: unstarted jobs must be taken
+  back (TTL, shutdown), and handing jobs over without a channel hop per job keeps the
+  per-job path short (STACK.md: per-job scheduling was ~45% of the worker's time). Its
+  bound is the fetcher's target, and idle workers park on a :class:`trio.lowlevel.ParkingLot`.
+- **Workers** run one job at a time, each in its own cancel scope.
+- The **completer** writes every outcome gathered since its last round trip in one
+  statement, retrying transient errors without dropping a job (graphile-worker #636).
+- The **notifier**, **sweeper** and **cron** scheduler are siblings in the same nursery.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import random
+import traceback
+from collections import deque
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Concatenate, Final, ParamSpec, TypeAlias, TypeVar
+
+import asyncpg
+import trio
+
+from ._client import Client, JobKeyMode
+from ._config import resolve_dsn, resolve_schema
+from ._errors import ConfigError
+from ._events import EventCallback, EventEmitter
+from ._job import Job, JobSpec, JSONValue
+from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new_pool_id
+from ._pg import Database, open_database
+from ._sql import WorkerQueries, claim_jobs, complete_and_fail, register_tasks, return_jobs
+
+log = logging.getLogger("kongtask.worker")
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+#: The ``last_error`` of jobs cancelled by a shutdown (graphile-worker's wording).
+SHUTDOWN_MESSAGE: Final = "Worker pool is shutting down gracefully"
+#: ``last_error`` when an exception carries no text (graphile-worker's wording).
+NO_MESSAGE: Final = "Non error or error without message thrown."
+
+DEFAULT_GRACE: Final = 5.0
+DEFAULT_BATCH_SIZE: Final = 500
+DEFAULT_LOCAL_QUEUE_TTL: Final = 300.0  # graphile-worker's 5 min (SCHEMA.md §8 Q6)
+#: Seconds of work the fetcher keeps claimed ahead of the workers, at the measured rate.
+PREFETCH_LOOKAHEAD: Final = 0.1
+#: A claim, return or flush that takes longer than this is given up (and retried).
+STATEMENT_TIMEOUT: Final = 30.0
+#: How long a shutdown waits for the final flush of outcomes before giving up on it.
+FLUSH_TIMEOUT: Final = 30.0
+#: Seconds between liveness checks of the LISTEN connection.
+LISTEN_KEEPALIVE: Final = 30.0
+
+# SQLSTATEs worth retrying (#636): serialization failure, deadlock, admin shutdown,
+# crash shutdown, cannot connect now; class 08 is connection exceptions.
+_TRANSIENT_SQLSTATES: Final = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
+
+
+# ---------------------------------------------------------------------------
+# pure time logic (tested with trio's MockClock)
+
+
+def failure_delay(attempts: int) -> float:
+    """Seconds until a failed job may run again: ``exp(min(attempts, 10))`` (SCHEMA.md §5.5).
+
+    The SQL computes the same from ``greatest(now(), run_at)``; this is for docs and logs.
+    """
+    return math.exp(min(attempts, 10))
+
+
+def retry_delay(attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """Capped exponential backoff with jitter for database retries (0.1 s … 10 s)."""
+    base: float = min(10.0, 0.1 * 2 ** min(attempt, 10))
+    return base * (0.5 + rand() / 2)
+
+
+def listen_reconnect_delay(attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """The LISTEN reconnect delay (graphile-worker's formula, SCHEMA.md §5.8).
+
+    ``(0.5 + sqrt(r)/2) * min(60 s, 50 ms * e^attempt)``, rounded up to whole ms.
+    """
+    ms = math.ceil((0.5 + math.sqrt(rand()) / 2) * min(60_000.0, 50 * math.exp(min(attempt, 20))))
+    return ms / 1000
+
+
+def sweep_delays(rand: Callable[[], float] = random.random) -> Iterator[float]:
+    """Delays between stale-lock sweeps: first in [0, 60 s), then in [480, 600 s) (§5.7)."""
+    yield 60.0 * rand()
+    while True:
+        yield 480.0 + 120.0 * rand()
+
+
+def parse_insert_count(payload: str | None) -> int:
+    """The ``count`` of a ``jobs:insert`` payload; 1 when missing or unparseable (§5.8)."""
+    if not payload:
+        return 1
+    try:
+        count = json.loads(payload).get("count", 1)
+    except (ValueError, AttributeError):
+        return 1
+    if isinstance(count, bool) or not isinstance(count, int | float):
+        return 1
+    return int(count)
+
+
+# ---------------------------------------------------------------------------
+# handlers
+
+Handler: TypeAlias = Callable[..., Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A handler with per-task options; made by :func:`task`."""
+
+    handler: Handler
+    timeout: float | None = None
+
+
+def task(handler: Handler, *, timeout: float | None = None) -> TaskSpec:
+    """Wrap ``handler`` with per-task options.
+
+    Args:
+      handler: ``async def handler(job, ctx)`` or a plain function (run in a thread).
+      timeout: seconds; an async handler still running then is cancelled and the job
+        fails with ``"timed out after N s"`` (and retries). A plain function cannot be
+        interrupted: it is failed the same way when it returns late.
+
+    Example::
+
+        tasks = {"resize": kongtask.task(resize, timeout=30)}
+    """
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+        raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if isinstance(handler, TaskSpec):
+        return TaskSpec(handler.handler, timeout if timeout is not None else handler.timeout)
+    if not callable(handler):
+        raise ConfigError(f"a task handler must be callable, not {type(handler).__name__}")
+    return TaskSpec(handler, timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class _Runner:
+    fn: Handler
+    is_async: bool
+    timeout: float | None
+
+
+def _is_async_callable(fn: object) -> bool:
+    while hasattr(fn, "func") and hasattr(fn, "args"):  # functools.partial
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004  (an object with async __call__)
+    )
+
+
+def _runners(tasks: Mapping[str, Handler | TaskSpec]) -> dict[str, _Runner]:
+    if not isinstance(tasks, Mapping):
+        raise ConfigError("tasks must be a mapping of task identifier -> handler")
+    runners: dict[str, _Runner] = {}
+    for name, value in tasks.items():
+        if not isinstance(name, str) or not name or len(name) > 128:
+            raise ConfigError(f"task identifier {name!r} must be a string of 1 to 128 characters")
+        spec = value if isinstance(value, TaskSpec) else task(value)
+        runners[name] = _Runner(spec.handler, _is_async_callable(spec.handler), spec.timeout)
+    return runners
+
+
+class _JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = self.extra or {}
+        return f"[{extra['task_identifier']}#{extra['job_id']}] {msg}", kwargs
+
+
+class JobContext:
+    """What a handler gets besides the job.
+
+    Attributes:
+      job: the job being run.
+      logger: a :class:`logging.LoggerAdapter` that prefixes lines with ``[task#id]``.
+      cancel_scope: the job's own cancel scope: ``ctx.cancel_scope.cancel()`` stops the
+        handler (the job then fails and retries); shutdown and ``task(timeout=...)`` use it.
+      pool_id: the worker pool's id (what ``locked_by`` says).
+    """
+
+    __slots__ = ("_worker", "cancel_scope", "job", "logger", "pool_id")
+
+    def __init__(self, worker: Worker, job: Job, cancel_scope: trio.CancelScope) -> None:
+        self._worker = worker
+        self.job = job
+        self.cancel_scope = cancel_scope
+        self.pool_id = worker.pool_id
+        self.logger = _JobLogger(
+            logging.getLogger(f"kongtask.job.{job.task_identifier}"),
+            {"job_id": job.id, "task_identifier": job.task_identifier},
+        )
+
+    async def add_job(
+        self,
+        identifier: str,
+        payload: JSONValue = None,
+        *,
+        queue_name: str | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        job_key: str | None = None,
+        job_key_mode: JobKeyMode | None = None,
+        priority: int | None = None,
+        flags: Iterable[str] | None = None,
+    ) -> Job:
+        """Add a job (see :meth:`kongtask.Client.add_job`)."""
+        return await self._worker.add_job(
+            identifier,
+            payload,
+            queue_name=queue_name,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            job_key=job_key,
+            job_key_mode=job_key_mode,
+            priority=priority,
+            flags=flags,
+        )
+
+    async def add_jobs(
+        self, specs: Iterable[JobSpec], *, job_key_preserve_run_at: bool = False
+    ) -> list[Job]:
+        """Add many jobs in one statement (see :meth:`kongtask.Client.add_jobs`)."""
+        return await self._worker.add_jobs(specs, job_key_preserve_run_at=job_key_preserve_run_at)
+
+    async def with_connection(
+        self,
+        fn: Callable[Concatenate[asyncpg.Connection, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run the **asyncio** coroutine function ``fn(conn, *args)`` on a pooled connection.
+
+        ``fn`` is written for asyncpg as usual (``await conn.fetch(...)``,
+        ``async with conn.transaction(): ...``) and runs on the asyncio side in one
+        crossing: the connection is acquired and released, and a transaction rolled
+        back on error or cancellation, entirely inside asyncio. That is the safe way
+        from trio (STACK.md P2): never keep the connection or call its methods from trio
+        code directly.
+
+        Example::
+
+            async def count_users(conn, active):
+                return await conn.fetchval("select count(*) from users where active = $1", active)
+
+            n = await ctx.with_connection(count_users, True)
+        """
+        return await self._worker._db.with_connection(fn, *args, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatistics:
+    """A snapshot of a worker pool (:meth:`Worker.statistics`).
+
+    Attributes:
+      running: jobs whose handler is running now.
+      queued_locally: claimed jobs waiting for a free worker.
+      completed: jobs that succeeded since the pool started.
+      failed: jobs that failed (each failed attempt counts).
+      returned: claimed jobs handed back unstarted (TTL or shutdown).
+      pending_writes: outcomes not yet written to the database.
+    """
+
+    running: int
+    queued_locally: int
+    completed: int
+    failed: int
+    returned: int
+    pending_writes: int
+
+
+class JobCancelled(Exception):
+    """The ``error`` of ``job:error`` events for jobs cancelled (shutdown, ``cancel_scope``)."""
+
+
+def _error_text(exc: BaseException) -> str:
+    """``last_error`` for a handler exception: the message, then a short traceback."""
+    message = str(exc) or NO_MESSAGE
+    summary = "".join(traceback.format_exception(exc, limit=-5)).rstrip()
+    return f"{message}\n{summary}"
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error is worth retrying as is (#636)."""
+    state = _sqlstate(exc)
+    if state is not None and (state in _TRANSIENT_SQLSTATES or state.startswith("08")):
+        return True
+    return isinstance(
+        exc, OSError | ConnectionError | TimeoutError | asyncpg.InterfaceError | trio.TooSlowError
+    )
+
+
+# ---------------------------------------------------------------------------
+# the worker pool
+
+
+class Worker:
+    """A running worker pool. Made by :func:`open_worker`; not constructed directly.
+
+    Attributes:
+      pool_id: the id written to ``locked_by`` (``pool-`` + 18 hex digits).
+      schema: the graphile-worker schema in use.
+      exit_code: ``None`` while running normally; ``57`` after a breaking migration
+        notification stopped the pool (the CLI exits with it).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        schema: str,
+        runners: dict[str, _Runner],
+        *,
+        concurrency: int,
+        poll_interval: float,
+        batch_size: int,
+        forbidden_flags: Iterable[str] | Callable[[], Iterable[str] | None] | None,
+        on_event: EventCallback | None,
+        crontab: Sequence[Any] | None,
+        grace: float,
+        local_queue_ttl: float,
+        once: bool,
+        marked: bool,
+    ) -> None:
+        self._db = db
+        self.schema = schema
+        self.pool_id = new_pool_id(once=once, marked=marked)
+        self._q = WorkerQueries(schema)
+        self._client = Client(db, schema)
+        self._runners = runners
+        self._concurrency = concurrency
+        self._poll_interval = poll_interval
+        self._batch_size = batch_size
+        self._static_flags: list[str] | None = None
+        self._flags_fn: Callable[[], Iterable[str] | None] | None = None
+        if callable(forbidden_flags):
+            self._flags_fn = forbidden_flags
+        elif forbidden_flags is not None:
+            if isinstance(forbidden_flags, str):
+                raise ConfigError("forbidden_flags must be a list of flag names, not a string")
+            self._static_flags = list(forbidden_flags) or None
+        self._events = EventEmitter(on_event, self.pool_id)
+        self._crontab = crontab
+        self._default_grace = grace
+        self._ttl = local_queue_ttl
+        self._once = once
+        self.exit_code: int | None = None
+
+        self._task_ids: dict[str, int] = {}
+        self._task_names: dict[int, str] = {}
+        # claimed, unstarted jobs with their claim time (trio clock), oldest first
+        self._local: deque[tuple[Job, float]] = deque()
+        self._parked = trio.lowlevel.ParkingLot()
+        self._idle_workers = 0
+        self._running: dict[int, trio.CancelScope] = {}
+        self._live_workers = 0
+        self._workers_done = trio.Event()
+        # fetcher wake-ups: a fresh Event per wait, so no wake-up between a claim and
+        # the following wait is lost
+        self._fetch_wake = trio.Event()
+        self._fetch_full = False  # fetcher waits for capacity (not for new jobs)
+        self._refill_below = 0
+        self._wake_other = False  # woken by something other than a notification
+        self._notified = 0
+        self._listening = trio.Event()  # the liveness lock is held (marked pools)
+        # job-rate estimate for the prefetch
+        self._rate = 0.0
+        self._rate_t = 0.0
+        self._rate_n = 0
+        self._started = 0
+        # outcomes waiting for the completer: ok ids; (id, message, payload) failures
+        self._ok: list[Job] = []
+        self._fail: list[tuple[Job, str, str | None]] = []
+        self._results_wake = trio.Event()
+        self._flushing = False
+        self._pending_returns: list[list[Job]] = []
+        self._thread_limiter = trio.CapacityLimiter(concurrency)
+        self._completer_closing = False
+        self._completer_done = trio.Event()
+        self._completed = 0
+        self._failed = 0
+        self._returned = 0
+        # shutdown
+        self._stop_requested = trio.Event()
+        self._stopping = False
+        self._grace_deadline = math.inf
+        self._grace_scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+
+    # -- public ----------------------------------------------------------
+
+    def statistics(self) -> WorkerStatistics:
+        """An immutable snapshot of the pool's counters."""
+        return WorkerStatistics(
+            running=len(self._running),
+            queued_locally=len(self._local),
+            completed=self._completed,
+            failed=self._failed,
+            returned=self._returned,
+            pending_writes=len(self._ok) + len(self._fail),
+        )
+
+    async def add_job(
+        self,
+        identifier: str,
+        payload: JSONValue = None,
+        *,
+        queue_name: str | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        job_key: str | None = None,
+        job_key_mode: JobKeyMode | None = None,
+        priority: int | None = None,
+        flags: Iterable[str] | None = None,
+    ) -> Job:
+        """Add a job on the pool's database (see :meth:`kongtask.Client.add_job`)."""
+        return await self._client.add_job(
+            identifier,
+            payload,
+            queue_name=queue_name,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            job_key=job_key,
+            job_key_mode=job_key_mode,
+            priority=priority,
+            flags=flags,
+        )
+
+    async def add_jobs(
+        self, specs: Iterable[JobSpec], *, job_key_preserve_run_at: bool = False
+    ) -> list[Job]:
+        """Add many jobs in one statement (see :meth:`kongtask.Client.add_jobs`)."""
+        return await self._client.add_jobs(specs, job_key_preserve_run_at=job_key_preserve_run_at)
+
+    def shutdown_nowait(self, grace: float | None = None) -> None:
+        """Start a shutdown and return at once (safe from handlers and callbacks).
+
+        A second call with a shorter ``grace`` shortens the wait (``grace=0``: cancel
+        running jobs now, the "forceful" shutdown).
+        """
+        grace = self._default_grace if grace is None else max(0.0, float(grace))
+        deadline = trio.current_time() + grace
+        if not self._stopping:
+            self._stopping = True
+            self._grace_deadline = deadline
+            self._events.emit("pool:gracefulShutdown", message="Worker pool is shutting down")
+            log.info("pool %s: shutting down (grace %.1f s)", self.pool_id, grace)
+            self._stop_requested.set()
+        elif deadline < self._grace_deadline:
+            self._grace_deadline = deadline
+            self._events.emit("pool:forcefulShutdown", message="Forced worker shutdown")
+            log.warning("pool %s: forceful shutdown", self.pool_id)
+            if self._grace_scope is not None:
+                self._grace_scope.deadline = deadline
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop the pool and wait until it has stopped.
+
+        Claiming stops at once; unstarted claimed jobs are returned; running jobs get
+        ``grace`` seconds (default: the pool's ``grace``), then are cancelled and failed
+        with "Worker pool is shutting down gracefully" (so they retry); outcomes are
+        flushed and connections closed. Do not await this from one of the pool's own
+        handlers (it would wait for itself): use :meth:`shutdown_nowait` there.
+        """
+        self.shutdown_nowait(grace)
+        await self._stopped.wait()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the pool has stopped (shutdown, breaking migration, ``once`` done)."""
+        await self._stopped.wait()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a shutdown has been requested."""
+        return self._stopping
+
+    # -- the nursery ------------------------------------------------------
+
+    async def _serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await self._start()
+            self._events.emit("pool:create", concurrency=self._concurrency)
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._completer)
+                async with trio.open_nursery() as workers:
+                    for index in range(self._concurrency):
+                        self._live_workers += 1
+                        workers.start_soon(self._worker_loop, index)
+                    async with trio.open_nursery() as background:
+                        await background.start(self._notifier)
+                        background.start_soon(self._fetcher)
+                        background.start_soon(self._sweeper)
+                        self._start_cron(background)
+                        task_status.started()
+                        await self._stop_requested.wait()
+                        background.cancel_scope.cancel()
+                    # nothing claims any more: hand back what was not started
+                    await self._return_local("shutdown")
+                    self._parked.unpark_all()
+                    with trio.move_on_at(self._grace_deadline) as grace_scope:
+                        self._grace_scope = grace_scope
+                        await self._workers_done.wait()
+                    if self._running:
+                        log.warning(
+                            "pool %s: cancelling %d running job(s) after the grace period",
+                            self.pool_id,
+                            len(self._running),
+                        )
+                        for scope in list(self._running.values()):
+                            scope.cancel()
+                # every job has an outcome now; write them all, then stop the completer
+                self._completer_closing = True
+                self._results_wake.set()
+                with trio.move_on_after(FLUSH_TIMEOUT):
+                    await self._completer_done.wait()
+                if not self._completer_done.is_set():
+                    log.error(
+                        "pool %s: could not write the outcome of %d job(s); they stay locked "
+                        "until `kongtask unlock %s` or the 4-hour sweep",
+                        self.pool_id,
+                        len(self._ok) + len(self._fail),
+                        self.pool_id,
+                    )
+                outer.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._final_release()
+                self._events.emit("pool:release")
+                self._events.emit("stop")
+                self._stopped.set()
+
+    async def _start(self) -> None:
+        from ._migrate import check_schema
+
+        await check_schema(self._db, self.schema)
+        if self._runners:
+            self._task_ids = await self._db.with_connection(
+                register_tasks, self._q, sorted(self._runners)
+            )
+        self._task_names = {v: k for k, v in self._task_ids.items()}
+        if self._once:
+            await self._sweep_once()
+
+    def _start_cron(self, nursery: trio.Nursery) -> None:
+        if not self._crontab:
+            return
+        from ._cron import run_cron_scheduler  # lazily: most pools have no crontab
+
+        nursery.start_soon(run_cron_scheduler, self._db, self.schema, list(self._crontab))
+
+    async def _final_release(self) -> None:
+        """Return anything still ours: local jobs, then any row locked by this pool."""
+        try:
+            with trio.move_on_after(STATEMENT_TIMEOUT):
+                if self._local:
+                    await self._return_local("shutdown")
+                if self._ok or self._fail:
+                    await self._flush_once()
+                row = await self._db.fetchrow(self._q.release_pool, self.pool_id)
+                if row is not None and (row["jobs"] or row["queues"]):
+                    log.warning(
+                        "pool %s: released %d job(s) and %d queue(s) still locked at shutdown",
+                        self.pool_id,
+                        row["jobs"],
+                        row["queues"],
+                    )
+        except Exception as exc:
+            log.error("pool %s: final release failed: %s", self.pool_id, exc)
+
+    # -- fetcher ------------------------------------------------------------
+
+    def _wake_fetcher(self, *, notified: int = 0) -> None:
+        if notified:
+            self._notified += notified
+        else:
+            self._wake_other = True
+        self._fetch_wake.set()
+
+    def _forbidden_flags(self) -> list[str] | None:
+        if self._flags_fn is None:
+            return self._static_flags
+        flags = self._flags_fn()
+        return list(flags) if flags else None
+
+    def _claim_size(self) -> int:
+        """How many jobs to claim now (0 = wait for capacity)."""
+        now = trio.current_time()
+        dt = now - self._rate_t
+        if dt >= 0.05:
+            instant = (self._started - self._rate_n) / dt
+            weight = min(1.0, dt)  # ~1 s memory
+            self._rate += weight * (instant - self._rate)
+            self._rate_t, self._rate_n = now, self._started
+        prefetch = min(self._batch_size, int(self._rate * PREFETCH_LOOKAHEAD))
+        target = self._concurrency + prefetch
+        in_flight = len(self._local) + len(self._running)
+        deficit = target - in_flight
+        half = max(1, target // 2)
+        # refill when half empty (pipelining: the next batch arrives while the rest of
+        # this one runs) or at once when a worker sits idle with nothing queued
+        self._refill_below = target - half
+        if deficit <= 0:
+            return 0
+        if deficit >= half or (self._idle_workers and not self._local):
+            return min(self._batch_size, deficit)
+        return 0
+
+    async def _fetcher(self) -> None:
+        if is_marked_pool_id(self.pool_id):
+            # claim only while our liveness lock is held, or a dead-pool sweeper could
+            # take our jobs for a dead pool's (kongtask._liveness)
+            await self._listening.wait()
+        conn: Any = None
+        errors = 0
+        cap: int | None = None
+        try:
+            while True:
+                wake = self._fetch_wake = trio.Event()
+                self._expire_local()
+                size = self._claim_size()
+                if size <= 0:
+                    self._fetch_full = True
+                    with trio.move_on_at(self._ttl_deadline()):
+                        await wake.wait()
+                    self._fetch_full = False
+                    continue
+                if cap is not None:
+                    size, cap = min(size, cap), None
+                try:
+                    if conn is None:
+                        conn = await self._db.run(self._db.pool.acquire)
+                    rows = await self._claim(conn, size)
+                except Exception as exc:
+                    errors += 1
+                    self._events.emit("worker:getJob:error", error=exc)
+                    log.warning("pool %s: claiming jobs failed (%s); retrying", self.pool_id, exc)
+                    if conn is not None and conn.is_closed():
+                        await self._release_conn(conn)
+                        conn = None
+                    await trio.sleep(retry_delay(errors))
+                    continue
+                errors = 0
+                if rows:
+                    self._enqueue(rows)
+                    continue  # more may be ready (a claim drops same-queue siblings)
+                if self._once and self._quiet():
+                    log.info("pool %s: no job is ready; stopping (once)", self.pool_id)
+                    self.shutdown_nowait()
+                    return
+                # nothing ready: wait for a NOTIFY, an unlocked queue, the poll or the TTL
+                self._notified = 0
+                self._wake_other = False
+                with trio.move_on_at(
+                    min(trio.current_time() + self._poll_interval, self._ttl_deadline())
+                ):
+                    await wake.wait()
+                if wake.is_set() and self._notified and not self._wake_other:
+                    # only notifications woke us: wake up to `count` idle slots (§5.8)
+                    cap = self._notified
+        finally:
+            if conn is not None:
+                await self._release_conn(conn)
+
+    def _quiet(self) -> bool:
+        return not (self._local or self._running or self._ok or self._fail or self._flushing)
+
+    async def _release_conn(self, conn: Any) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            try:
+                await self._db.run(self._db.pool.release, conn)
+            except Exception as exc:
+                log.debug("releasing a connection failed: %s", exc)
+
+    async def _claim(self, conn: Any, size: int) -> list[asyncpg.Record]:
+        # Shielded: a claim whose reply is lost to a cancellation would leave jobs locked
+        # by us that nobody runs. The shutdown hands back whatever this returns.
+        with trio.CancelScope(shield=True), trio.fail_after(STATEMENT_TIMEOUT):
+            rows: list[asyncpg.Record] = await self._db.run(
+                claim_jobs,
+                conn,
+                self._q,
+                self.pool_id,
+                list(self._task_ids.values()),
+                size,
+                self._forbidden_flags(),
+                None,
+            )
+        return rows
+
+    def _enqueue(self, rows: Sequence[asyncpg.Record]) -> None:
+        now = trio.current_time()
+        names = self._task_names
+        local = self._local
+        for row in rows:
+            job = Job.from_record(row, names[row["task_id"]], row["queue_name"])
+            local.append((job, now))
+        if self._stopping:
+            return  # the shutdown returns them
+        self._parked.unpark(count=min(len(rows), len(self._parked)))
+
+    def _ttl_deadline(self) -> float:
+        if not self._local:
+            return math.inf
+        return self._local[0][1] + self._ttl
+
+    def _expire_local(self) -> None:
+        """Return jobs that waited longer than the TTL (another pool may be idle)."""
+        if not self._local:
+            return
+        limit = trio.current_time() - self._ttl
+        expired: list[Job] = []
+        while self._local and self._local[0][1] <= limit:
+            expired.append(self._local.popleft()[0])
+        if expired:
+            log.info(
+                "pool %s: returning %d job(s) unstarted after %.0f s",
+                self.pool_id,
+                len(expired),
+                self._ttl,
+            )
+            self._spawn_return(expired)
+
+    def _spawn_return(self, jobs: list[Job]) -> None:
+        # the fetcher must not block on the round trip; the completer's nursery is gone
+        # only at the very end, after the final release covers anything missed
+        self._pending_returns.append(jobs)
+        self._results_wake.set()
+
+    async def _return_local(self, why: str) -> None:
+        jobs = [job for job, _ in self._local]
+        self._local.clear()
+        if not jobs:
+            return
+        await self._return_jobs(jobs, why)
+
+    async def _return_jobs(self, jobs: list[Job], why: str) -> None:
+        ids = [job.id for job in jobs]
+        with trio.CancelScope(shield=True), trio.move_on_after(STATEMENT_TIMEOUT):
+            try:
+                returned = await self._db.with_connection(return_jobs, self._q, self.pool_id, ids)
+            except Exception as exc:
+                log.error("pool %s: returning %d job(s) failed: %s", self.pool_id, len(ids), exc)
+                return
+            self._returned += len(returned)
+            self._events.emit("job:returned", job_ids=tuple(returned), reason=why)
+            if any(job.queue_name is not None for job in jobs):
+                self._wake_fetcher()
+
+    # -- workers -------------------------------------------------------------
+
+    async def _worker_loop(self, index: int) -> None:
+        try:
+            local = self._local
+            while True:
+                if local:
+                    job, _ = local.popleft()
+                    await self._run_job(job)
+                    continue
+                if self._stopping:
+                    return
+                if self._fetch_full:
+                    self._fetch_wake.set()  # an idle worker with nothing queued
+                self._idle_workers += 1
+                try:
+                    await self._parked.park()
+                finally:
+                    self._idle_workers -= 1
+        finally:
+            self._live_workers -= 1
+            if self._live_workers == 0:
+                self._workers_done.set()
+
+    async def _run_job(self, job: Job) -> None:
+        runner = self._runners[job.task_identifier]
+        self._started += 1
+        scope = trio.CancelScope()
+        self._running[job.id] = scope
+        ctx = JobContext(self, job, scope)
+        events = self._events
+        if events.enabled:
+            events.emit("job:start", job=job)
+        log.debug("pool %s: started %s (job %d)", self.pool_id, job.task_identifier, job.id)
+        start = trio.current_time()
+        result: object = None
+        error: BaseException | None = None
+        timed_out = False
+        try:
+            with scope:
+                if runner.timeout is None:
+                    result = await self._call(runner, job, ctx)
+                else:
+                    with trio.move_on_after(runner.timeout) as timeout_scope:
+                        result = await self._call(runner, job, ctx)
+                    if timeout_scope.cancelled_caught or (
+                        not runner.is_async and trio.current_time() - start > runner.timeout
+                    ):
+                        timed_out = True
+        except Exception as exc:
+            error = exc
+        finally:
+            del self._running[job.id]
+        if timed_out:
+            error = TimeoutError(f"timed out after {runner.timeout:g} s")
+            message = str(error)
+        elif scope.cancelled_caught and error is None:
+            message = SHUTDOWN_MESSAGE if self._stopping else "Job was cancelled"
+            error = JobCancelled(message)
+        elif error is not None:
+            message = _error_text(error)
+        else:
+            message = ""
+        replacement: str | None = None
+        if error is None:
+            batch = self._batch_outcome(job, result)
+            if batch is not None:
+                message, replacement = batch
+        if not message:
+            self._ok.append(job)
+            self._results_wake.set()
+            if events.enabled:
+                events.emit("job:success", job=job)
+                events.emit("job:complete", job=job)
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "pool %s: completed %s (job %d) in %.1f ms",
+                    self.pool_id,
+                    job.task_identifier,
+                    job.id,
+                    (trio.current_time() - start) * 1000,
+                )
+        else:
+            self._fail.append((job, message, replacement))
+            self._results_wake.set()
+            final = job.attempts >= job.max_attempts
+            events.emit("job:error", job=job, error=error, message=message)
+            if final:
+                events.emit("job:failed", job=job, message=message)
+            events.emit("job:complete", job=job)
+            first_line = message.split("\n", 1)[0]
+            if final:
+                log.error(
+                    "pool %s: %s (job %d) failed permanently after %d attempt(s): %s",
+                    self.pool_id,
+                    job.task_identifier,
+                    job.id,
+                    job.attempts,
+                    first_line,
+                )
+            else:
+                log.warning(
+                    "pool %s: %s (job %d) failed (attempt %d of %d, retry in %.0f s): %s",
+                    self.pool_id,
+                    job.task_identifier,
+                    job.id,
+                    job.attempts,
+                    job.max_attempts,
+                    failure_delay(job.attempts),
+                    first_line,
+                )
+        # capacity freed: tell a fetcher that waits for it
+        if self._fetch_full and len(self._local) + len(self._running) <= self._refill_below:
+            self._fetch_wake.set()
+        # a job that does not await anything must still let the other tasks run
+        await trio.lowlevel.checkpoint()
+
+    async def _call(self, runner: _Runner, job: Job, ctx: JobContext) -> object:
+        if runner.is_async:
+            return await runner.fn(job, ctx)
+        return await trio.to_thread.run_sync(runner.fn, job, ctx, limiter=self._thread_limiter)
+
+    def _batch_outcome(self, job: Job, result: object) -> tuple[str, str] | None:
+        """For a batch job whose handler returned per-element outcomes: (message, payload)
+        of the failed elements, or ``None`` when everything succeeded (§5.5)."""
+        payload = job.payload
+        if not isinstance(payload, list) or not isinstance(result, list | tuple):
+            return None
+        if len(result) != len(payload):
+            log.warning(
+                "pool %s: %s (job %d) returned %d outcomes for a batch of %d; counted as success",
+                self.pool_id,
+                job.task_identifier,
+                job.id,
+                len(result),
+                len(payload),
+            )
+            return None
+        failed = [
+            (item, r)
+            for item, r in zip(payload, result, strict=True)
+            if isinstance(r, BaseException)
+        ]
+        if not failed:
+            return None
+        message = "Batch failures:\n" + "\n".join(str(r) or NO_MESSAGE for _, r in failed)
+        return message, json.dumps([item for item, _ in failed])
+
+    # -- completer -------------------------------------------------------------
+
+    async def _completer(self) -> None:
+        conn: Any = None
+        errors = 0
+        try:
+            while True:
+                if self._pending_returns:
+                    batches, self._pending_returns = self._pending_returns, []
+                    for jobs in batches:
+                        await self._return_jobs(jobs, "ttl")
+                if not self._ok and not self._fail:
+                    if self._completer_closing:
+                        return
+                    self._results_wake = trio.Event()
+                    await self._results_wake.wait()
+                    continue
+                try:
+                    if conn is None:
+                        conn = await self._db.run(self._db.pool.acquire)
+                    await self._flush_once(conn)
+                    errors = 0
+                except Exception as exc:
+                    errors += 1
+                    self._events.emit("worker:completeJob:error", error=exc)
+                    transient = is_transient(exc)
+                    log.warning(
+                        "pool %s: writing %d outcome(s) failed (%s%s); retrying",
+                        self.pool_id,
+                        len(self._ok) + len(self._fail),
+                        exc,
+                        "" if transient else ", not a known transient error",
+                    )
+                    if conn is not None and (conn.is_closed() or not transient):
+                        await self._release_conn(conn)
+                        conn = None
+                    await trio.sleep(retry_delay(errors))
+        finally:
+            if conn is not None:
+                await self._release_conn(conn)
+            self._completer_done.set()
+
+    async def _flush_once(self, conn: Any = None) -> None:
+        """Write the outcomes gathered so far in one statement; on error keep them all."""
+        ok, fail = self._ok, self._fail
+        if not ok and not fail:
+            return
+        self._ok, self._fail = [], []
+        self._flushing = True
+        try:
+            # shielded: a statement cancelled after it committed must not be forgotten
+            # (it would be retried harmlessly, but the shutdown needs the answer)
+            with trio.CancelScope(shield=True), trio.fail_after(STATEMENT_TIMEOUT):
+                args = (
+                    self._q,
+                    self.pool_id,
+                    [j.id for j in ok],
+                    [j.id for j, _, _ in fail],
+                    [m for _, m, _ in fail],
+                    [p for _, _, p in fail],
+                )
+                if conn is None:
+                    await self._db.with_connection(complete_and_fail, *args)
+                else:
+                    await self._db.run(complete_and_fail, conn, *args)
+        except BaseException:
+            # keep every outcome (the statement is all-or-nothing and idempotent)
+            self._ok = ok + self._ok
+            self._fail = fail + self._fail
+            raise
+        finally:
+            self._flushing = False
+        self._completed += len(ok)
+        self._failed += len(fail)
+        if (
+            self._once
+            or any(j.queue_name is not None for j in ok)
+            or any(j.queue_name is not None for j, _, _ in fail)
+        ):
+            # a named queue was unlocked: its next job is ready (and `once` re-checks)
+            self._wake_fetcher()
+
+    # -- notifier -------------------------------------------------------------
+
+    def _on_jobs_insert(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        # runs on the trio thread inside the asyncio loop: must never raise (STACK.md P3)
+        try:
+            count = parse_insert_count(payload)
+            if count > 0:
+                self._wake_fetcher(notified=count)
+        except Exception:
+            log.exception("jobs:insert handler failed")
+
+    def _on_migrate(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        try:
+            data = json.loads(payload) if payload else {}
+            if isinstance(data, dict) and data.get("breaking") is True:
+                from ._migrate import runtime_breaking_message
+
+                log.warning(runtime_breaking_message(int(data.get("migrationNumber", 0))))
+                self.exit_code = 57
+                self.shutdown_nowait()
+        except Exception:
+            log.exception("worker:migrate handler failed")
+
+    async def _notifier(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        attempt = 0
+        started = False
+        while True:
+            conn: Any = None
+            try:
+                conn = await self._db.connect()
+                lost = trio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                if is_marked_pool_id(self.pool_id):
+                    await self._db.run(hold_liveness_lock, conn, self.pool_id)
+                await self._db.run(conn.add_listener, "jobs:insert", self._on_jobs_insert)
+                await self._db.run(conn.add_listener, "worker:migrate", self._on_migrate)
+                attempt = 0
+                self._listening.set()
+                self._events.emit("pool:listen:success")
+                self._wake_fetcher()  # notifications may have been missed meanwhile
+                if not started:
+                    started = True
+                    task_status.started()
+                while not lost.is_set():
+                    with trio.move_on_after(LISTEN_KEEPALIVE):
+                        await lost.wait()
+                    if not lost.is_set():
+                        with trio.fail_after(10):
+                            await self._db.run(conn.execute, "select 1")
+                raise ConnectionError("the LISTEN connection was closed")
+            except Exception as exc:
+                self._events.emit("pool:listen:error", error=exc)
+                log.warning("pool %s: LISTEN connection failed: %s", self.pool_id, exc)
+                if not started:
+                    started = True
+                    task_status.started()
+            finally:
+                if conn is not None:
+                    await self._db.close_connection(conn)
+            await trio.sleep(listen_reconnect_delay(attempt))
+            attempt += 1
+
+    # -- sweeper -------------------------------------------------------------
+
+    async def _sweeper(self) -> None:
+        for delay in sweep_delays():
+            await trio.sleep(delay)
+            await self._sweep_once()
+
+    async def _sweep_once(self) -> None:
+        try:
+            row = await self._db.fetchrow(self._q.sweep_stale)
+        except Exception as exc:
+            log.warning("pool %s: stale-lock sweep failed: %s", self.pool_id, exc)
+            return
+        if row is not None and (row["jobs"] or row["queues"]):
+            log.warning(
+                "pool %s: released %d job(s) and %d queue(s) locked for more than 4 hours",
+                self.pool_id,
+                row["jobs"],
+                row["queues"],
+            )
+            self._events.emit("pool:sweep", jobs=row["jobs"], queues=row["queues"])
+            self._wake_fetcher()
+
+
+@asynccontextmanager
+async def open_worker(
+    dsn: str | None,
+    tasks: Mapping[str, Handler | TaskSpec],
+    *,
+    schema: str | None = None,
+    concurrency: int = 1,
+    poll_interval: float = 2.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    forbidden_flags: Iterable[str] | Callable[[], Iterable[str] | None] | None = None,
+    on_event: EventCallback | None = None,
+    crontab: Sequence[Any] | None = None,
+    max_pool_size: int = 10,
+    prepared_statements: bool = True,
+    grace: float = DEFAULT_GRACE,
+    local_queue_ttl: float = DEFAULT_LOCAL_QUEUE_TTL,
+    once: bool = False,
+) -> AsyncIterator[Worker]:
+    """Run a worker pool for the duration of the ``async with`` block.
+
+    Args:
+      dsn: a libpq connection string or URL; ``None``: ``$DATABASE_URL``, then ``PG*``.
+      tasks: ``identifier -> handler``. A handler is ``async def handler(job, ctx)``
+        (:class:`~kongtask.Job`, :class:`~kongtask.JobContext`) or a plain function
+        (run in a thread), optionally wrapped by :func:`task` for a timeout. Returning
+        completes the job; raising fails it (it retries with exponential backoff).
+      schema: default ``$GRAPHILE_WORKER_SCHEMA``, then ``graphile_worker``.
+      concurrency: how many jobs run at once (default 1, as graphile-worker).
+      poll_interval: seconds between polls when no notification arrives.
+      batch_size: the most jobs claimed in one statement (and held unstarted).
+      forbidden_flags: flag names whose jobs this pool skips, or a function returning
+        them, called before each claim.
+      on_event: called with every :class:`~kongtask.Event`; exceptions are logged.
+      crontab: :class:`kongtask.CronItem` items to schedule (``kongtask._cron``).
+      max_pool_size: database connections (the LISTEN connection comes on top). The
+        fetcher and the completer each hold one; the rest serve handlers and ``add_job``.
+      prepared_statements: ``False`` behind a transaction-pooling pgBouncer.
+      grace: seconds running jobs get to finish at shutdown before they are cancelled.
+      local_queue_ttl: claimed jobs not started within this many seconds are returned.
+      once: stop as soon as no job is ready (``kongtask run --once``).
+
+    Leaving the block shuts the pool down gracefully (see :meth:`Worker.shutdown`). If the
+    block raises or is cancelled, the shutdown is immediate (grace 0) but still returns
+    jobs and writes outcomes. Afterwards no task, thread or connection of the pool remains.
+    """
+    schema_name = resolve_schema(schema)
+    runners = _runners(tasks)
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigError(f"concurrency must be a positive integer, not {concurrency!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if not poll_interval > 0:
+        raise ConfigError(f"poll_interval must be positive, not {poll_interval!r}")
+    if not isinstance(max_pool_size, int) or max_pool_size < 3:
+        raise ConfigError(
+            f"max_pool_size must be at least 3 (the fetcher and the completer each hold a "
+            f"connection), not {max_pool_size!r}"
+        )
+    if not grace >= 0 or not local_queue_ttl > 0:
+        raise ConfigError("grace must be >= 0 and local_queue_ttl > 0")
+    async with open_database(
+        resolve_dsn(dsn),
+        min_size=2,
+        max_size=max_pool_size,
+        prepared_statements=prepared_statements,
+    ) as db:
+        worker = Worker(
+            db,
+            schema_name,
+            runners,
+            concurrency=concurrency,
+            poll_interval=float(poll_interval),
+            batch_size=batch_size,
+            forbidden_flags=forbidden_flags,
+            on_event=on_event,
+            crontab=crontab,
+            grace=float(grace),
+            local_queue_ttl=float(local_queue_ttl),
+            once=once,
+            # a session lock needs a session: not behind a transaction-pooling pgBouncer
+            marked=prepared_statements,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker._serve)
+            try:
+                yield worker
+            except BaseException:
+                # the block failed or was cancelled: stop now, but still hand jobs back
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(FLUSH_TIMEOUT + STATEMENT_TIMEOUT),
+                ):
+                    await worker.shutdown(grace=0)
+                raise
+            await worker.shutdown()
