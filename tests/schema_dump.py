@@ -9,12 +9,16 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import pytest
+import trio
+from oracle import oracle_migrate, require_oracle
 
 from kongtask._config import quote_ident
+from kongtask._pg import open_database
 
 
 def _major(version_text: str) -> int:
@@ -111,11 +115,11 @@ async def catalog_snapshot(conn: asyncpg.Connection, schema: str) -> dict[str, A
 
 
 JOBS_VIEW_QUERY = """
-    select queue_name, task_identifier, priority, run_at, attempts, max_attempts,
-           last_error, key, (locked_at is not null) as locked, locked_by, revision,
-           flags::text as flags, p.payload::jsonb::text as payload
+    select j.queue_name, j.task_identifier, j.priority, j.run_at, j.attempts, j.max_attempts,
+           j.last_error, j.key, (j.locked_at is not null) as locked, j.locked_by, j.revision,
+           j.flags::text as flags, p.payload::jsonb::text as payload
     from {s}.jobs j join {s}._private_jobs p using (id)
-    order by task_identifier, key nulls first, run_at, payload
+    order by 2, 8 nulls first, 4, 13
 """
 
 
@@ -123,3 +127,52 @@ async def jobs_snapshot(conn: asyncpg.Connection, schema: str) -> list[tuple[Any
     """Jobs as seen through the ``jobs`` view (ids and bookkeeping timestamps left out)."""
     rows = await conn.fetch(JOBS_VIEW_QUERY.format(s=quote_ident(schema)))
     return [tuple(r) for r in rows]
+
+
+Snapshot = tuple[str, dict[str, Any]]
+
+# Databases migrated by graphile-worker 0.18.0, per schema, built once per test session.
+_ORACLE_SNAPSHOTS: dict[str, Snapshot] = {}
+
+
+async def blank_db(make_db: Callable[..., str]) -> str:
+    """A fresh empty database from the plugin's factory."""
+    # The factory runs its own asyncio loop, which cannot nest inside trio-asyncio.
+    return await trio.to_thread.run_sync(lambda: make_db(migrated=False))
+
+
+async def snapshot(dsn: str, schema: str) -> Snapshot:
+    """The masked dump and the catalog snapshot of ``schema`` (skips without pg_dump)."""
+    async with open_database(dsn, max_size=1) as db:
+        require_pg_dump(await db.with_connection(server_version_num))
+        catalog = await db.with_connection(catalog_snapshot, schema)
+    return await trio.to_thread.run_sync(masked_dump, dsn, schema), catalog
+
+
+async def oracle_snapshot(make_db: Callable[..., str], schema: str) -> Snapshot:
+    """The snapshot of a fresh database migrated by graphile-worker 0.18.0."""
+    if schema not in _ORACLE_SNAPSHOTS:
+        require_oracle("0.18.0")
+        dsn = await blank_db(make_db)
+        await run_oracle(dsn, "0.18.0", schema)
+        _ORACLE_SNAPSHOTS[schema] = await snapshot(dsn, schema)
+    return _ORACLE_SNAPSHOTS[schema]
+
+
+async def run_oracle(dsn: str, version: str, schema: str | None = None) -> None:
+    """``graphile-worker --schema-only`` of ``version`` on ``dsn``, in a thread."""
+    require_oracle(version)
+    await trio.to_thread.run_sync(lambda: oracle_migrate(dsn, version=version, schema=schema))
+
+
+def assert_same(kong: Snapshot, oracle: Snapshot) -> None:
+    """Equal masked dumps and catalog facts; the oracle's must be non-trivial."""
+    kong_dump, kong_catalog = kong
+    oracle_dump, oracle_catalog = oracle
+    # Guard against comparing two empty dumps (e.g. a schema pattern that matched nothing).
+    for needle in ("CREATE VIEW", "jobs_pkey1", "jobs_id_seq1", "job_spec", "ROW LEVEL SECURITY"):
+        assert needle in oracle_dump, needle
+    assert len(oracle_catalog["procs"]) == 7
+    assert kong_dump.splitlines() == oracle_dump.splitlines()
+    for key in oracle_catalog:
+        assert kong_catalog[key] == oracle_catalog[key], key
