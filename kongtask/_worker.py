@@ -394,6 +394,7 @@ class Worker:
         # the following wait is lost
         self._fetch_wake = trio.Event()
         self._fetch_full = False  # fetcher waits for capacity (not for new jobs)
+        self._fetch_idle = False  # fetcher found nothing ready and waits for news
         self._refill_below = 0
         self._wake_other = False  # woken by something other than a notification
         self._notified = 0
@@ -687,10 +688,12 @@ class Worker:
                 # nothing ready: wait for a NOTIFY, an unlocked queue, the poll or the TTL
                 self._notified = 0
                 self._wake_other = False
+                self._fetch_idle = True
                 with trio.move_on_at(
                     min(trio.current_time() + self._poll_interval, self._ttl_deadline())
                 ):
                     await wake.wait()
+                self._fetch_idle = False
                 if wake.is_set() and self._notified and not self._wake_other:
                     # only notifications woke us: wake up to `count` idle slots (§5.8)
                     cap = self._notified

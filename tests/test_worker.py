@@ -8,10 +8,12 @@ visible; no sleeps to wait for results (events, or polling under an absolute
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -123,3 +125,329 @@ async def test_sql_jobs_run_exactly_once(tdb: Database, worker_dsn: str) -> None
     assert 2 <= peak <= 4
     await assert_clean(tdb)
     assert threading.active_count() <= threads_before
+
+
+async def pool_connections(db: Database) -> int:
+    return int(
+        await db.fetchval(
+            "select count(*) from pg_stat_activity where application_name = 'kongtask' "
+            "and datname = current_database()"
+        )
+    )
+
+
+async def test_client_jobs_and_ctx_helpers(tdb: Database, worker_dsn: str) -> None:
+    seen: list[tuple[str, object]] = []
+    done = trio.Event()
+
+    async def count_jobs(conn: Any, task: str) -> int:  # asyncio side (ctx.with_connection)
+        return int(
+            await conn.fetchval(f"select count(*) from {S}.jobs where task_identifier = $1", task)
+        )
+
+    async def parent(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        ctx.logger.info("start")
+        await trio.sleep(HOLD)
+        seen.append(("parent", job.payload))
+        await ctx.add_job("child", {"from": job.id})
+        seen.append(("count", await ctx.with_connection(count_jobs, "child")))
+        ctx.logger.info("end")
+
+    def child(job: kongtask.Job, ctx: kongtask.JobContext) -> None:  # sync: runs in a thread
+        log.info("child %d start", job.id)
+        time.sleep(HOLD)
+        seen.append(("child", threading.current_thread() is not threading.main_thread()))
+        trio.from_thread.run_sync(done.set)
+
+    async with kongtask.open_client(worker_dsn) as client:
+        await client.add_job("parent", {"n": 1})
+    async with kongtask.open_worker(worker_dsn, {"parent": parent, "child": child}) as w:
+        with trio.fail_after(10):
+            await done.wait()
+        await wait_until(lambda: w.statistics().completed == 2)
+    assert seen == [("parent", {"n": 1}), ("count", 1), ("child", True)]
+    assert await jobs_left(tdb) == 0
+    await assert_clean(tdb)
+
+
+async def test_failure_backoff_and_permanent_failure(tdb: Database, worker_dsn: str) -> None:
+    rec = Recorder()
+
+    async def fails(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        await trio.sleep(HOLD)
+        raise ValueError("boom")
+
+    job_id = await tdb.fetchval(f"select id from {S}.add_job('f', max_attempts => 2)")
+    before = await tdb.fetchval("select now()")
+    async with kongtask.open_worker(worker_dsn, {"f": fails}, on_event=rec.on_event) as w:
+        await wait_until(lambda: w.statistics().failed == 1)
+        after = await tdb.fetchval("select now()")
+        row = await tdb.fetchrow(f"select * from {J} where id = $1", job_id)
+        assert row is not None
+        assert row["attempts"] == 1
+        assert row["locked_by"] is None
+        assert row["last_error"].startswith("boom\n")
+        assert "ValueError: boom" in row["last_error"]  # traceback summary
+        assert "in fails" in row["last_error"]
+        # run_at = greatest(now, run_at) + exp(1) s, now being the moment of failure
+        assert (
+            before + timedelta(seconds=math.e) <= row["run_at"] <= after + timedelta(seconds=math.e)
+        )
+        assert not rec.names("job:failed")
+        # make it due again at once, and wake the worker
+        await tdb.execute(f"update {J} set run_at = now() where id = $1", job_id)
+        await tdb.execute("""select pg_notify('jobs:insert', '{"count":1}')""")
+        await wait_until(lambda: w.statistics().failed == 2)
+    row = await tdb.fetchrow(f"select * from {J} where id = $1", job_id)
+    assert row is not None
+    assert (row["attempts"], row["max_attempts"], row["locked_by"]) == (2, 2, None)
+    assert [e["job"].id for e in rec.names("job:failed")] == [job_id]  # type: ignore[attr-defined]
+    assert len(rec.names("job:error")) == 2
+    await assert_clean(tdb)
+
+
+async def test_priority_order_and_future_run_at(tdb: Database, worker_dsn: str) -> None:
+    rec = Recorder()
+    run_at = await tdb.fetchval("select now() + interval '1.5 seconds'")
+    future = await tdb.fetchval(f"select id from {S}.add_job('t', run_at => $1)", run_at)
+    ids = [
+        await tdb.fetchval(f"select id from {S}.add_job('t', priority => $1)", p)
+        for p in (5, -3, 0, 2, -1)
+    ]
+    async with kongtask.open_worker(worker_dsn, {"t": rec.handler}, poll_interval=0.2) as w:
+        await wait_until(lambda: len(rec.intervals) == 5)
+        order = [i[0] for i in rec.intervals]
+        assert order == [ids[1], ids[4], ids[2], ids[3], ids[0]]
+        await wait_until(lambda: len(rec.intervals) == 6)
+        assert rec.intervals[-1][0] == future
+        started_at = await tdb.fetchval("select now()")
+        assert started_at >= run_at
+        await wait_until(lambda: w.statistics().completed == 6)
+    await assert_clean(tdb)
+
+
+async def test_forbidden_flags_are_skipped(tdb: Database, worker_dsn: str) -> None:
+    rec = Recorder()
+    flagged = await tdb.fetchval(f"select id from {S}.add_job('t', flags => array['gpu'])")
+    other = await tdb.fetchval(f"select id from {S}.add_job('t', flags => array['cpu'])")
+    plain = await tdb.fetchval(f"select id from {S}.add_job('t')")
+    async with kongtask.open_worker(
+        worker_dsn, {"t": rec.handler}, forbidden_flags=["gpu"], poll_interval=0.1
+    ) as w:
+        await wait_until(lambda: w.statistics().completed == 2)
+    assert sorted(i[0] for i in rec.intervals) == sorted([other, plain])
+    row = await tdb.fetchrow(f"select attempts, locked_by from {J} where id = $1", flagged)
+    assert row is not None
+    assert (row["attempts"], row["locked_by"]) == (0, None)
+    # a callable is asked before each claim
+    async with kongtask.open_worker(
+        worker_dsn, {"t": rec.handler}, forbidden_flags=lambda: []
+    ) as w:
+        await wait_until(lambda: w.statistics().completed == 1)
+    assert rec.intervals[-1][0] == flagged
+    await assert_clean(tdb)
+
+
+async def test_job_key_update_is_seen(tdb: Database, worker_dsn: str) -> None:
+    payloads: list[object] = []
+
+    async def h(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        await trio.sleep(HOLD)
+        payloads.append(job.payload)
+
+    await tdb.execute(
+        f"select {S}.add_job('k', '{{\"v\": 1}}', job_key => 'K', "
+        "run_at => now() + interval '1 hour')"
+    )
+    async with kongtask.open_worker(worker_dsn, {"k": h}, poll_interval=3600) as w:
+        # the replacement brings the job forward and changes the payload
+        await w.add_job("k", {"v": 2}, job_key="K")
+        await wait_until(lambda: w.statistics().completed == 1)
+    assert payloads == [{"v": 2}]
+    assert await jobs_left(tdb) == 0
+    await assert_clean(tdb)
+
+
+async def test_notify_wakes_an_idle_worker(tdb: Database, worker_dsn: str) -> None:
+    started = trio.Event()
+
+    async def h(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        started.set()
+        await trio.sleep(HOLD)
+
+    async with kongtask.open_worker(worker_dsn, {"t": h}, poll_interval=3600) as w:
+        # let the first (empty) claim happen, so only the notification can wake the pool
+        await wait_until(lambda: w._fetch_idle)  # claimed nothing, waits for news
+        await tdb.execute(f"select {S}.add_job('t')")
+        with trio.fail_after(2):
+            await started.wait()
+        await wait_until(lambda: w.statistics().completed == 1)
+    await assert_clean(tdb)
+
+
+async def test_shutdown_cancels_running_and_returns_unstarted(
+    tdb: Database, worker_dsn: str
+) -> None:
+    rec = Recorder()
+    running = trio.Event()
+
+    async def slow(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        log.info("slow %d start", job.id)
+        running.set()
+        await trio.sleep_forever()
+
+    slow_id = await tdb.fetchval(f"select id from {S}.add_job('slow', queue_name => 'q')")
+    queued_id = await tdb.fetchval(f"select id from {S}.add_job('slow', queue_name => 'q')")
+    t0 = 0.0
+    async with kongtask.open_worker(
+        worker_dsn, {"slow": slow}, on_event=rec.on_event, grace=0.3
+    ) as w:
+        with trio.fail_after(5):
+            await running.wait()
+        t0 = trio.current_time()
+    elapsed = trio.current_time() - t0
+    assert 0.3 <= elapsed < 3  # the grace period, then cancellation
+    rows = {r["id"]: r for r in await tdb.fetch(f"select * from {J}")}
+    assert rows[slow_id]["attempts"] == 1
+    assert rows[slow_id]["last_error"] == "Worker pool is shutting down gracefully"
+    assert rows[queued_id]["attempts"] == 0  # never claimed: one job per queue
+    assert rec.names("pool:gracefulShutdown")
+    assert w.statistics().running == 0
+    await assert_clean(tdb)
+
+
+async def test_unstarted_claimed_jobs_are_returned(tdb: Database, worker_dsn: str) -> None:
+    gate = trio.Event()
+    started: list[int] = []
+
+    async def h(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        started.append(job.id)
+        await gate.wait()
+
+    await tdb.execute(f"select {S}.add_job('t') from generate_series(1, 5)")
+    async with kongtask.open_worker(worker_dsn, {"t": h}, concurrency=1) as w:
+        await wait_until(lambda: started)
+        # force a batch into the local queue, as a high job rate would
+        w._rate = 10_000.0
+        w._wake_fetcher()
+        await wait_until(lambda: w.statistics().queued_locally == 4)
+        counts = await tdb.fetchval(f"select count(*) from {J} where locked_by = $1", w.pool_id)
+        assert counts == 5
+        gate.set()
+        await w.shutdown(grace=5)
+    rows = await tdb.fetch(f"select attempts, locked_by from {J}")
+    # the running job finished; the others came back with their attempt undone (or ran)
+    assert all(r["attempts"] == 0 and r["locked_by"] is None for r in rows)
+    assert w.statistics().completed + len(rows) == 5
+    await assert_clean(tdb)
+
+
+async def test_breaking_migration_notification_stops_with_57(
+    tdb: Database, worker_dsn: str
+) -> None:
+    rec = Recorder()
+    async with kongtask.open_worker(worker_dsn, {"t": rec.handler}, on_event=rec.on_event) as w:
+        await wait_until(lambda: rec.names("pool:listen:success"))
+        await tdb.execute(
+            """select pg_notify('worker:migrate', '{"migrationNumber":21,"breaking":true}')"""
+        )
+        with trio.fail_after(5):
+            await w.wait_stopped()
+        assert w.exit_code == 57
+    await assert_clean(tdb)
+
+
+async def test_non_breaking_migration_notification_is_ignored(
+    tdb: Database, worker_dsn: str
+) -> None:
+    rec = Recorder()
+    async with kongtask.open_worker(worker_dsn, {"t": rec.handler}, on_event=rec.on_event) as w:
+        await wait_until(lambda: rec.names("pool:listen:success"))
+        await tdb.execute(
+            """select pg_notify('worker:migrate', '{"migrationNumber":21,"breaking":false}')"""
+        )
+        await tdb.execute(f"select {S}.add_job('t')")
+        await wait_until(lambda: w.statistics().completed == 1)
+        assert not w.stopping
+        assert w.exit_code is None
+
+
+async def test_batch_job_partial_failure_and_timeout(tdb: Database, worker_dsn: str) -> None:
+    async def batch(job: kongtask.Job, ctx: kongtask.JobContext) -> list[Exception | None]:
+        await trio.sleep(HOLD)
+        return [None if x % 2 == 0 else ValueError(f"odd {x}") for x in job.payload]
+
+    async def wrong_length(job: kongtask.Job, ctx: kongtask.JobContext) -> list[None]:
+        await trio.sleep(HOLD)
+        return [None]
+
+    async def hangs(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        await trio.sleep_forever()
+
+    b = await tdb.fetchval(f"select id from {S}.add_job('batch', '[1, 2, 3, 4, 5]')")
+    await tdb.execute(f"select {S}.add_job('wrong', '[1, 2, 3]')")
+    h = await tdb.fetchval(f"select id from {S}.add_job('hangs')")
+    tasks = {
+        "batch": batch,
+        "wrong": wrong_length,
+        "hangs": kongtask.task(hangs, timeout=0.2),
+    }
+    async with kongtask.open_worker(worker_dsn, tasks, concurrency=3) as w:
+        await wait_until(lambda: w.statistics().completed == 1 and w.statistics().failed == 2)
+    rows = {
+        r["id"]: r for r in await tdb.fetch(f"select id, payload::text as p, last_error from {J}")
+    }
+    assert set(rows) == {b, h}
+    assert rows[b]["p"] == "[1, 3, 5]"
+    assert rows[b]["last_error"] == "Batch failures:\nodd 1\nodd 3\nodd 5"
+    assert rows[h]["last_error"].startswith("timed out after 0.2 s")
+    await assert_clean(tdb)
+
+
+async def test_raising_event_callback_does_not_kill_the_pool(
+    tdb: Database, worker_dsn: str
+) -> None:
+    rec = Recorder()
+
+    def bad(event: kongtask.Event) -> None:
+        raise RuntimeError("observer bug")
+
+    await tdb.execute(f"select {S}.add_job('t') from generate_series(1, 3)")
+    async with kongtask.open_worker(worker_dsn, {"t": rec.handler}, on_event=bad) as w:
+        await wait_until(lambda: w.statistics().completed == 3)
+    await assert_clean(tdb)
+
+
+async def test_unknown_tasks_are_never_claimed_and_once_mode(
+    tdb: Database, worker_dsn: str
+) -> None:
+    rec = Recorder()
+    other = await tdb.fetchval(f"select id from {S}.add_job('not_ours')")
+    await tdb.execute(f"select {S}.add_job('t', queue_name => 'q') from generate_series(1, 3)")
+    async with kongtask.open_worker(worker_dsn, {"t": rec.handler}, once=True) as w:
+        assert w.pool_id.startswith("otpool-")
+        with trio.fail_after(10):
+            await w.wait_stopped()
+    assert len(rec.intervals) == 3
+    rows = await tdb.fetch(f"select id, attempts from {J}")
+    assert [(r["id"], r["attempts"]) for r in rows] == [(other, 0)]
+    await assert_clean(tdb)
+
+
+async def test_body_error_still_cleans_up(tdb: Database, worker_dsn: str) -> None:
+    running = trio.Event()
+
+    async def slow(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        running.set()
+        await trio.sleep_forever()
+
+    job_id = await tdb.fetchval(f"select id from {S}.add_job('slow')")
+    with pytest.raises(KeyError):  # noqa: PT012  (the block is the point)
+        async with kongtask.open_worker(worker_dsn, {"slow": slow}):
+            with trio.fail_after(5):
+                await running.wait()
+            raise KeyError("user bug")
+    row = await tdb.fetchrow(f"select attempts, last_error from {J} where id = $1", job_id)
+    assert row is not None
+    assert (row["attempts"], row["last_error"]) == (1, "Worker pool is shutting down gracefully")
+    await assert_clean(tdb)
