@@ -857,7 +857,7 @@ class CronScheduler:
         self._wall_clock = wall_clock
         self._rng = rng or random.Random()
         self._delay = BACKOFF_START
-        #: Set each time startup and backfill finish and live scheduling begins.
+        #: Set once the first startup and backfill have finished and live scheduling began.
         self.live = trio.Event()
         #: How many times the loop restarted after an error.
         self.restarts = 0
@@ -878,7 +878,6 @@ class CronScheduler:
                 wait = min(BACKOFF_MAX, self._delay * self._rng.uniform(0.75, 1.25))
                 self._delay = min(BACKOFF_MAX, self._delay * BACKOFF_FACTOR)
                 self.restarts += 1
-                self.live = trio.Event()
                 log.error("cron failed, restarting in %.2fs: %r", wait, exc, exc_info=exc)
                 await trio.sleep(wait)
 
@@ -901,8 +900,13 @@ class CronScheduler:
                     row = known.get(item.cron_id)
                     if row is None or item.fill < start - ts:
                         continue
-                    since = row.last_execution or row.known_since
-                    if ts >= since and item.matches(ts):
+                    # The minute of last_execution itself is done already (the upsert
+                    # would refuse it), so start after it; known_since is inclusive.
+                    if row.last_execution is not None:
+                        fresh = ts > row.last_execution
+                    else:
+                        fresh = ts >= row.known_since
+                    if fresh and item.matches(ts):
                         due.append(item)
                 if due:
                     await self._backend.schedule(ts, due, True)
