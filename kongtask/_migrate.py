@@ -28,7 +28,7 @@ from importlib import resources
 import asyncpg
 
 from ._config import quote_ident, resolve_schema
-from ._errors import MigrationError, SchemaTooNewError
+from ._errors import KongtaskError, MigrationError, SchemaTooNewError
 from ._pg import Database
 
 log = logging.getLogger("kongtask.migrate")
@@ -322,9 +322,17 @@ async def check_schema_connection(
     Raises:
       SchemaTooNewError: the database holds a breaking migration newer than kongtask knows.
       MigrationError: PostgreSQL is older than 12.
-      asyncpg.UndefinedTableError: the schema is not installed.
+      KongtaskError: the schema is not installed.
     """
-    status = await _read_status(conn, resolve_schema(schema))
+    schema = resolve_schema(schema)
+    try:
+        status = await _read_status(conn, schema)
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        # The raw text ('relation "x.migrations" does not exist') hides the fix.
+        raise KongtaskError(
+            f"schema {schema!r} is not installed in this database; run `kongtask migrate` "
+            "(or graphile-worker's migration) first"
+        ) from None
     _check_status(status)
     return status
 
