@@ -1,0 +1,326 @@
+"""Bad input gets a clear error, and nothing is lost or corrupted.
+
+Test rules: a real PostgreSQL; no sleeps to wait for results (events, or polling under an
+absolute ``trio.fail_after``). Every test that feeds a worker something odd also checks
+that the pool still runs an ordinary job afterwards: bad input must not crash the pool.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import pytest
+import trio
+
+import kongtask
+from kongtask import ConfigError, JobSpec, SchemaTooNewError
+from kongtask._config import quote_ident, resolve_schema
+from kongtask._migrate import migrate_sync
+from kongtask._pg import Database, open_database
+from kongtask._worker import open_worker
+from kongtask.testing import run_sync_sql
+
+S = "graphile_worker"
+CLI = [sys.executable, "-c", "import sys, trio, kongtask; sys.exit(trio.run(kongtask.main))"]
+
+# Names PostgreSQL cannot hold, and names that must work (quotes, spaces, case, 63 bytes).
+BAD_SCHEMAS = ["", "a\x00b", "x" * 64, "é" * 32]
+GOOD_SCHEMAS = ['We"ird Sch ema', "UPPER", "x" * 63, "é" * 31 + "x", "semi;colon --"]
+
+
+async def _count(db: Database, schema: str = S) -> int:
+    n: int = await db.fetchval(f"select count(*) from {quote_ident(schema)}._private_jobs")
+    return n
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await trio.run_process(
+        [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False
+    )
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def _one_clean_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+class Recorder:
+    """A handler that records (identifier, payload) and signals when ``expected`` ran."""
+
+    def __init__(self, expected: int) -> None:
+        self.seen: list[tuple[str, Any]] = []
+        self.expected = expected
+        self.done = trio.Event()
+
+    async def __call__(self, job: kongtask.Job, ctx: object) -> None:
+        self.seen.append((job.task_identifier, job.payload))
+        if len(self.seen) >= self.expected:
+            self.done.set()
+
+
+# --- payloads -------------------------------------------------------------------------
+
+
+def _circular() -> dict[str, object]:
+    d: dict[str, object] = {}
+    d["self"] = d
+    return d
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [object(), {1, 2}, math.nan, math.inf, {"b": b"bytes"}, {(1, 2): "tuple key"}, _circular()],
+    ids=["object", "set", "nan", "inf", "bytes", "tuple-key", "circular"],
+)
+async def test_payload_not_json_serialisable(db: Database, payload: object) -> None:
+    client = kongtask.Client(db, S)
+    with pytest.raises(ConfigError, match="not JSON-serialisable"):
+        await client.add_job("t", payload)
+    # In a batch, one bad payload rejects the whole batch before anything is sent.
+    with pytest.raises(ConfigError, match="not JSON-serialisable"):
+        await client.add_jobs([JobSpec("t", {"ok": 1}), JobSpec("t", payload)])
+    assert await _count(db) == 0
+    # The client still works.
+    await client.add_job("t", {"ok": True})
+    assert await _count(db) == 1
+
+
+NON_OBJECTS: list[tuple[str, Any]] = [
+    ("[1, 2, 3]", [1, 2, 3]),
+    ("[]", []),
+    ("42", 42),
+    ("-1.5", -1.5),
+    ('"text"', "text"),
+    ("true", True),
+    ("null", None),
+    ('[{"a": null}]', [{"a": None}]),
+]
+
+
+async def test_non_object_payloads_reach_handlers_as_is(kongtask_dsn: str, db: Database) -> None:
+    for i, (text, _) in enumerate(NON_OBJECTS):
+        # From SQL, as another service would add them (one per queue keeps the order).
+        await db.execute(
+            f"select {S}.add_job('shape', $1::json, queue_name => 'shapes', "
+            "run_at => now() + make_interval(secs => $2::int) - interval '1 hour')",
+            text,
+            i,
+        )
+    recorder = Recorder(len(NON_OBJECTS))
+    async with open_worker(kongtask_dsn, {"shape": recorder}, poll_interval=0.2):
+        with trio.fail_after(20):
+            await recorder.done.wait()
+    assert [payload for _, payload in recorder.seen] == [value for _, value in NON_OBJECTS]
+    assert await _count(db) == 0  # all completed: an array is a batch job that succeeded
+
+
+async def test_unknown_task_is_left_alone(kongtask_dsn: str, db: Database) -> None:
+    client = kongtask.Client(db, S)
+    unknown = await client.add_job("nobody_runs_this", {"x": 1}, priority=-10)
+    await client.add_job("known", {"n": 1})
+    recorder = Recorder(1)
+    async with open_worker(kongtask_dsn, {"known": recorder}, poll_interval=0.2) as worker:
+        with trio.fail_after(20):
+            await recorder.done.wait()
+        recorder.expected, recorder.done = 2, trio.Event()
+        await client.add_job("known", {"n": 2})
+        with trio.fail_after(20):
+            await recorder.done.wait()
+        assert worker.statistics() is not None
+    row = await db.fetchrow(
+        f"select attempts, locked_at, locked_by, last_error, run_at from {S}._private_jobs "
+        "where id = $1",
+        unknown.id,
+    )
+    assert row is not None
+    assert dict(row) == {
+        "attempts": 0,
+        "locked_at": None,
+        "locked_by": None,
+        "last_error": None,
+        "run_at": unknown.run_at,
+    }
+    assert await _count(db) == 1
+
+
+# --- lengths ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"), [("identifier", 128), ("queue_name", 128), ("job_key", 512)]
+)
+async def test_length_limits(db: Database, field: str, limit: int) -> None:
+    client = kongtask.Client(db, S)
+
+    def spec(length: int) -> JobSpec:
+        values: dict[str, Any] = {"identifier": "t", "payload": {}}
+        values[field] = "k" * length
+        return JobSpec(**values)
+
+    at_limit = spec(limit)
+    job = (await client.add_jobs([at_limit]))[0]
+    assert job.id > 0
+    for length in (limit + 1, limit * 4):
+        with pytest.raises(ConfigError, match=str(limit)):
+            await client.add_jobs([spec(length)])
+        with pytest.raises(ConfigError, match=str(limit)):
+            await client.add_job(**{"payload": {}, "identifier": "t", field: "k" * length})
+    # Multi-byte characters count as characters, as in PostgreSQL's length().
+    wide: dict[str, Any] = {"identifier": "t", "payload": {}}
+    wide[field] = "é" * limit
+    await client.add_jobs([JobSpec(**wide)])
+    # From SQL, the database refuses past the limit and stores nothing.
+    before = await _count(db)
+    args = {"identifier": "'t'", "queue_name": "null", "job_key": "null"}
+    args[field] = f"repeat('k', {limit + 1})"
+    with pytest.raises(Exception, match="check"):
+        await db.execute(
+            f"select {S}.add_job({args['identifier']}, '{{}}'::json, "
+            f"queue_name => {args['queue_name']}, job_key => {args['job_key']})"
+        )
+    assert await _count(db) == before
+
+
+async def test_longest_names_run(kongtask_dsn: str, db: Database) -> None:
+    name, queue, key = "t" * 128, "q" * 128, "k" * 512
+    await kongtask.Client(db, S).add_job(name, {"long": True}, queue_name=queue, job_key=key)
+    recorder = Recorder(1)
+    async with open_worker(kongtask_dsn, {name: recorder}, poll_interval=0.2):
+        with trio.fail_after(20):
+            await recorder.done.wait()
+    assert recorder.seen == [(name, {"long": True})]
+    assert await _count(db) == 0
+
+
+async def test_worker_refuses_overlong_task_names(kongtask_dsn: str) -> None:
+    async def handler(job: kongtask.Job, ctx: object) -> None:
+        raise AssertionError("never runs")
+
+    for bad in ["t" * 129, ""]:
+        with pytest.raises(ConfigError, match="128"):
+            async with open_worker(kongtask_dsn, {bad: handler}):
+                raise AssertionError("not reached")
+
+
+# --- schema names ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schema", GOOD_SCHEMAS, ids=range(len(GOOD_SCHEMAS)))
+async def test_odd_schema_names_work(kongtask_blank_dsn: str, schema: str) -> None:
+    assert resolve_schema(schema) == schema
+    await trio.to_thread.run_sync(migrate_sync, kongtask_blank_dsn, schema)
+    async with open_database(kongtask_blank_dsn) as db:
+        # The schema exists under its exact name (not folded, not truncated).
+        assert await db.fetchval(
+            "select count(*) from pg_namespace where nspname = $1", schema
+        ) == 1
+        await kongtask.Client(db, schema).add_job("odd", {"schema": schema})
+        recorder = Recorder(1)
+        async with open_worker(kongtask_blank_dsn, {"odd": recorder}, schema=schema,
+                               poll_interval=0.2):
+            with trio.fail_after(20):
+                await recorder.done.wait()
+        assert recorder.seen == [("odd", {"schema": schema})]
+        assert await _count(db, schema) == 0
+        # Nothing leaked into the default schema.
+        assert await db.fetchval("select to_regnamespace('graphile_worker') is null")
+
+
+@pytest.mark.parametrize("schema", BAD_SCHEMAS, ids=["empty", "nul", "64-ascii", "64-bytes"])
+async def test_schemas_postgres_cannot_hold(kongtask_dsn: str, schema: str) -> None:
+    expected = "empty" if schema == "" else ("NUL" if "\x00" in schema else "63 bytes")
+    with pytest.raises(ConfigError, match=expected):
+        resolve_schema(schema)
+    with pytest.raises(ConfigError, match=expected):
+        async with kongtask.open_client(kongtask_dsn, schema=schema):
+            raise AssertionError("not reached")
+    with pytest.raises(ConfigError, match=expected):
+        async with open_worker(kongtask_dsn, {"t": Recorder(1)}, schema=schema):
+            raise AssertionError("not reached")
+    with pytest.raises(ConfigError, match=expected):
+        migrate_sync(kongtask_dsn, schema)
+    if "\x00" not in schema:  # argv cannot carry NUL at all
+        code, _, err = await _cli("migrate", "-c", kongtask_dsn, "-s", schema)
+        assert code == 1
+        assert expected in _one_clean_line(err)
+
+
+async def test_schema_env_var_is_validated(
+    kongtask_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRAPHILE_WORKER_SCHEMA", "y" * 64)
+    with pytest.raises(ConfigError, match="63 bytes"):
+        resolve_schema()
+
+
+# --- servers and schemas that are not there -----------------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # closed again: nothing listens there
+
+
+async def test_server_down() -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
+    with trio.fail_after(30), pytest.raises(OSError, match="Connect call failed"):
+        async with kongtask.open_client(dsn):
+            raise AssertionError("not reached")
+    with trio.fail_after(30), pytest.raises(OSError, match="Connect call failed"):
+        async with open_worker(dsn, {"t": Recorder(1)}):
+            raise AssertionError("not reached")
+    for verb in (["migrate"], ["run", "--tasks", "json:JSONDecoder"]):
+        code, out, err = await _cli(*verb, "-c", dsn)
+        assert code == 1, (verb, out, err)
+        assert "cannot reach the database" in _one_clean_line(err)
+
+
+async def test_schema_missing(kongtask_blank_dsn: str) -> None:
+    async with open_database(kongtask_blank_dsn) as db:
+        with pytest.raises(Exception, match='schema "graphile_worker" does not exist'):
+            await kongtask.Client(db, S).add_job("t", {})
+    with pytest.raises(kongtask.KongtaskError, match="'graphile_worker' is not installed"):
+        async with open_worker(kongtask_blank_dsn, {"t": Recorder(1)}):
+            raise AssertionError("not reached")
+
+
+async def _with_migration_21(dsn: str, *, breaking: bool) -> None:
+    await trio.to_thread.run_sync(
+        run_sync_sql,
+        dsn,
+        f"insert into {S}.migrations (id, breaking) values (21, {str(breaking).lower()})",
+    )
+
+
+async def test_schema_newer_and_breaking(kongtask_dsn: str, db: Database) -> None:
+    await _with_migration_21(kongtask_dsn, breaking=True)
+    with pytest.raises(SchemaTooNewError, match="breaking migration 21"):
+        await trio.to_thread.run_sync(migrate_sync, kongtask_dsn)
+    with pytest.raises(SchemaTooNewError, match="breaking migration 21"):
+        async with open_worker(kongtask_dsn, {"t": Recorder(1)}):
+            raise AssertionError("not reached")
+    code, _, err = await _cli("migrate", "-c", kongtask_dsn)
+    assert code == 57
+    assert "breaking migration 21" in _one_clean_line(err)
+    # Nothing was touched: the 21 rows are still there and no job was claimed.
+    assert await db.fetchval(f"select count(*) from {S}.migrations") == 21
+
+
+async def test_schema_newer_but_compatible(kongtask_dsn: str, db: Database) -> None:
+    await _with_migration_21(kongtask_dsn, breaking=False)
+    await kongtask.Client(db, S).add_job("t", {"ok": 1})
+    recorder = Recorder(1)
+    async with open_worker(kongtask_dsn, {"t": recorder}, poll_interval=0.2):
+        with trio.fail_after(20):
+            await recorder.done.wait()
+    assert recorder.seen == [("t", {"ok": 1})]
+
