@@ -343,3 +343,65 @@ async def test_jobs_insert_notify_payloads(db: Database) -> None:
         assert list(p) == ["r", "count"]
         assert 0 <= p["r"] < 1
         assert raw == f'{{"r":{raw[5:].split(",")[0]},"count":{p["count"]}}}'
+
+
+async def race_keyed_add(dsn: str) -> tuple[asyncpg.Record | None, list[tuple[Any, ...]]]:
+    """Re-add a keyed job while a claimer holds its row lock, then let the claim commit.
+
+    This forces graphile-worker #580 deterministically: add_job's retire step passes (the
+    committed row is available), its upsert waits on the claimer's row lock, and after the
+    claim commits, the conflicting row is locked, so the upsert skips it.
+    """
+    async with open_database(dsn, max_size=2) as db:
+        await db.execute("select graphile_worker.add_job('t', job_key => 'K')")
+        claimer = await db.connect()
+        result: list[asyncpg.Record | None] = []
+        try:
+            await db.run(claimer.execute, "begin")
+            await db.run(
+                claimer.execute,
+                "update graphile_worker._private_jobs set locked_at = now(),"
+                " locked_by = 'pool-claimer', attempts = attempts + 1 where key = 'K'",
+            )
+
+            async def add() -> None:
+                result.append(
+                    await db.fetchrow(
+                        "select * from graphile_worker.add_job("
+                        "'t', '{\"new\":true}', job_key => 'K')"
+                    )
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(add)
+                # Poll (bounded) until add_job waits on the claimer's row lock.
+                with trio.fail_after(10):
+                    while True:
+                        waiting = await db.run(
+                            claimer.fetchval,
+                            "select count(*) from pg_stat_activity"
+                            " where wait_event_type = 'Lock' and query like '%add_job%'",
+                        )
+                        if waiting:
+                            break
+                        await trio.sleep(0.01)
+                await db.run(claimer.execute, "commit")
+        finally:
+            await db.close_connection(claimer)
+        rows = await db.fetch(
+            "select key, locked_by, attempts, max_attempts, payload::text"
+            " from graphile_worker._private_jobs order by id"
+        )
+    return result[0], [tuple(r) for r in rows]
+
+
+async def test_keyed_add_racing_a_claim_still_yields_a_live_job(kongtask_dsn: str) -> None:
+    """graphile-worker #580 is fixed in kongtask's add_jobs: one live row per keyed spec."""
+    returned, rows = await race_keyed_add(kongtask_dsn)
+    assert returned is not None
+    assert returned["id"] is not None
+    assert returned["key"] == "K"
+    assert rows == [
+        (None, "pool-claimer", 25, 25, "{}"),  # the running job: retired, never retried
+        ("K", None, 0, 25, '{"new":true}'),
+    ]

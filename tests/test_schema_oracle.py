@@ -219,3 +219,13 @@ async def test_function_behaviour_matches_graphile_worker_0_18_0(
     assert len(kong) == len(gw)
     for kong_step, gw_step in zip(kong, gw, strict=True):
         assert kong_step == gw_step
+
+
+async def test_graphile_worker_0_18_0_still_has_bug_580(gw_dsn: str) -> None:
+    """The contrast to test_migrate's #580 test: upstream drops the request silently."""
+    from test_migrate import race_keyed_add
+
+    returned, rows = await race_keyed_add(gw_dsn)
+    assert returned is not None
+    assert returned["id"] is None
+    assert rows == [("K", "pool-claimer", 1, 25, "{}")]
