@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ._cli_cron import add_cron_verbs
 
     add_cron_verbs(verbs, _add_connection_options)
+
+    from ._cli_run import add_run_verbs
+
+    add_run_verbs(verbs, _add_connection_options)
     return parser
 
 

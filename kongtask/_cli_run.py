@@ -1,0 +1,346 @@
+"""The ``kongtask run`` and ``kongtask demo`` verbs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._config import resolve_dsn, resolve_schema
+from ._errors import ConfigError
+
+log = logging.getLogger("kongtask")
+
+AddConnectionOptions = Callable[[argparse.ArgumentParser], None]
+
+
+def add_run_verbs(
+    verbs: argparse._SubParsersAction,  # type: ignore[type-arg]
+    add_connection_options: AddConnectionOptions,
+) -> None:
+    run = verbs.add_parser(
+        "run",
+        help="migrate, then run a worker until SIGINT/SIGTERM",
+        description=(
+            "Migrate the schema, then run jobs. SIGINT/SIGTERM stop gracefully (running "
+            "jobs get --grace seconds); a second signal stops at once. Exits 57 when a "
+            "breaking migration of the schema is detected."
+        ),
+    )
+    add_connection_options(run)
+    run.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        metavar="MODULE[:ATTR]",
+        help="import the mapping identifier -> handler from MODULE (attribute `tasks`, "
+        "or `TASKS`, unless ATTR is given); repeatable",
+    )
+    run.add_argument(
+        "--task-directory",
+        metavar="DIR",
+        help="one Python file per task, exporting `task` or `handler`; the identifier is "
+        "the path without .py (nested folders give a/b/c)",
+    )
+    run.add_argument("-j", "--jobs", type=int, default=1, help="concurrency (default 1)")
+    run.add_argument(
+        "--poll-interval",
+        type=int,
+        default=2000,
+        metavar="MS",
+        help="milliseconds between polls when no notification arrives (default 2000)",
+    )
+    run.add_argument("--once", action="store_true", help="run until no job is ready, then exit 0")
+    run.add_argument("--schema-only", action="store_true", help="migrate, then exit")
+    run.add_argument(
+        "-m", "--max-pool-size", type=int, default=10, help="database connections (default 10)"
+    )
+    run.add_argument(
+        "--no-prepared-statements",
+        action="store_true",
+        help="disable prepared statements (for transaction-pooling pgBouncer)",
+    )
+    run.add_argument(
+        "--forbidden-flags",
+        action="append",
+        default=[],
+        metavar="FLAG[,FLAG...]",
+        help="skip jobs carrying any of these flags; repeatable",
+    )
+    run.add_argument(
+        "--crontab",
+        metavar="FILE",
+        help="schedule the crontab in FILE (default: ./crontab if it exists)",
+    )
+    run.add_argument(
+        "--batch-size", type=int, default=None, help="most jobs claimed per statement (500)"
+    )
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long running jobs may finish at shutdown before they are cancelled (5)",
+    )
+    run.set_defaults(func=_run_verb)
+
+    demo = verbs.add_parser(
+        "demo",
+        help="run a worker on a throwaway PostgreSQL and show what it does",
+        description=(
+            "Starts a throwaway PostgreSQL (as the tests do), migrates it, adds a few "
+            "hundred sample jobs (one that fails once and retries, one that always fails, "
+            "one delayed), runs a worker with progress, prints a summary and cleans up."
+        ),
+    )
+    demo.add_argument("--jobs-count", type=int, default=300, help="sample jobs (default 300)")
+    demo.add_argument("-j", "--jobs", type=int, default=8, help="concurrency (default 8)")
+    demo.set_defaults(func=_demo_verb)
+
+
+# ---------------------------------------------------------------------------
+# loading tasks
+
+
+def load_tasks_module(spec: str) -> dict[str, Any]:
+    """``pkg.module[:attr]`` -> the mapping it names (attr default ``tasks``, then ``TASKS``)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name:
+        raise ConfigError(f"--tasks {spec!r}: expected MODULE[:ATTR]")
+    # as `python -m` does: tasks next to where the command runs are importable
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--tasks {spec!r}: cannot import {module_name!r}: {exc}") from exc
+    names = [attr] if attr else ["tasks", "TASKS"]
+    for name in names:
+        value = getattr(module, name, None)
+        if value is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"--tasks {spec!r}: {name} is not a mapping")
+            return dict(value)
+    raise ConfigError(f"--tasks {spec!r}: module {module_name!r} has no {' or '.join(names)}")
+
+
+def load_task_directory(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """One task per ``*.py`` file under ``directory``; ``a/b/c.py`` is task ``a/b/c``.
+
+    Files and folders whose name starts with ``_`` or ``.`` are skipped (helpers).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"--task-directory {str(directory)!r} is not a directory")
+    tasks: dict[str, Any] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).with_suffix("")
+        if any(part.startswith(("_", ".")) for part in rel.parts):
+            continue
+        identifier = "/".join(rel.parts)
+        module_name = "kongtask_tasks." + ".".join(rel.parts)
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"{path}: cannot be loaded as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ConfigError(f"{path}: importing it failed: {exc!r}") from exc
+        handler = getattr(module, "task", None) or getattr(module, "handler", None)
+        if handler is None:
+            raise ConfigError(f"{path}: defines neither `task` nor `handler`")
+        tasks[identifier] = handler
+    return tasks
+
+
+# ---------------------------------------------------------------------------
+# run
+
+
+def _default_crontab() -> str | None:
+    # graphile-worker reads ./crontab when present
+    return "crontab" if Path("crontab").is_file() else None
+
+
+async def _run_verb(args: argparse.Namespace) -> int:
+    from ._migrate import migrate
+    from ._pg import open_database
+    from ._worker import DEFAULT_BATCH_SIZE, open_worker
+
+    schema = resolve_schema(args.schema)
+    dsn = resolve_dsn(args.connection)
+    async with open_database(
+        dsn, max_size=1, prepared_statements=not args.no_prepared_statements
+    ) as db:
+        await migrate(db, schema)
+    if args.schema_only:
+        print(f"Schema {schema!r} is up to date")
+        return 0
+
+    tasks: dict[str, Any] = {}
+    for spec in args.tasks:
+        tasks.update(load_tasks_module(spec))
+    if args.task_directory:
+        tasks.update(load_task_directory(args.task_directory))
+    if not tasks:
+        raise ConfigError("no tasks: give --tasks MODULE[:ATTR] and/or --task-directory DIR")
+    crontab_path = args.crontab or _default_crontab()
+    crontab = None
+    if crontab_path:
+        from ._cron import load_crontab_file
+
+        crontab = load_crontab_file(crontab_path)
+    flags = [f.strip() for value in args.forbidden_flags for f in value.split(",") if f.strip()]
+    log.info(
+        "kongtask worker: %d task(s), concurrency %d, schema %r", len(tasks), args.jobs, schema
+    )
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_worker(
+            dsn,
+            tasks,
+            schema=schema,
+            concurrency=args.jobs,
+            poll_interval=args.poll_interval / 1000,
+            batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+            forbidden_flags=flags or None,
+            crontab=crontab,
+            max_pool_size=args.max_pool_size,
+            prepared_statements=not args.no_prepared_statements,
+            grace=args.grace,
+            once=args.once,
+        ) as worker:
+            log.info("pool %s ready", worker.pool_id)
+
+            async def watch_signals() -> None:
+                received = 0
+                async for signum in signals:
+                    received += 1
+                    name = signal.Signals(signum).name
+                    if received == 1:
+                        log.info("%s: stopping gracefully (again to stop at once)", name)
+                        worker.shutdown_nowait()
+                    else:
+                        log.warning("%s: stopping at once", name)
+                        worker.shutdown_nowait(grace=0)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_signals)
+                await worker.wait_stopped()
+                nursery.cancel_scope.cancel()
+        stats = worker.statistics()
+        log.info(
+            "pool %s stopped: %d completed, %d failed",
+            worker.pool_id,
+            stats.completed,
+            stats.failed,
+        )
+        return worker.exit_code or 0
+
+
+# ---------------------------------------------------------------------------
+# demo
+
+
+async def _demo_greet(job: Any, ctx: Any) -> None:
+    await trio.sleep(0.005)
+
+
+async def _demo_fragile(job: Any, ctx: Any) -> None:
+    await trio.sleep(0.005)
+    if job.attempts < 2:
+        raise RuntimeError("flaky network (this attempt fails on purpose; the retry succeeds)")
+
+
+async def _demo_broken(job: Any, ctx: Any) -> None:
+    raise ValueError("this job always fails (max_attempts=1, so it fails permanently)")
+
+
+async def _demo_verb(args: argparse.Namespace) -> int:
+    from .testing import provide_postgres
+
+    print("Starting a throwaway PostgreSQL ...", flush=True)
+    # Blocking start (~1 s): nothing else runs yet, so the trio loop may wait for it.
+    with provide_postgres() as server:
+        return await _demo(server.dsn, args.jobs_count, args.jobs)
+
+
+async def _demo(maintenance_dsn: str, count: int, concurrency: int) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from ._client import open_client
+    from ._job import JobSpec
+    from ._migrate import migrate
+    from ._pg import open_database
+    from ._worker import open_worker
+    from .testing._postgres import dsn_with_database
+
+    name = f"kongtask_demo_{os.getpid()}"
+    async with open_database(maintenance_dsn, max_size=1) as admin:
+        await admin.execute(f'create database "{name}"')
+    dsn = dsn_with_database(maintenance_dsn, name)
+    try:
+        async with open_database(dsn, max_size=1) as db:
+            await migrate(db)
+        print(f"Migrated {dsn}")
+        async with open_client(dsn) as client:
+            specs = [JobSpec("greet", {"n": i}) for i in range(max(0, count - 3))]
+            await client.add_jobs(specs)
+            await client.add_job("fragile", {"what": "fails once, then succeeds"})
+            await client.add_job("broken", {"what": "always fails"}, max_attempts=1)
+            await client.add_job(
+                "greet",
+                {"what": "delayed by 2 s"},
+                run_at=datetime.now(UTC) + timedelta(seconds=2),
+            )
+        print(f"Added {count} jobs: greetings, one fragile, one broken, one delayed by 2 s")
+        tasks = {"greet": _demo_greet, "fragile": _demo_fragile, "broken": _demo_broken}
+        # one line per job would bury the progress lines; failures still show
+        logging.getLogger("kongtask.worker").setLevel(logging.WARNING)
+        started = time.monotonic()
+        async with open_worker(dsn, tasks, concurrency=concurrency, poll_interval=0.5) as worker:
+            with trio.move_on_after(60):
+                while True:
+                    stats = worker.statistics()
+                    print(
+                        f"  {time.monotonic() - started:5.1f} s  completed {stats.completed:4d}"
+                        f"  failed attempts {stats.failed}  running {stats.running}"
+                        f"  queued locally {stats.queued_locally}",
+                        flush=True,
+                    )
+                    if stats.completed >= count - 1:
+                        break
+                    await trio.sleep(0.5)
+            stats = worker.statistics()
+        elapsed = time.monotonic() - started
+        async with open_database(dsn, max_size=1) as db:
+            left = await db.fetch(
+                "select task_identifier, attempts, max_attempts, last_error "
+                "from graphile_worker.jobs order by id"
+            )
+        print()
+        print(f"Summary after {elapsed:.1f} s (concurrency {concurrency}):")
+        print(f"  completed:          {stats.completed} of {count}")
+        print(f"  failed attempts:    {stats.failed} (the fragile job retried after ~2.7 s)")
+        for row in left:
+            first_line = (row["last_error"] or "").split("\n", 1)[0]
+            print(
+                f"  left in the table:  {row['task_identifier']} "
+                f"(attempts {row['attempts']}/{row['max_attempts']}): {first_line}"
+            )
+        print("Cleaning up.")
+        return 0 if stats.completed == count - 1 else 1
+    finally:
+        with trio.CancelScope(shield=True):
+            async with open_database(maintenance_dsn, max_size=1) as admin:
+                await admin.execute(f'drop database if exists "{name}" with (force)')
