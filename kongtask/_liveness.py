@@ -92,7 +92,7 @@ __all__ = [
 DEFAULT_CHECK_INTERVAL = 2.5
 #: Seconds after a server (re)start during which nothing is released: every pool is
 #: reconnecting then and none holds its lock yet.
-DEFAULT_RESTART_GRACE = 30.0
+DEFAULT_RESTART_GRACE = 15.0
 #: Seconds a reconnecting pool waits for its own lock (held by its old, not yet reaped
 #: backend) before giving up and letting the caller retry the connection.
 DEFAULT_LOCK_WAIT = 60.0
