@@ -94,8 +94,8 @@ async def test_worker_migrate_notifications(kongtask_blank_dsn: str) -> None:
     payloads: list[str] = []
     all_received = trio.Event()
 
-    def on_notify(conn: object, pid: int, channel: str, payload: str) -> None:
-        payloads.append(payload)
+    def on_notify(conn: object, pid: int, channel: str, payload: object) -> None:
+        payloads.append(str(payload))
         if len(payloads) == 20:
             all_received.set()
 
@@ -312,8 +312,8 @@ async def test_jobs_insert_notify_payloads(db: Database) -> None:
     payloads: list[str] = []
     got = trio.Event()
 
-    def on_notify(conn: object, pid: int, channel: str, payload: str) -> None:
-        payloads.append(payload)
+    def on_notify(conn: object, pid: int, channel: str, payload: object) -> None:
+        payloads.append(str(payload))
         if len(payloads) == 4:
             got.set()
 
@@ -405,3 +405,13 @@ async def test_keyed_add_racing_a_claim_still_yields_a_live_job(kongtask_dsn: st
         (None, "pool-claimer", 25, 25, "{}"),  # the running job: retired, never retried
         ("K", None, 0, 25, '{"new":true}'),
     ]
+
+
+async def test_schema_from_environment(
+    kongtask_blank_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRAPHILE_WORKER_SCHEMA", "From Env")
+    assert await kongtask.main(["migrate", "-c", kongtask_blank_dsn, "--silent"]) == 0
+    async with open_database(kongtask_blank_dsn) as db:
+        assert len(await migration_rows(db, "From Env")) == 20
+        assert await db.fetchval("select to_regnamespace('graphile_worker')") is None
