@@ -22,7 +22,7 @@ from schema_dump import (
 )
 
 from kongtask._errors import MigrationError
-from kongtask._migrate import LOCKED_JOBS_MESSAGE, migrate
+from kongtask._migrate import LOCKED_JOBS_MESSAGE, migrate, migrate_connection
 from kongtask._pg import Database, open_database
 
 pytestmark = pytest.mark.oracle
@@ -129,3 +129,32 @@ async def test_locked_legacy_job_blocks_migration_11(
             "select id from graphile_worker.migrations where breaking order by id"
         )
         assert [r[0] for r in breaking] == [1, 3]
+
+
+@pytest.mark.parametrize(("version", "state", "jobs", "crontabs"), OLD_VERSIONS)
+async def test_intermediate_state_equals_old_graphile_worker(
+    version: str,
+    state: int,
+    jobs: str,
+    crontabs: str,
+    kongtask_database_factory: Callable[..., str],
+) -> None:
+    """kongtask's migrations 1..N leave what graphile-worker's release at N left (bodies aside)."""
+    oracle_dsn = await blank_db(kongtask_database_factory)
+    kong_dsn = await blank_db(kongtask_database_factory)
+    await run_oracle(oracle_dsn, version)
+    if state == 10:
+        # 0.13.0 predates the `breaking` column; kongtask adds it on bootstrap (as 0.14+ do).
+        async with open_database(oracle_dsn, max_size=1) as db:
+            await db.execute(
+                "alter table graphile_worker.migrations"
+                " add column breaking boolean not null default false;"
+                " update graphile_worker.migrations set breaking = true where id in (1, 3)"
+            )
+    async with open_database(kong_dsn, max_size=1) as db:
+        await db.with_connection(migrate_connection, "graphile_worker", up_to=state)
+    kong_dump, kong_catalog = await snapshot(kong_dsn, "graphile_worker")
+    oracle_dump, oracle_catalog = await snapshot(oracle_dsn, "graphile_worker")
+    assert f"graphile_worker.{jobs} " in oracle_dump
+    assert kong_dump.splitlines() == oracle_dump.splitlines()
+    assert kong_catalog == oracle_catalog
