@@ -12,6 +12,7 @@ Test rules:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -551,3 +552,35 @@ async def test_jobs_are_byte_identical_to_node_graphile_worker(
     assert str(sample["payload"]).startswith(
         '{"10":[1e+21,1e-7,0.000001,12345678901234567000],"b":1,"a":"é\\t\\"","_cron":{"ts":"'
     )
+
+
+# --- through the worker ---------------------------------------------------------------------
+
+
+async def test_open_worker_runs_the_crontab(kongtask_dsn: str) -> None:
+    """``open_worker(crontab=...)`` schedules (here: backfills) and runs cron jobs."""
+    from kongtask._worker import open_worker
+
+    seen: list[dict[str, object]] = []
+    done = trio.Event()
+
+    async def tick(job: object, ctx: object) -> None:
+        seen.append(job.payload)  # type: ignore[attr-defined]
+        if len(seen) >= 3:
+            done.set()
+
+    async with open_database(kongtask_dsn) as db:
+        await db.execute(
+            "insert into graphile_worker._private_known_crontabs values"
+            " ('tick', now() - interval '1 day', now() - interval '1 hour')"
+        )
+    with trio.fail_after(20):
+        async with open_worker(
+            kongtask_dsn, {"tick": tick}, crontab=crontab("* * * * * tick ?fill=3m {n: 1}")
+        ):
+            await done.wait()
+    backfilled = sorted(str(p["_cron"]["ts"]) for p in seen if p["_cron"]["backfilled"])  # type: ignore[index]
+    assert len(backfilled) == 3  # the 3 minutes before start, each once
+    stamps = [datetime.fromisoformat(t.replace("Z", "+00:00")) for t in backfilled]
+    assert [b - a for a, b in itertools.pairwise(stamps)] == [MINUTE, MINUTE]
+    assert all(p["n"] == 1 for p in seen)
