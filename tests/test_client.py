@@ -975,3 +975,46 @@ async def test_cli_unlock_needs_a_pool_id(capsys: pytest.CaptureFixture[str]) ->
         await kongtask.main(["unlock"])
     assert caught.value.code == 2
     assert "POOL_ID" in capsys.readouterr().err
+
+
+# --- the SECURITY DEFINER wrapper from docs/client.md ---------------------------------------
+
+
+async def test_security_definer_wrapper_lets_another_role_add_jobs(client: Client) -> None:
+    import uuid
+
+    import asyncpg
+
+    db = sql(client)
+    role = f"web_user_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: unique per test
+    await db.execute(f"create role {role} nologin")
+    try:
+        await db.execute(
+            f"""
+            create schema app;
+            create function app.enqueue_email(recipient text) returns void
+            language sql security definer set search_path = pg_catalog as $$
+              select graphile_worker.add_job('send_email', json_build_object('to', recipient));
+            $$;
+            revoke all on function app.enqueue_email(text) from public;
+            grant usage on schema app to {role};
+            grant execute on function app.enqueue_email(text) to {role};
+            """
+        )
+
+        async def as_role(conn: asyncpg.Connection, query: str) -> None:
+            async with conn.transaction():
+                await conn.execute(f"set local role {role}")
+                await conn.execute(query)
+
+        await db.with_connection(as_role, "select app.enqueue_email('a@example.com')")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await db.with_connection(as_role, f"select {S}.add_job('send_email')")
+    finally:
+        await db.execute("drop schema if exists app cascade")
+        await db.execute(f"drop role {role}")
+    [row] = await job_rows(client)
+    assert (row["identifier"], json.loads(row["payload"])) == (
+        "send_email",
+        {"to": "a@example.com"},
+    )
