@@ -1,0 +1,496 @@
+"""Side-by-side benchmark harness: the scenarios, run the same way for every system.
+
+Each system runs in its own process (a "runner"), so its RSS and CPU are its own. A
+runner reports JSON lines on the file descriptor named by ``$BENCH_FD``:
+``{"event": "ready"}`` once its worker runs, then ``{"event": "result", ...}``.
+Jobs are added by a separate process (``py_side.py`` in the peers' virtualenv), which
+puts its wall-clock add time in the payload (``{"t": epoch}``); handlers record their
+own start time, so add-to-start latency is measured the same way for everybody.
+
+Scenarios (``n`` = job count):
+  throughput  n no-op jobs bulk-enqueued first (not timed; ANALYZE after), then drained
+              with concurrency 10: (n - 1) / (last handler start - first handler start)
+  latency     worker idle; n jobs added ``interval`` apart; add -> handler start
+  startup     empty queue: start -> first job (added right after the worker is up) and
+              shutdown time with nothing running
+  enqueue     the library's own client: single add_job round trips; add_jobs in chunks
+              of 1000 (jobs/s)
+
+Each (system, scenario, rep) gets a fresh database cloned from a per-system template that
+the system's own migrator prepared, all on one server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+PEERS_PYTHON = os.environ.get("KONGTASK_PEERS_PYTHON", "/work/peers-venv/bin/python")
+GW_VERSION = "0.18.0"
+CONCURRENCY = 10
+LOG_DIR = Path(os.environ.get("KONGTASK_BENCH_LOGS", tempfile.gettempdir())) / "kongtask-bench"
+
+
+class Unavailable(Exception):
+    """A system cannot run here (package missing); the benchmark skips it."""
+
+
+# --------------------------------------------------------------------------- database
+
+
+def dsn_with_database(dsn: str, database: str) -> str:
+    if "://" not in dsn:
+        return f"{dsn} dbname='{database}'"
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + quote(database, safe="")))
+
+
+def sql(dsn: str, *statements: str) -> list[Any]:
+    """Run statements on a fresh connection from synchronous code (plain asyncio loop)."""
+    import asyncpg
+
+    async def go() -> list[Any]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            out: list[Any] = []
+            for s in statements:
+                if s.lstrip().lower().startswith(("select", "show", "with")):
+                    out.append([dict(r) for r in await conn.fetch(s)])
+                else:
+                    out.append(await conn.execute(s))
+            return out
+        finally:
+            await conn.close()
+
+    # A private selector loop: trio_asyncio (if imported) replaces asyncio's default.
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(go())
+
+
+@dataclass
+class Server:
+    """One PostgreSQL server; every system gets fresh databases on it."""
+
+    admin_dsn: str
+    source: str
+
+    def dsn_for(self, database: str) -> str:
+        return dsn_with_database(self.admin_dsn, database)
+
+    def create_database(self, name: str, template: str | None = None) -> str:
+        self.drop_database(name)
+        tpl = f' template "{template}"' if template else ""
+        sql(self.admin_dsn, f'create database "{name}"{tpl}')
+        return self.dsn_for(name)
+
+    def drop_database(self, name: str) -> None:
+        sql(self.admin_dsn, f'drop database if exists "{name}" with (force)')
+
+    def describe(self) -> dict[str, Any]:
+        names = (
+            "server_version",
+            "fsync",
+            "synchronous_commit",
+            "full_page_writes",
+            "wal_level",
+            "shared_buffers",
+            "max_connections",
+            "work_mem",
+            "checkpoint_timeout",
+            "max_wal_size",
+            "autovacuum",
+        )
+        quoted = ", ".join(f"'{n}'" for n in names)
+        rows = sql(
+            self.admin_dsn,
+            f"select name, setting, unit from pg_settings where name in ({quoted}) order by name",
+        )[0]
+        return {
+            "source": self.source,
+            "settings": {
+                r["name"]: r["setting"] + (f" {r['unit']}" if r["unit"] else "") for r in rows
+            },
+        }
+
+
+@contextlib.contextmanager
+def provide_server(dsn: str | None) -> Iterator[Server]:
+    """``dsn`` as given, or a throwaway local PostgreSQL cluster with fsync on."""
+    if dsn:
+        yield Server(dsn, "given")
+        return
+    from kongtask.testing._postgres import LocalCluster, find_pg_bindir
+
+    bindir = find_pg_bindir()
+    if bindir is None:
+        raise SystemExit("no PostgreSQL binaries found; pass --dsn")
+    cluster = LocalCluster(
+        bindir,
+        settings={"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"},
+    )
+    try:
+        yield Server(cluster.start(), f"local cluster {bindir.parent.name} (fsync on)")
+    finally:
+        cluster.stop()
+
+
+# ---------------------------------------------------------------------------- runners
+
+
+@dataclass
+class Runner:
+    """A running runner process and its report pipe."""
+
+    proc: subprocess.Popen[bytes]
+    fd: int
+    log: Path
+    buf: bytes = b""
+
+    def event(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"runner gave no event in {timeout:.0f} s (log: {self.log})")
+            ready, _, _ = select.select([self.fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    code = self.proc.wait()
+                    tail = self.log.read_text(errors="replace")[-1500:]
+                    raise RuntimeError(f"runner exited {code} without a result:\n{tail}")
+                self.buf += chunk
+            elif self.proc.poll() is not None and not self.buf:
+                tail = self.log.read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"runner exited {self.proc.returncode}:\n{tail}")
+        line, self.buf = self.buf.split(b"\n", 1)
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+    def finish(self, timeout: float = 30) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.fd)
+
+
+def spawn(cmd: Sequence[str], *, env: dict[str, str] | None = None, tag: str) -> Runner:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log = LOG_DIR / f"{tag}.log"
+    r, w = os.pipe()
+    full_env = {**os.environ, **(env or {}), "BENCH_FD": str(w)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            list(cmd),
+            env=full_env,
+            pass_fds=(w,),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+    os.close(w)
+    return Runner(proc, r, log)
+
+
+def py_side(*args: str, timeout: float = 600) -> None:
+    """Run ``py_side.py`` in the peers' virtualenv (adders, installers)."""
+    proc = subprocess.run(
+        [PEERS_PYTHON, str(HERE / "py_side.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"py_side {' '.join(args[:2])} failed:\n{proc.stderr[-2000:]}")
+
+
+def peers_python_has(module: str) -> bool:
+    if not Path(PEERS_PYTHON).exists():
+        return False
+    proc = subprocess.run(
+        [PEERS_PYTHON, "-c", f"import {module}"], capture_output=True, timeout=60, check=False
+    )
+    return proc.returncode == 0
+
+
+def peers_version(module: str) -> str:
+    proc = subprocess.run(
+        [PEERS_PYTHON, "-c", f"import importlib.metadata as m; print(m.version('{module}'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return proc.stdout.strip() or "?"
+
+
+# ---------------------------------------------------------------------------- systems
+
+
+@dataclass
+class System:
+    """One contestant.
+
+    ``family`` says how jobs get in: ``graphile`` (the SQL functions of graphile-worker's
+    schema, shared by graphile-worker and kongtask), ``pgqueuer`` or ``procrastinate``.
+    ``command(mode, dsn, n)`` gives the runner's argv and extra environment.
+    ``migrate(dsn)`` installs the schema with the system's own migrator.
+    """
+
+    key: str
+    label: str
+    family: str
+    command: Callable[[str, str, int], tuple[list[str], dict[str, str]]]
+    migrate: Callable[[str], None]
+    version: str = "?"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _gw_folder() -> Path:
+    """graphile-worker's npm folder (installed once by the test oracle), Node 22 noted."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        oracle = importlib.import_module("oracle")
+    finally:
+        sys.path.pop(0)
+    try:
+        folder = Path(oracle.oracle_dir(GW_VERSION))
+        node = str(oracle.node_for(GW_VERSION))
+    except (oracle.OracleUnavailable, subprocess.TimeoutExpired) as exc:
+        raise Unavailable(f"graphile-worker {GW_VERSION}: {exc}") from exc
+    _gw_cache["node"] = node
+    return folder
+
+
+_gw_cache: dict[str, str] = {}
+
+
+def graphile_worker(settings: str) -> System:
+    """graphile-worker 0.18.0 under Node 22: ``defaults``, ``ht`` or ``ht-quiet``.
+
+    ``ht`` is its high-throughput configuration (``preset.worker.localQueue.size = 500``,
+    ``completeJobBatchDelay = 0``, ``failJobBatchDelay = 0``); ``ht-quiet`` additionally
+    replaces its default console logger (one line per completed job) with a no-op one.
+    """
+    folder = _gw_folder()
+    node = _gw_cache["node"]
+    modules = str(folder / "node_modules")
+
+    def command(mode: str, dsn: str, n: int) -> tuple[list[str], dict[str, str]]:
+        return (
+            [node, str(HERE / "gw_runner.cjs"), mode, dsn, str(n), settings],
+            {"NODE_PATH": modules, "NODE_ENV": "production"},
+        )
+
+    def migrate(dsn: str) -> None:
+        cli = folder / "node_modules" / "graphile-worker" / "dist" / "cli.js"
+        proc = subprocess.run(
+            [node, str(cli), "--schema-only", "-c", dsn],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"graphile-worker migrate failed: {proc.stderr}{proc.stdout}")
+
+    label = {
+        "defaults": "graphile-worker 0.18 defaults",
+        "ht": "graphile-worker 0.18 ht (localQueue 500, batch delays 0)",
+        "ht-quiet": "graphile-worker 0.18 ht + no-op logger",
+    }[settings]
+    key = {"defaults": "gw", "ht": "gw-ht", "ht-quiet": "gw-ht-quiet"}[settings]
+    return System(key, label, "graphile", command, migrate, version=GW_VERSION)
+
+
+def python_peer(name: str) -> System:
+    """pgqueuer or procrastinate from the peers' virtualenv (concurrency 10, else defaults)."""
+    if not peers_python_has(name):
+        raise Unavailable(f"{name} is not installed in {PEERS_PYTHON}")
+    version = peers_version(name)
+
+    def command(mode: str, dsn: str, n: int) -> tuple[list[str], dict[str, str]]:
+        return [PEERS_PYTHON, str(HERE / "py_side.py"), "run", name, mode, dsn, str(n)], {}
+
+    def migrate(dsn: str) -> None:
+        py_side("install", name, dsn)
+
+    label = f"{name} {'.'.join(version.split('.')[:2])} defaults"
+    return System(name, label, name, command, migrate, version=version)
+
+
+PEER_KEYS = ("gw", "gw-ht", "gw-ht-quiet", "pgqueuer", "procrastinate")
+
+
+def peer_systems(keys: Sequence[str], warn: Callable[[str], None]) -> list[System]:
+    out: list[System] = []
+    for key in keys:
+        try:
+            if key == "gw":
+                out.append(graphile_worker("defaults"))
+            elif key == "gw-ht":
+                out.append(graphile_worker("ht"))
+            elif key == "gw-ht-quiet":
+                out.append(graphile_worker("ht-quiet"))
+            elif key in ("pgqueuer", "procrastinate"):
+                out.append(python_peer(key))
+            else:
+                raise Unavailable(f"unknown peer {key!r}")
+        except Unavailable as exc:
+            warn(f"skipping {key}: {exc}")
+    return out
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Bench:
+    server: Server
+    say: Callable[[str], None] = print
+    templates: dict[str, str] = field(default_factory=dict)
+    counter: int = 0
+
+    def fresh_database(self, system: System) -> tuple[str, str]:
+        """A new database holding ``system``'s migrated schema (cloned from a template)."""
+        if system.key not in self.templates:
+            tpl = f"bench_tpl_{system.key}".replace("-", "_")
+            self.server.create_database(tpl)
+            system.migrate(self.server.dsn_for(tpl))
+            self.templates[system.key] = tpl
+        self.counter += 1
+        name = f"bench_{system.key}_{self.counter}".replace("-", "_")
+        return name, self.server.create_database(name, template=self.templates[system.key])
+
+    def close(self) -> None:
+        for tpl in self.templates.values():
+            with contextlib.suppress(Exception):
+                self.server.drop_database(tpl)
+        self.templates.clear()
+
+    def run(
+        self,
+        system: System,
+        scenario: str,
+        n: int,
+        *,
+        interval: float = 0.02,
+        setup: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """One scenario, once, on a fresh database. ``setup(dsn)`` runs before the worker."""
+        name, dsn = self.fresh_database(system)
+        tag = f"{system.key}-{scenario}-{self.counter}"
+        try:
+            if setup is not None:
+                setup(dsn)
+            if scenario == "throughput":
+                py_side("bulk", system.family, dsn, str(n))
+            cmd, env = system.command(scenario, dsn, n)
+            runner = spawn(cmd, env=env, tag=tag)
+            try:
+                # generous: procrastinate drains ~250 jobs/s
+                timeout = 120 + n / 50
+                result = runner.event(120)
+                if result["event"] == "ready":  # startup and enqueue report only a result
+                    if scenario == "latency":
+                        time.sleep(0.5)  # let every worker settle the same way
+                        py_side("pace", system.family, dsn, str(n), str(interval))
+                    result = runner.event(timeout)
+                assert result["event"] == "result", result
+            finally:
+                runner.finish()
+            if scenario == "throughput" and system.family == "graphile":
+                left = sql(dsn, "select count(*) as c from graphile_worker._private_jobs")[0]
+                result["left_in_table"] = left[0]["c"]
+            return summarise(scenario, result)
+        finally:
+            with contextlib.suppress(Exception):
+                self.server.drop_database(name)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def summarise(scenario: str, result: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in result.items() if k not in ("event", "latencies_ms", "add_job_ms")}
+    if "latencies_ms" in result:
+        lat = result["latencies_ms"]
+        out.update(
+            latency_n=len(lat),
+            latency_p50_ms=percentile(lat, 50),
+            latency_p95_ms=percentile(lat, 95),
+            latency_p99_ms=percentile(lat, 99),
+            latency_max_ms=max(lat) if lat else float("nan"),
+        )
+    if "add_job_ms" in result:
+        single = result["add_job_ms"]
+        out.update(add_job_p50_ms=percentile(single, 50), add_job_p99_ms=percentile(single, 99))
+    return out
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def node_version() -> str:
+    node = _gw_cache.get("node") or shutil.which("node")
+    if not node:
+        return "?"
+    proc = subprocess.run([node, "--version"], capture_output=True, text=True, check=False)
+    return proc.stdout.strip()
+
+
+def kongtask_system(key: str, label: str, options: dict[str, Any]) -> System:
+    """kongtask in its own process (``kt_runner``), ``concurrency=10`` plus ``options``."""
+
+    def command(mode: str, dsn: str, n: int) -> tuple[list[str], dict[str, str]]:
+        return (
+            [
+                sys.executable,
+                "-m",
+                "stress.peers.kt_runner",
+                mode,
+                dsn,
+                str(n),
+                json.dumps(options),
+            ],
+            {},
+        )
+
+    def migrate(dsn: str) -> None:
+        from kongtask._migrate import migrate_sync
+
+        migrate_sync(dsn)
+
+    from kongtask import __version__
+
+    return System(
+        key, label, "graphile", command, migrate, version=__version__, extra={"options": options}
+    )

@@ -1,0 +1,184 @@
+"""Running the scenario matrix and printing it: medians [min-max] and ratios."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .harness import Bench, System
+
+Results = dict[str, dict[str, list[dict[str, Any]]]]  # system key -> scenario -> reps
+
+
+def run_matrix(
+    bench: Bench,
+    systems: Sequence[System],
+    scenarios: Mapping[str, int],
+    reps: int,
+    say: Callable[[str], None],
+    setups: Mapping[str, Callable[[str], None]] | None = None,
+) -> Results:
+    """Every (scenario, system) once per rep; systems interleaved so noise hits all alike."""
+    results: Results = {s.key: {sc: [] for sc in scenarios} for s in systems}
+    for rep in range(1, reps + 1):
+        for scenario, n in scenarios.items():
+            for system in systems:
+                try:
+                    r = bench.run(system, scenario, n, setup=(setups or {}).get(scenario))
+                except Exception as exc:  # one failing peer must not sink the run
+                    say(f"  ! {system.key} {scenario} rep {rep}: {type(exc).__name__}: {exc}")
+                    continue
+                results[system.key][scenario].append(r)
+                say(f"  rep {rep} {scenario:<10} {system.key:<16} {brief(scenario, r)}")
+    return results
+
+
+def brief(scenario: str, r: Mapping[str, Any]) -> str:
+    if scenario == "throughput" or scenario.startswith("flat"):
+        return (
+            f"{r['jobs_per_s']:>8.0f} jobs/s  cpu {r['cpu_us_per_job']:.0f} us/job  "
+            f"rss {r['rss_mb']:.0f} MB (peak {r['peak_rss_mb']:.0f})"
+        )
+    if scenario == "latency":
+        return (
+            f"p50 {r['latency_p50_ms']:.1f}  p95 {r['latency_p95_ms']:.1f}  "
+            f"p99 {r['latency_p99_ms']:.1f} ms  (n={r['latency_n']})"
+        )
+    if scenario == "startup":
+        return f"first job {r['first_job_ms']:.0f} ms  shutdown {r['shutdown_ms']:.0f} ms"
+    if scenario == "enqueue":
+        return (
+            f"add_job p50 {r['add_job_p50_ms']:.2f} ms  add_jobs {r['bulk_jobs_per_s']:.0f} jobs/s"
+        )
+    return str(r)
+
+
+@dataclass(frozen=True)
+class Stat:
+    median: float
+    low: float
+    high: float
+    n: int
+
+    def fmt(self, digits: int = 0) -> str:
+        if self.n == 0:
+            return "-"
+        f = f"{{:,.{digits}f}}"
+        if self.n == 1:
+            return f.format(self.median)
+        return f"{f.format(self.median)} [{f.format(self.low)}-{f.format(self.high)}]"
+
+
+def stat(results: Results, key: str, scenario: str, metric: str) -> Stat:
+    values = [
+        float(r[metric])
+        for r in results.get(key, {}).get(scenario, [])
+        if r.get(metric) is not None
+    ]
+    if not values:
+        return Stat(float("nan"), float("nan"), float("nan"), 0)
+    return Stat(statistics.median(values), min(values), max(values), len(values))
+
+
+def ratio(a: Stat, b: Stat) -> float:
+    if a.n == 0 or b.n == 0 or b.median == 0:
+        return float("nan")
+    return a.median / b.median
+
+
+def summary(results: Results, systems: Sequence[System]) -> dict[str, Any]:
+    """The medians as plain data (for JSON)."""
+    metrics = {
+        "throughput": ("jobs_per_s", "cpu_us_per_job", "rss_mb", "peak_rss_mb"),
+        "latency": ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "rss_mb"),
+        "startup": ("first_job_ms", "ready_ms", "shutdown_ms"),
+        "enqueue": ("add_job_p50_ms", "add_job_p99_ms", "bulk_jobs_per_s"),
+        "flat_1m": ("jobs_per_s",),
+        "flat_future": ("jobs_per_s",),
+    }
+    out: dict[str, Any] = {}
+    for s in systems:
+        per: dict[str, Any] = {"label": s.label, "version": s.version}
+        for scenario, names in metrics.items():
+            for m in names:
+                st = stat(results, s.key, scenario, m)
+                if st.n:
+                    per[f"{scenario}.{m}"] = {
+                        "median": st.median,
+                        "min": st.low,
+                        "max": st.high,
+                        "n": st.n,
+                    }
+        out[s.key] = per
+    return out
+
+
+def markdown(
+    results: Results,
+    systems: Sequence[System],
+    baseline: str | None,
+) -> str:
+    """Two markdown tables: the job path, then start/stop and enqueue."""
+    base_tp = stat(results, baseline, "throughput", "jobs_per_s") if baseline else None
+    lines = [
+        "| system | throughput jobs/s | x " + (baseline or "-") + " | latency p50 ms | p95 ms |"
+        " p99 ms | worker RSS MB | CPU us/job |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in systems:
+        tp = stat(results, s.key, "throughput", "jobs_per_s")
+        x = ratio(tp, base_tp) if base_tp else float("nan")
+        rss = max_stat(
+            stat(results, s.key, "throughput", "rss_mb"), stat(results, s.key, "latency", "rss_mb")
+        )
+        lines.append(
+            f"| {s.label} | {tp.fmt()} | {x:.2f}x | "
+            f"{stat(results, s.key, 'latency', 'latency_p50_ms').fmt(1)} | "
+            f"{stat(results, s.key, 'latency', 'latency_p95_ms').fmt(1)} | "
+            f"{stat(results, s.key, 'latency', 'latency_p99_ms').fmt(1)} | "
+            f"{rss.fmt()} | {stat(results, s.key, 'throughput', 'cpu_us_per_job').fmt()} |"
+        )
+    has_second = any(
+        results.get(s.key, {}).get(sc) for s in systems for sc in ("startup", "enqueue")
+    )
+    if has_second:
+        lines += [
+            "",
+            "| system | start -> first job ms | shutdown ms (idle) | add_job round trip ms p50 |"
+            " add_jobs jobs/s (chunks of 1000) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for s in systems:
+            lines.append(
+                f"| {s.label} | {stat(results, s.key, 'startup', 'first_job_ms').fmt()} | "
+                f"{stat(results, s.key, 'startup', 'shutdown_ms').fmt()} | "
+                f"{stat(results, s.key, 'enqueue', 'add_job_p50_ms').fmt(2)} | "
+                f"{stat(results, s.key, 'enqueue', 'bulk_jobs_per_s').fmt()} |"
+            )
+    flat = [s for s in systems if results.get(s.key, {}).get("flat_1m")]
+    if flat:
+        lines += [
+            "",
+            "| system | empty table jobs/s | 1,000,000 waiting | ratio |"
+            " 100,000 future-scheduled | ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for s in flat:
+            tp = stat(results, s.key, "throughput", "jobs_per_s")
+            big = stat(results, s.key, "flat_1m", "jobs_per_s")
+            fut = stat(results, s.key, "flat_future", "jobs_per_s")
+            lines.append(
+                f"| {s.label} | {tp.fmt()} | {big.fmt()} | {ratio(big, tp):.2f} | "
+                f"{fut.fmt()} | {ratio(fut, tp):.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def max_stat(a: Stat, b: Stat) -> Stat:
+    if a.n == 0:
+        return b
+    if b.n == 0:
+        return a
+    return a if a.median >= b.median else b
