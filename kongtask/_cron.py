@@ -438,7 +438,6 @@ class CronItem:
     tz: str | None = None
     _pattern: _Pattern | None = field(init=False, repr=False, compare=False)
     _zone: ZoneInfo | None = field(init=False, repr=False, compare=False)
-    _payload_json: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.match, str):
@@ -456,10 +455,9 @@ class CronItem:
         if self.payload is not None and not isinstance(self.payload, Mapping):
             raise CrontabError(f"payload must be a JSON object (a mapping), not {self.payload!r}")
         try:
-            payload_json = js_json(dict(self.payload or {}))
+            js_json(dict(self.payload or {}))
         except TypeError as exc:
             raise CrontabError(f"payload is not JSON-serialisable: {exc}") from None
-        object.__setattr__(self, "_payload_json", payload_json)
         if not isinstance(self.fill, timedelta) or self.fill < timedelta(0):
             raise CrontabError(f"fill {self.fill!r}: expected a timedelta of zero or more")
         if self.max_attempts is not None:
@@ -544,14 +542,11 @@ class CronItem:
         ``_cron`` replaces a user key of that name but keeps its position, as the object
         spread in Node does, so the text is byte-identical to Node's.
         """
-        cron = {"ts": format_ts(ts), "backfilled": backfilled}
-        if self.payload and "_cron" in self.payload:
-            return js_json({**self.payload, "_cron": cron})
-        # Common case: splice into the pre-serialised payload instead of re-encoding it.
-        cron_json = js_json(cron)
-        if self._payload_json == "{}":
-            return '{"_cron":' + cron_json + "}"
-        return self._payload_json[:-1] + ',"_cron":' + cron_json + "}"
+        # Encoded afresh each time, so a payload mapping changed after the item was made
+        # is still written as it is now.
+        return js_json(
+            {**(self.payload or {}), "_cron": {"ts": format_ts(ts), "backfilled": backfilled}}
+        )
 
     @property
     def effective_job_key_mode(self) -> JobKeyMode | None:

@@ -319,12 +319,20 @@ order by j.id
 """
 
 
+@pytest.fixture(params=["kongtask", "graphile-worker"])
+def cron_dsn(request: pytest.FixtureRequest) -> str:
+    """A database migrated by kongtask, or by graphile-worker 0.18.0 (its SQL functions)."""
+    name = "kongtask_dsn" if request.param == "kongtask" else "gw_dsn"
+    dsn: str = request.getfixturevalue(name)
+    return dsn
+
+
 @pytest.fixture
-async def three_pools(gw_dsn: str) -> AsyncIterator[list[Database]]:
+async def three_pools(cron_dsn: str) -> AsyncIterator[list[Database]]:
     async with (
-        open_database(gw_dsn, max_size=2) as a,
-        open_database(gw_dsn, max_size=2) as b,
-        open_database(gw_dsn, max_size=2) as c,
+        open_database(cron_dsn, max_size=2) as a,
+        open_database(cron_dsn, max_size=2) as b,
+        open_database(cron_dsn, max_size=2) as c,
     ):
         yield [a, b, c]
 
@@ -368,7 +376,7 @@ async def test_three_pools_share_a_crontab_and_a_backfill_window(
         "* * * * * nofill\n"
         "0 0 1 1 * yearly ?fill=1h\n"
     )
-    clock = boundary_clock(1.5)  # live minute L is 1.5 s away
+    clock = boundary_clock(2.5)  # live minute L is 2.5 s away: all pools start before it
     start = clock()
     live = start.replace(second=0, microsecond=0) + MINUTE
     last = live - 11 * MINUTE
@@ -380,7 +388,7 @@ async def test_three_pools_share_a_crontab_and_a_backfill_window(
         long_ago,
         last,
     )
-    window = [live - k * MINUTE for k in range(61)]  # fill 1h from L - 1.5 s: L-60 .. L
+    window = [live - k * MINUTE for k in range(61)]  # fill 1h from L - 2.5 s: L-60 .. L
     expected = {
         "every": window[:31],  # fill 30m
         "five": [t for t in window if t.minute % 5 == 0],
@@ -427,36 +435,34 @@ async def test_three_pools_share_a_crontab_and_a_backfill_window(
     assert known["every"] == known["recent"] == known["nofill"] == live
 
 
-async def test_run_cron_scheduler_rejects_duplicate_ids_before_starting(gw_db: Database) -> None:
+async def test_run_cron_scheduler_rejects_duplicate_ids_before_starting(db: Database) -> None:
     items = [CronItem("* * * * *", "a"), CronItem("0 * * * *", "a")]
     with trio.fail_after(5), pytest.raises(CrontabError, match="duplicate cron identifier 'a'"):
-        await run_cron_scheduler(gw_db, "graphile_worker", items)
+        await run_cron_scheduler(db, "graphile_worker", items)
 
 
-async def test_run_cron_scheduler_reports_started_before_the_database(gw_db: Database) -> None:
+async def test_run_cron_scheduler_reports_started_before_the_database(db: Database) -> None:
     # started() comes before any round trip, so a worker's nursery.start never hangs on cron.
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                run_cron_scheduler, gw_db, "graphile_worker", crontab("* * * * * a")
-            )
+            await nursery.start(run_cron_scheduler, db, "graphile_worker", crontab("* * * * * a"))
             nursery.cancel_scope.cancel()
 
 
-async def test_registration_marks_new_identifiers_without_backfill(gw_db: Database) -> None:
+async def test_registration_marks_new_identifiers_without_backfill(db: Database) -> None:
     clock = boundary_clock(30)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             scheduler = CronScheduler(
-                crontab("* * * * * fresh ?fill=1h"), PgCronBackend(gw_db, "graphile_worker"), clock
+                crontab("* * * * * fresh ?fill=1h"), PgCronBackend(db, "graphile_worker"), clock
             )
             nursery.start_soon(scheduler.run)
             await scheduler.live.wait()
             nursery.cancel_scope.cancel()
-    rows = await gw_db.fetch("select * from graphile_worker._private_known_crontabs")
+    rows = await db.fetch("select * from graphile_worker._private_known_crontabs")
     assert [(r["identifier"], r["last_execution"]) for r in rows] == [("fresh", None)]
     assert abs(rows[0]["known_since"] - clock()) < timedelta(seconds=5)
-    assert await gw_db.fetchval("select count(*) from graphile_worker._private_jobs") == 0
+    assert await db.fetchval("select count(*) from graphile_worker._private_jobs") == 0
 
 
 # --- interop with Node graphile-worker 0.18 -------------------------------------------------------
@@ -584,3 +590,59 @@ async def test_open_worker_runs_the_crontab(kongtask_dsn: str) -> None:
     stamps = [datetime.fromisoformat(t.replace("Z", "+00:00")) for t in backfilled]
     assert [b - a for a, b in itertools.pairwise(stamps)] == [MINUTE, MINUTE]
     assert all(p["n"] == 1 for p in seen)
+
+
+# --- kongtask cron list ----------------------------------------------------------------------
+
+
+async def test_cron_list_shows_next_runs_and_last_execution(
+    kongtask_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kongtask import main
+
+    path = tmp_path / "crontab"
+    path.write_text("0 4 * * * daily ?fill=1h&max=3\n0 0 31 2 * never\n*/5 * * * * fresh\n")
+    async with open_database(kongtask_dsn) as db:
+        await db.execute(
+            "insert into graphile_worker._private_known_crontabs values"
+            " ('daily', '2026-01-01T00:00:00Z', '2026-01-30T04:00:00Z'),"
+            " ('never', '2026-01-02T00:00:00Z', null)"
+        )
+    with trio.fail_after(10):
+        code = await main(
+            ["cron", "list", "-c", kongtask_dsn, "--crontab", str(path), "--next", "2"]
+        )
+    out = capsys.readouterr().out
+    assert code == 0
+    today_4am = datetime.now(UTC).replace(hour=4, minute=0, second=0, microsecond=0)
+    first = today_4am if today_4am > datetime.now(UTC) else today_4am + timedelta(days=1)
+    assert out.splitlines() == [
+        "daily: 0 4 * * * daily  (fill=1:00:00 max=3)",
+        f"  next: {format_ts(first)}, {format_ts(first + timedelta(days=1))}",
+        "  last execution: 2026-01-30T04:00:00.000Z",
+        "never: 0 0 31 2 * never",
+        "  next: never",
+        "  last execution: never (known since 2026-01-02T00:00:00.000Z)",
+        "fresh: */5 * * * * fresh",
+        out.splitlines()[7],
+        "  last execution: never (not registered yet)",
+    ]
+    assert out.splitlines()[7].startswith("  next: ")
+
+
+async def test_cron_list_reports_a_bad_crontab(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kongtask import main
+
+    path = tmp_path / "crontab"
+    path.write_text("* * * * * ok\n* * * * MON bad\n")
+    code = await main(
+        ["cron", "list", "-c", "postgresql://unused.invalid/x", "--crontab", str(path)]
+    )
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"kongtask: crontab {path}, line 2, column 9: unexpected 'M' in the day of week field "
+        "'MON': expected digits, '*', '*/n', 'a-b' or a comma list of those (names such as "
+        "MON or JAN are not supported)\n"
+    )
