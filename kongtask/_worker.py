@@ -210,17 +210,28 @@ class JobContext:
       pool_id: the worker pool's id (what ``locked_by`` says).
     """
 
-    __slots__ = ("_worker", "cancel_scope", "job", "logger", "pool_id")
+    __slots__ = ("_logger", "_worker", "cancel_scope", "job")
 
     def __init__(self, worker: Worker, job: Job, cancel_scope: trio.CancelScope) -> None:
         self._worker = worker
         self.job = job
         self.cancel_scope = cancel_scope
-        self.pool_id = worker.pool_id
-        self.logger = _JobLogger(
-            logging.getLogger(f"kongtask.job.{job.task_identifier}"),
-            {"job_id": job.id, "task_identifier": job.task_identifier},
-        )
+        self._logger: _JobLogger | None = None
+
+    @property
+    def pool_id(self) -> str:
+        return self._worker.pool_id
+
+    @property
+    def logger(self) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+        # built on first use: most handlers never log, and this is the per-job hot path
+        if self._logger is None:
+            job = self.job
+            self._logger = _JobLogger(
+                logging.getLogger(f"kongtask.job.{job.task_identifier}"),
+                {"job_id": job.id, "task_identifier": job.task_identifier},
+            )
+        return self._logger
 
     async def add_job(
         self,
@@ -624,9 +635,11 @@ class Worker:
         """How many jobs to claim now (0 = wait for capacity)."""
         now = trio.current_time()
         dt = now - self._rate_t
-        if dt >= 0.05:
+        if dt >= 0.01:
             instant = (self._started - self._rate_n) / dt
-            weight = min(1.0, dt)  # ~1 s memory
+            # ~0.2 s memory: fast enough to ramp up within a few claims of a backlog,
+            # slow enough that one pause does not drop the prefetch to nothing
+            weight = min(1.0, dt / 0.2)
             self._rate += weight * (instant - self._rate)
             self._rate_t, self._rate_n = now, self._started
         prefetch = min(self._batch_size, int(self._rate * PREFETCH_LOOKAHEAD))
