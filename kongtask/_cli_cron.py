@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from ._config import resolve_dsn, resolve_schema
-from ._cron import CronItem, KnownCrontab, format_ts, load_crontab_file, utc_now
+from ._cron import CronItem, KnownCrontab, format_fill, format_ts, load_crontab_file, utc_now
 from ._errors import ConfigError
 
 AddConnectionOptions = Callable[[argparse.ArgumentParser], None]
@@ -41,7 +41,7 @@ def _describe_options(item: CronItem) -> str:
     if item.identifier != item.task:
         opts.append(f"id={item.identifier}")
     if item.fill:
-        opts.append(f"fill={item.fill}")
+        opts.append(f"fill={format_fill(item.fill)}")
     for name, value in (
         ("max", item.max_attempts),
         ("queue", item.queue_name),

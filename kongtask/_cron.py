@@ -268,6 +268,17 @@ def parse_fill(text: str) -> timedelta:
     )
 
 
+def format_fill(fill: timedelta) -> str:
+    """``fill`` in crontab notation (``1h30m``); the inverse of :func:`parse_fill`."""
+    seconds = int(fill.total_seconds())
+    parts = []
+    for unit in "wdhms":
+        count, seconds = divmod(seconds, _FILL_UNITS[unit])
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
 def _validate_task(task: object) -> str:
     if not isinstance(task, str) or not _TASK_RE.fullmatch(task):
         raise CrontabError(

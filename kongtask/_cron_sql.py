@@ -42,9 +42,10 @@ def schedule_sql(schema: str) -> str:
     than ``$1``. A concurrent scheduler (kongtask or Node) that claimed the same minute
     holds the row lock until it commits; this statement then re-checks the condition,
     gets no row and adds no job, so each (identifier, minute) yields exactly one job.
-    Rows are upserted in identifier order so that two kongtask processes lock them in
-    the same order (fewer deadlocks); ``add_job`` is called in crontab order because
-    the lateral call follows its sorted outer input.
+    Rows are upserted, and jobs added, in crontab order: processes sharing a crontab
+    then lock the rows in the same order, which keeps them from deadlocking one another
+    (a deadlock victim just retries, see ``_cron``). ``add_job`` runs in that order
+    because the lateral call follows its sorted outer input.
     """
     s = quote_ident(schema)
     return f"""
@@ -57,7 +58,7 @@ with specs as (
             job_key_mode, ord)
 ), claimed as (
   insert into {s}._private_known_crontabs as kc (identifier, known_since, last_execution)
-  select identifier, $1::timestamptz, $1::timestamptz from specs order by identifier
+  select identifier, $1::timestamptz, $1::timestamptz from specs order by ord
   on conflict (identifier) do update
     set last_execution = excluded.last_execution
     where kc.last_execution is null or kc.last_execution < excluded.last_execution

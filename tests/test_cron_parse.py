@@ -14,7 +14,7 @@ import pytest
 
 import kongtask
 from kongtask import CronItem, CrontabError, crontab
-from kongtask._cron import format_ts, js_json, parse_fill
+from kongtask._cron import format_fill, format_ts, js_json, parse_fill
 
 
 def utc(*args: int) -> datetime:
@@ -202,6 +202,7 @@ def test_job_key_mode_defaults_to_replace_with_a_job_key() -> None:
 )
 def test_fill_units(fill: str, seconds: int) -> None:
     assert parse_fill(fill) == timedelta(seconds=seconds)
+    assert format_fill(parse_fill(fill)) == fill
     assert one(f"* * * * * t ?fill={fill}").fill == timedelta(seconds=seconds)
 
 

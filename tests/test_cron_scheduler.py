@@ -617,7 +617,7 @@ async def test_cron_list_shows_next_runs_and_last_execution(
     today_4am = datetime.now(UTC).replace(hour=4, minute=0, second=0, microsecond=0)
     first = today_4am if today_4am > datetime.now(UTC) else today_4am + timedelta(days=1)
     assert out.splitlines() == [
-        "daily: 0 4 * * * daily  (fill=1:00:00 max=3)",
+        "daily: 0 4 * * * daily  (fill=1h max=3)",
         f"  next: {format_ts(first)}, {format_ts(first + timedelta(days=1))}",
         "  last execution: 2026-01-30T04:00:00.000Z",
         "never: 0 0 31 2 * never",
