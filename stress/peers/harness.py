@@ -398,22 +398,32 @@ class Bench:
         interval: float = 0.02,
         setup: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
-        """One scenario, once, on a fresh database. ``setup(dsn)`` runs before the worker."""
+        """One scenario, once, on a fresh database. ``setup(dsn)`` runs before the worker.
+
+        ``flat_1m`` and ``flat_future`` are throughput runs (``n`` jobs drained) on a table
+        that also holds 980,000 more ready jobs, or 100,000 jobs scheduled for tomorrow.
+        """
+        mode = "throughput" if scenario in ("throughput", *FLAT) else scenario
         name, dsn = self.fresh_database(system)
         tag = f"{system.key}-{scenario}-{self.counter}"
         try:
             if setup is not None:
                 setup(dsn)
-            if scenario == "throughput":
+            if scenario in FLAT:
+                if system.family != "graphile":
+                    raise Unavailable("flat-cost scenarios are for graphile-schema workers")
+                extra, kind = FLAT[scenario]
+                py_side(kind, "graphile", dsn, str(extra), timeout=1800)
+            if mode == "throughput":
                 py_side("bulk", system.family, dsn, str(n))
-            cmd, env = system.command(scenario, dsn, n)
+            cmd, env = system.command(mode, dsn, n)
             runner = spawn(cmd, env=env, tag=tag)
             try:
                 # generous: procrastinate drains ~250 jobs/s
                 timeout = 120 + n / 50
                 result = runner.event(120)
                 if result["event"] == "ready":  # startup and enqueue report only a result
-                    if scenario == "latency":
+                    if mode == "latency":
                         time.sleep(0.5)  # let every worker settle the same way
                         py_side("pace", system.family, dsn, str(n), str(interval))
                     result = runner.event(timeout)
@@ -423,10 +433,14 @@ class Bench:
             if scenario == "throughput" and system.family == "graphile":
                 left = sql(dsn, "select count(*) as c from graphile_worker._private_jobs")[0]
                 result["left_in_table"] = left[0]["c"]
-            return summarise(scenario, result)
+            return summarise(mode, result)
         finally:
             with contextlib.suppress(Exception):
                 self.server.drop_database(name)
+
+
+#: flat-cost scenarios: extra rows put in first, and how (a ``py_side`` command)
+FLAT = {"flat_1m": (980_000, "bulk"), "flat_future": (100_000, "bulk-future")}
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -6,6 +6,7 @@ nothing from kongtask and runs plain asyncio.
 
     python py_side.py install SYSTEM DSN
     python py_side.py bulk SYSTEM DSN N            # enqueue N no-op jobs (not timed)
+    python py_side.py bulk-future graphile DSN N   # the same, run_at tomorrow
     python py_side.py pace SYSTEM DSN N INTERVAL   # N jobs, INTERVAL s apart, payload {"t": epoch}
     python py_side.py run SYSTEM MODE DSN N        # pgqueuer|procrastinate; MODE: see gw_runner
 
@@ -56,15 +57,27 @@ select count(*) from {schema}.add_jobs(array(
 """
 
 
-async def graphile_bulk(dsn: str, n: int, schema: str = "graphile_worker") -> None:
+GW_BULK_FUTURE = """
+select count(*) from {schema}.add_jobs(array(
+  select json_populate_record(null::{schema}.job_spec,
+                              json_build_object('identifier', 'noop', 'payload', '{{}}'::json,
+                                                'run_at', now() + interval '1 day'))
+  from generate_series(1, $1)))
+"""
+
+
+async def graphile_bulk(
+    dsn: str, n: int, schema: str = "graphile_worker", *, future: bool = False
+) -> None:
     import asyncpg
 
+    query = (GW_BULK_FUTURE if future else GW_BULK).format(schema=schema)
     conn = await asyncpg.connect(dsn)
     try:
         done = 0
         while done < n:
             k = min(5000, n - done)
-            await conn.fetchval(GW_BULK.format(schema=schema), k)
+            await conn.fetchval(query, k)
             done += k
         await conn.execute(f"analyze {schema}._private_jobs")
     finally:
@@ -398,6 +411,8 @@ def main(argv: list[str]) -> None:
         coro = install(system, rest[0])
     elif cmd == "bulk":
         coro = bulk(system, rest[0], int(rest[1]))
+    elif cmd == "bulk-future":  # graphile schema only: run_at tomorrow
+        coro = graphile_bulk(rest[0], int(rest[1]), future=True)
     elif cmd == "pace":
         coro = pace(system, rest[0], int(rest[1]), float(rest[2]))
     elif cmd == "run":
