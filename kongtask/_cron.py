@@ -55,6 +55,8 @@ MAX_SLEEP = 120.0
 #: Timers are armed this long after the minute boundary, so a wall clock read on wake-up
 #: is already in the new minute.
 TIMER_SLACK = 0.001
+#: A timer firing earlier than this (by the wall clock) is logged as a clock step back.
+EARLY_WARNING = 1.0
 BACKOFF_START = 0.2
 BACKOFF_FACTOR = 1.5
 BACKOFF_MAX = 60.0
@@ -930,10 +932,14 @@ class CronScheduler:
             if delay <= MAX_SLEEP:
                 after = self._now()
                 if after < ts:
-                    log.warning(
+                    # NTP slewing makes the wall clock lag trio's clock by milliseconds;
+                    # only a real step back deserves a warning. Either way: re-arm.
+                    early = (ts - after).total_seconds()
+                    log.log(
+                        logging.WARNING if early > EARLY_WARNING else logging.DEBUG,
                         "cron timer fired %.3fs early (the wall clock went back); "
                         "re-arming for %s without scheduling",
-                        (ts - after).total_seconds(),
+                        early,
                         format_ts(ts),
                     )
         behind = _floor_minute(now) - ts

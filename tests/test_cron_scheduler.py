@@ -148,7 +148,26 @@ async def test_clock_going_back_rearms_without_duplicates(
     # 04:01 fires when the wall clock reaches it (trio 89.5 + 40), not when the timer did.
     assert rec.calls[1].at == pytest.approx(129.501, abs=1e-6)
     assert rec.calls[2].at == pytest.approx(189.501, abs=1e-6)
-    assert any("fired" in r.message and "early" in r.message for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("fired 39.99" in m and "early" in m for m in warnings), warnings
+
+
+async def test_tiny_wall_clock_lag_rearms_quietly(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An NTP slew: the wall clock lags trio time by 20 ms -> re-arm, no warning.
+    rec = Recorder()
+    clock = FakeWallClock(T0)
+    scheduler = CronScheduler(crontab("* * * * * t"), rec, clock)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.run)
+        await trio.sleep(45)
+        clock.offset = timedelta(milliseconds=-20)
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    assert [c.ts for c in rec.calls] == [utc(2026, 1, 31, 4, 0), utc(2026, 1, 31, 4, 1)]
+    assert rec.calls[1].at == pytest.approx(89.521, abs=1e-6)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_small_forward_jump_catches_up_each_missed_minute_once(
