@@ -44,6 +44,13 @@ async def client(any_dsn: str) -> AsyncIterator[Client]:
         yield c
 
 
+@pytest.fixture
+async def kt_client(kongtask_migrated_dsn: str) -> AsyncIterator[Client]:
+    """For checks that happen before anything is sent: one schema flavour is enough."""
+    async with kongtask.open_client(kongtask_migrated_dsn) as c:
+        yield c
+
+
 def sql(client: Client) -> Database:
     """The client's own pool, for checking and arranging rows directly."""
     return client._db
@@ -531,15 +538,15 @@ BAD_ADD_JOB_ARGS: list[tuple[dict[str, Any], str]] = [
 
 @pytest.mark.parametrize(("override", "message"), BAD_ADD_JOB_ARGS)
 async def test_add_job_rejects_bad_arguments_before_sending(
-    client: Client, override: dict[str, Any], message: str
+    kt_client: Client, override: dict[str, Any], message: str
 ) -> None:
     args: dict[str, Any] = {"identifier": "t", "payload": None, **override}
-    async with capture_notifications(sql(client)) as notes:
+    async with capture_notifications(sql(kt_client)) as notes:
         with pytest.raises(ConfigError, match=message):
-            await client.add_job(args.pop("identifier"), args.pop("payload"), **args)
+            await kt_client.add_job(args.pop("identifier"), args.pop("payload"), **args)
         assert await notes.flush() == []
-    assert await count_jobs(client) == 0
-    assert await sql(client).fetchval(f"select count(*) from {S}._private_tasks") == 0
+    assert await count_jobs(kt_client) == 0
+    assert await sql(kt_client).fetchval(f"select count(*) from {S}._private_tasks") == 0
 
 
 @pytest.mark.parametrize(
@@ -547,33 +554,33 @@ async def test_add_job_rejects_bad_arguments_before_sending(
     [case for case in BAD_ADD_JOB_ARGS if "job_key_mode" not in case[0]],  # not in bulk
 )
 async def test_add_jobs_rejects_a_bad_spec_and_writes_nothing(
-    client: Client, override: dict[str, Any], message: str
+    kt_client: Client, override: dict[str, Any], message: str
 ) -> None:
     fields: dict[str, Any] = {"identifier": "t", **override}
     specs = [JobSpec("good", 1), JobSpec("good", 2, job_key="g"), JobSpec(**fields)]
     with pytest.raises(ConfigError, match=message) as caught:
-        await client.add_jobs(specs)
+        await kt_client.add_jobs(specs)
     assert "spec 2" in str(caught.value)
-    assert await count_jobs(client) == 0
-    assert await sql(client).fetchval(f"select count(*) from {S}._private_tasks") == 0
+    assert await count_jobs(kt_client) == 0
+    assert await sql(kt_client).fetchval(f"select count(*) from {S}._private_tasks") == 0
 
 
-async def test_add_jobs_rejects_duplicate_keys(client: Client) -> None:
+async def test_add_jobs_rejects_duplicate_keys(kt_client: Client) -> None:
     specs = [
         JobSpec("t", 1, job_key="a"),
         JobSpec("t", 2, job_key="b"),
         JobSpec("u", 3, job_key="a"),
     ]
     with pytest.raises(ConfigError, match=r"specs 0 and 2 share job_key 'a'"):
-        await client.add_jobs(specs)
-    assert await count_jobs(client) == 0
+        await kt_client.add_jobs(specs)
+    assert await count_jobs(kt_client) == 0
 
 
-async def test_add_jobs_rejects_non_specs(client: Client) -> None:
+async def test_add_jobs_rejects_non_specs(kt_client: Client) -> None:
     with pytest.raises(ConfigError, match="item 0 is a dict"):
-        await client.add_jobs([{"identifier": "t"}])  # type: ignore[list-item]
+        await kt_client.add_jobs([{"identifier": "t"}])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="job_key_preserve_run_at must be a bool"):
-        await client.add_jobs([JobSpec("t")], job_key_preserve_run_at="yes")  # type: ignore[arg-type]
+        await kt_client.add_jobs([JobSpec("t")], job_key_preserve_run_at="yes")  # type: ignore[arg-type]
 
 
 async def test_limits_are_inclusive(client: Client) -> None:
@@ -670,19 +677,21 @@ async def test_reschedule_revives_a_failed_job_and_skips_locked(client: Client) 
         ({"run_at": NAIVE}, "timezone-aware"),
     ],
 )
-async def test_reschedule_validates(client: Client, kwargs: dict[str, Any], message: str) -> None:
-    job = await client.add_job("t")
+async def test_reschedule_validates(
+    kt_client: Client, kwargs: dict[str, Any], message: str
+) -> None:
+    job = await kt_client.add_job("t")
     with pytest.raises(ConfigError, match=message):
-        await client.reschedule_jobs([job.id], **kwargs)
-    [row] = await job_rows(client)
+        await kt_client.reschedule_jobs([job.id], **kwargs)
+    [row] = await job_rows(kt_client)
     assert row["updated_at"] == job.updated_at
 
 
-async def test_ids_are_validated(client: Client) -> None:
+async def test_ids_are_validated(kt_client: Client) -> None:
     with pytest.raises(ConfigError, match="job id must be an integer"):
-        await client.complete_jobs(["1"])  # type: ignore[list-item]
+        await kt_client.complete_jobs(["1"])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="job id must be between"):
-        await client.permanently_fail_jobs([2**63])
+        await kt_client.permanently_fail_jobs([2**63])
 
 
 async def test_remove_job(client: Client) -> None:
@@ -899,19 +908,19 @@ async def test_cli_add(any_dsn: str, capsys: pytest.CaptureFixture[str]) -> None
     ],
 )
 async def test_cli_add_bad_input_is_one_line(
-    any_dsn: str,
+    kongtask_migrated_dsn: str,
     capsys: pytest.CaptureFixture[str],
     argv_tail: list[str],
     message: str,
 ) -> None:
-    code = await kongtask.main(["add", "-c", any_dsn, *argv_tail])
+    code = await kongtask.main(["add", "-c", kongtask_migrated_dsn, *argv_tail])
     out, err = capsys.readouterr()
     assert code == 1
     assert out == ""
     assert err.startswith("kongtask: ")
     assert message in err
     assert err.count("\n") == 1
-    async with kongtask.open_client(any_dsn) as c:
+    async with kongtask.open_client(kongtask_migrated_dsn) as c:
         assert await count_jobs(c) == 0
 
 
