@@ -377,8 +377,8 @@ async def race_keyed_add(dsn: str) -> tuple[asyncpg.Record | None, list[tuple[An
                 # Poll (bounded) until add_job waits on the claimer's row lock.
                 with trio.fail_after(10):
                     while True:
-                        waiting = await db.run(
-                            claimer.fetchval,
+                        # Not on `claimer`: its open transaction freezes pg_stat_activity.
+                        waiting = await db.fetchval(
                             "select count(*) from pg_stat_activity"
                             " where wait_event_type = 'Lock' and query like '%add_job%'",
                         )

@@ -14,9 +14,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+import trio
 from schema_dump import assert_same, blank_db, oracle_snapshot, run_oracle, snapshot
 
-from kongtask._migrate import migrate
+from kongtask._migrate import migrate, migrate_connection
 from kongtask._pg import open_database
 
 pytestmark = pytest.mark.oracle
@@ -229,3 +230,35 @@ async def test_graphile_worker_0_18_0_still_has_bug_580(gw_dsn: str) -> None:
     assert returned is not None
     assert returned["id"] is None
     assert rows == [("K", "pool-claimer", 1, 25, "{}")]
+
+
+async def test_kongtask_and_node_migrating_at_once(
+    kongtask_database_factory: Callable[..., str],
+) -> None:
+    """Both wait on one uncommitted `migrations` row, then race through 6..20; both succeed."""
+    oracle = await oracle_snapshot(kongtask_database_factory, "graphile_worker")
+    dsn = await blank_db(kongtask_database_factory)
+    async with open_database(dsn, max_size=2) as db:
+        await db.with_connection(migrate_connection, "graphile_worker", up_to=5)
+        blocker = await db.connect()
+        try:
+            await db.run(blocker.execute, "begin")
+            await db.run(blocker.execute, "insert into graphile_worker.migrations (id) values (6)")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_oracle, dsn, "0.18.0")
+                nursery.start_soon(migrate, db)
+                # Poll (bounded) until both migrators wait on the blocker's row 6.
+                with trio.fail_after(60):
+                    while True:
+                        # Not on `blocker`: its open transaction freezes pg_stat_activity.
+                        waiting = await db.fetchval(
+                            "select count(*) from pg_stat_activity"
+                            " where datname = current_database() and wait_event_type = 'Lock'",
+                        )
+                        if waiting >= 2:
+                            break
+                        await trio.sleep(0.02)
+                await db.run(blocker.execute, "rollback")
+        finally:
+            await db.close_connection(blocker)
+    assert_same(await snapshot(dsn, "graphile_worker"), oracle)
