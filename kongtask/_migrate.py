@@ -205,7 +205,7 @@ async def _bootstrap(conn: asyncpg.Connection, schema: str) -> None:
             " ts timestamptz default now() not null"
             ")"
         )
-        # Tables made by graphile-worker <= 0.13.0 have no `breaking` column: adopt them.
+        # Tables made by graphile-worker before 0.16 have no `breaking` column: adopt them.
         await conn.execute(
             f"alter table {q}.migrations"
             " add column if not exists breaking boolean not null default false"
