@@ -179,8 +179,14 @@ class Client:
         Jobs locked by a worker less than 4 hours ago are left alone; permanently failed
         jobs are deleted too.
 
+        Args:
+          ids: the job ids; an empty collection returns ``[]`` without a round trip.
+
         Returns:
           The deleted jobs.
+
+        Raises:
+          ConfigError: an id is not an integer in the bigint range.
         """
         job_ids = _check_ids(ids)
         if not job_ids:
@@ -217,11 +223,22 @@ class Client:
     ) -> list[Job]:
         """Change when and how unlocked jobs run (``<schema>.reschedule_jobs``).
 
-        ``None`` keeps a column as it is; any number, ``0`` included, replaces it.
+        ``None`` keeps a column as it is; any number, ``0`` included, replaces it
+        (graphile-worker's JavaScript helper cannot set 0; SCHEMA.md §8 Q3).
         Setting ``attempts`` below ``max_attempts`` revives a permanently failed job.
+
+        Args:
+          ids: the job ids.
+          run_at: the new earliest run time (timezone-aware).
+          priority: -32768 to 32767.
+          attempts: -32768 to 32767.
+          max_attempts: 1 to 32767.
 
         Returns:
           The updated jobs (locked ones are skipped).
+
+        Raises:
+          ConfigError: an argument is out of range or of the wrong type (nothing was sent).
         """
         job_ids = _check_ids(ids)
         if run_at is not None:
@@ -241,6 +258,9 @@ class Client:
         An unlocked job is deleted. A locked (running) job keeps running once more but
         loses its key and is never retried.
 
+        Args:
+          key: the job key.
+
         Returns:
           The deleted or retired job, or ``None`` when no job has this key.
         """
@@ -255,6 +275,9 @@ class Client:
         the stale-lock sweep). The ids are pool ids (``pool-…``/``otpool-…``), which is
         what ``locked_by`` holds since graphile-worker 0.17. The interrupted attempt
         still counts.
+
+        Args:
+          pool_ids: the pool ids; an empty collection does nothing.
         """
         if isinstance(pool_ids, str):
             raise ConfigError("pool_ids must be a collection of pool ids, not a single string")
@@ -279,6 +302,10 @@ class Client:
           Workers cache task ids, so run it only while no worker runs (or keep their
           task names);
         - ``GC_JOB_QUEUES``: unlocked queue names no job uses.
+
+        Args:
+          tasks: the cleanup tasks to run.
+          keep_task_identifiers: task names ``GC_TASK_IDENTIFIERS`` must not delete.
 
         Returns:
           How many rows each selected task deleted, in the order they ran.
