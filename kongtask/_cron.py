@@ -800,7 +800,7 @@ class PgCronBackend:
         self._db = db
         self._register = register_sql(schema)
         self._schedule = schedule_sql(schema)
-        #: Ids of the jobs this backend added (tests and statistics read it).
+        #: How many jobs this backend added (the stress script and tests read it).
         self.jobs_added = 0
 
     async def register(
@@ -838,9 +838,10 @@ async def _schedule_with_retry(pool: Any, sql: str, args: tuple[Any, ...]) -> li
         try:
             rows = await pool.fetch(sql, *args)
             return [r["id"] for r in rows]
-        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
             if attempt == 4:
                 raise
+            log.info("cron: retrying a minute after %s", type(exc).__name__)
     raise AssertionError("unreachable")
 
 

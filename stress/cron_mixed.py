@@ -47,7 +47,12 @@ CRONTAB = """\
 * * * * * filled ?fill=5m {filled: true}
 */3 * * * * filled3 ?id=filled_every3&fill=12m
 0 0 1 1 * yearly ?fill=1h
-"""
+""" + "".join(
+    # Many identifiers per minute, listed out of alphabetical order: more row locks taken
+    # per statement, so processes contend on every tick.
+    f"* * * * * bulk_{n:02d} ?id=b{n:02d}{' {n: ' + str(n) + '}' if n % 2 else ''}\n"
+    for n in (7, 3, 11, 0, 9, 1, 5, 10, 2, 8, 4, 6)
+)
 SEEDED = ("filled", "filled_every3", "yearly")  # last ran 30 minutes ago
 MINUTE = timedelta(minutes=1)
 
