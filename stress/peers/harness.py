@@ -263,6 +263,9 @@ class System:
     migrate: Callable[[str], None]
     version: str = "?"
     extra: dict[str, Any] = field(default_factory=dict)
+    #: cap on the throughput scenario's job count (procrastinate drains ~100-250 jobs/s;
+    #: 20,000 of them would take minutes per rep and not change its rate)
+    max_jobs: int | None = None
 
 
 def _gw_folder() -> Path:
@@ -336,8 +339,11 @@ def python_peer(name: str) -> System:
     def migrate(dsn: str) -> None:
         py_side("install", name, dsn)
 
+    cap = 2000 if name == "procrastinate" else None
     label = f"{name} {'.'.join(version.split('.')[:2])} defaults"
-    return System(name, label, name, command, migrate, version=version)
+    if cap:
+        label += f" (drains {cap:,} jobs)"
+    return System(name, label, name, command, migrate, version=version, max_jobs=cap)
 
 
 PEER_KEYS = ("gw", "gw-ht", "gw-ht-quiet", "pgqueuer", "procrastinate")
@@ -404,6 +410,8 @@ class Bench:
         that also holds 980,000 more ready jobs, or 100,000 jobs scheduled for tomorrow.
         """
         mode = "throughput" if scenario in ("throughput", *FLAT) else scenario
+        if mode == "throughput" and system.max_jobs is not None:
+            n = min(n, system.max_jobs)
         name, dsn = self.fresh_database(system)
         tag = f"{system.key}-{scenario}-{self.counter}"
         try:
@@ -481,30 +489,42 @@ def node_version() -> str:
     return proc.stdout.strip()
 
 
-def kongtask_system(key: str, label: str, options: dict[str, Any]) -> System:
-    """kongtask in its own process (``kt_runner``), ``concurrency=10`` plus ``options``."""
+def kongtask_system(
+    key: str, label: str, options: dict[str, Any], src: str | None = None
+) -> System:
+    """kongtask in its own process (``kt_runner``), ``concurrency=10`` plus ``options``.
+
+    ``src``: a folder holding another ``kongtask`` package (e.g. a checkout of an older
+    commit), imported instead of this repository's, to compare versions in one run.
+    """
 
     def command(mode: str, dsn: str, n: int) -> tuple[list[str], dict[str, str]]:
-        return (
-            [
-                sys.executable,
-                "-m",
-                "stress.peers.kt_runner",
-                mode,
-                dsn,
-                str(n),
-                json.dumps(options),
-            ],
-            {},
+        args = [mode, dsn, str(n), json.dumps(options)]
+        if src is None:
+            return [sys.executable, "-m", "stress.peers.kt_runner", *args], {}
+        boot = (
+            "import runpy, sys; "
+            f"sys.path[:0] = [{str(Path(src).resolve())!r}, {str(REPO)!r}]; "
+            "runpy.run_module('stress.peers.kt_runner', run_name='__main__')"
         )
+        return [sys.executable, "-c", boot, *args], {}
 
     def migrate(dsn: str) -> None:
         from kongtask._migrate import migrate_sync
 
         migrate_sync(dsn)
 
-    from kongtask import __version__
-
+    version = "?"
+    if src is None:
+        from kongtask import __version__ as version
+    else:
+        rev = subprocess.run(
+            ["git", "-C", src, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        version = f"{src}@{rev}" if rev else src
     return System(
-        key, label, "graphile", command, migrate, version=__version__, extra={"options": options}
+        key, label, "graphile", command, migrate, version=version, extra={"options": options}
     )

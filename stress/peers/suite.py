@@ -41,8 +41,12 @@ KONGTASK_TUNED: dict[str, Any] = {"batch_size": 1000}
 ALL_SYSTEMS = ("kongtask", "kongtask-tuned", "gw", "gw-ht", "pgqueuer", "procrastinate")
 
 
-def kongtask_systems(keys: list[str]) -> list[System]:
+def kongtask_systems(keys: list[str], base_src: str | None = None) -> list[System]:
     out = []
+    if base_src:
+        out.append(
+            kongtask_system("kongtask-base", f"kongtask defaults from {base_src}", {}, src=base_src)
+        )
     if "kongtask" in keys:
         out.append(kongtask_system("kongtask", "kongtask defaults", {}))
     if "kongtask-tuned" in keys:
@@ -231,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="smoke run: 2,000 jobs, 100 latency samples, 1 rep"
     )
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
+    p.add_argument(
+        "--base-src",
+        metavar="DIR",
+        help="also run kongtask (defaults) imported from DIR, e.g. a checkout of an "
+        "older commit, to measure a change side by side",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the JSON report here")
     args = p.parse_args(argv)
 
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = [k.strip() for k in args.systems.split(",") if k.strip()]
     if args.quick:
         args.jobs, args.latency_jobs, args.reps = 2000, 100, 1
-    systems = kongtask_systems(keys) + peer_systems(
+    systems = kongtask_systems(keys, args.base_src) + peer_systems(
         [k for k in keys if not k.startswith("kongtask")], say
     )
     sizes = {
