@@ -9,13 +9,20 @@ catalog facts a dump cannot show in full (function attributes, RLS, sequences, t
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import pytest
 import trio
-from schema_dump import assert_same, blank_db, oracle_snapshot, run_oracle, snapshot
+from schema_dump import (  # noqa: F401  (fixtures)
+    OracleDatabases,
+    ScratchDatabases,
+    assert_same,
+    oracle_dbs_fixture,
+    run_oracle,
+    scratch_fixture,
+    snapshot,
+)
 
 from kongtask._migrate import migrate, migrate_connection
 from kongtask._pg import open_database
@@ -25,10 +32,10 @@ pytestmark = pytest.mark.oracle
 
 @pytest.mark.parametrize("schema", ["graphile_worker", 'Weird "Schema"'])
 async def test_fresh_install_equals_graphile_worker_0_18_0(
-    schema: str, kongtask_database_factory: Callable[..., str]
+    schema: str, scratch: ScratchDatabases, oracle_dbs: OracleDatabases
 ) -> None:
-    oracle = await oracle_snapshot(kongtask_database_factory, schema)
-    dsn = await blank_db(kongtask_database_factory)
+    oracle = await oracle_dbs.snapshot(schema)
+    dsn = await scratch.create()
     async with open_database(dsn, max_size=1) as db:
         await migrate(db, schema)
     kong = await snapshot(dsn, schema)
@@ -39,10 +46,10 @@ async def test_fresh_install_equals_graphile_worker_0_18_0(
 
 
 async def test_0_17_3_database_upgraded_by_kongtask_equals_0_18_0(
-    kongtask_database_factory: Callable[..., str],
+    scratch: ScratchDatabases, oracle_dbs: OracleDatabases
 ) -> None:
-    oracle = await oracle_snapshot(kongtask_database_factory, "graphile_worker")
-    dsn = await blank_db(kongtask_database_factory)
+    oracle = await oracle_dbs.snapshot()
+    dsn = await scratch.create()
     await run_oracle(dsn, "0.17.3")
     async with open_database(dsn, max_size=1) as db:
         assert await db.fetchval("select max(id) from graphile_worker.migrations") == 19
@@ -209,9 +216,10 @@ async def _run_scenarios(conn: asyncpg.Connection) -> list[Any]:
 
 
 async def test_function_behaviour_matches_graphile_worker_0_18_0(
-    kongtask_dsn: str, gw_dsn: str
+    kongtask_dsn: str, scratch: ScratchDatabases, oracle_dbs: OracleDatabases
 ) -> None:
     """Differential check of the SQL API on a fixture of job states (SCHEMA.md §9.3.4)."""
+    gw_dsn = await oracle_dbs.clone(scratch)
     results = []
     for dsn in (kongtask_dsn, gw_dsn):
         async with open_database(dsn, max_size=1) as db:
@@ -222,22 +230,24 @@ async def test_function_behaviour_matches_graphile_worker_0_18_0(
         assert kong_step == gw_step
 
 
-async def test_graphile_worker_0_18_0_still_has_bug_580(gw_dsn: str) -> None:
+async def test_graphile_worker_0_18_0_still_has_bug_580(
+    scratch: ScratchDatabases, oracle_dbs: OracleDatabases
+) -> None:
     """The contrast to test_migrate's #580 test: upstream drops the request silently."""
     from test_migrate import race_keyed_add
 
-    returned, rows = await race_keyed_add(gw_dsn)
+    returned, rows = await race_keyed_add(await oracle_dbs.clone(scratch))
     assert returned is not None
     assert returned["id"] is None
     assert rows == [("K", "pool-claimer", 1, 25, "{}")]
 
 
 async def test_kongtask_and_node_migrating_at_once(
-    kongtask_database_factory: Callable[..., str],
+    scratch: ScratchDatabases, oracle_dbs: OracleDatabases
 ) -> None:
     """Both wait on one uncommitted `migrations` row, then race through 6..20; both succeed."""
-    oracle = await oracle_snapshot(kongtask_database_factory, "graphile_worker")
-    dsn = await blank_db(kongtask_database_factory)
+    oracle = await oracle_dbs.snapshot()
+    dsn = await scratch.create()
     async with open_database(dsn, max_size=2) as db:
         await db.with_connection(migrate_connection, "graphile_worker", up_to=5)
         blocker = await db.connect()
