@@ -657,15 +657,16 @@ class Worker:
         return 0
 
     async def _fetcher(self) -> None:
-        if is_marked_pool_id(self.pool_id):
-            # claim only while our liveness lock is held, or a dead-pool sweeper could
-            # take our jobs for a dead pool's (kongtask._liveness)
-            await self._listening.wait()
+        marked = is_marked_pool_id(self.pool_id)
         conn: Any = None
         errors = 0
         cap: int | None = None
         try:
             while True:
+                if marked and not self._listening.is_set():
+                    # claim only while our liveness lock is held (it lives on the LISTEN
+                    # connection), or a dead-pool sweeper could release what we claim
+                    await self._listening.wait()
                 wake = self._fetch_wake = trio.Event()
                 self._expire_local()
                 size = self._claim_size()
@@ -679,14 +680,15 @@ class Worker:
                     size, cap = min(size, cap), None
                 try:
                     if conn is None:
-                        conn = await self._db.run(self._db.pool.acquire)
+                        conn = await self._db.connect()
                     rows = await self._claim(conn, size)
                 except Exception as exc:
                     errors += 1
                     self._events.emit("worker:getJob:error", error=exc)
                     log.warning("pool %s: claiming jobs failed (%s); retrying", self.pool_id, exc)
-                    if conn is not None and conn.is_closed():
-                        await self._release_conn(conn)
+                    if conn is not None:
+                        # whatever broke, a fresh connection is cheap next to a stuck one
+                        await self._db.close_connection(conn)
                         conn = None
                     await trio.sleep(retry_delay(errors))
                     continue
@@ -694,7 +696,9 @@ class Worker:
                 if rows:
                     self._enqueue(rows)
                     continue  # more may be ready (a claim drops same-queue siblings)
-                if self._once and self._quiet():
+                if self._once and self._quiet() and not wake.is_set():
+                    # (a set `wake` means outcomes were written during the claim: a
+                    # queue may have been unlocked after its snapshot, so look again)
                     log.info("pool %s: no job is ready; stopping (once)", self.pool_id)
                     self.shutdown_nowait()
                     return
@@ -712,17 +716,10 @@ class Worker:
                     cap = self._notified
         finally:
             if conn is not None:
-                await self._release_conn(conn)
+                await self._db.close_connection(conn)
 
     def _quiet(self) -> bool:
         return not (self._local or self._running or self._ok or self._fail or self._flushing)
-
-    async def _release_conn(self, conn: Any) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            try:
-                await self._db.run(self._db.pool.release, conn)
-            except Exception as exc:
-                log.debug("releasing a connection failed: %s", exc)
 
     async def _claim(self, conn: Any, size: int) -> list[asyncpg.Record]:
         # Shielded: a claim whose reply is lost to a cancellation would leave jobs locked
@@ -966,7 +963,7 @@ class Worker:
                     continue
                 try:
                     if conn is None:
-                        conn = await self._db.run(self._db.pool.acquire)
+                        conn = await self._db.connect()
                     await self._flush_once(conn)
                     errors = 0
                 except Exception as exc:
@@ -980,13 +977,13 @@ class Worker:
                         exc,
                         "" if transient else ", not a known transient error",
                     )
-                    if conn is not None and (conn.is_closed() or not transient):
-                        await self._release_conn(conn)
+                    if conn is not None:
+                        await self._db.close_connection(conn)
                         conn = None
                     await trio.sleep(retry_delay(errors))
         finally:
             if conn is not None:
-                await self._release_conn(conn)
+                await self._db.close_connection(conn)
             self._completer_done.set()
 
     async def _flush_once(self, conn: Any = None) -> None:
@@ -1082,6 +1079,8 @@ class Worker:
                             await self._db.run(conn.execute, "select 1")
                 raise ConnectionError("the LISTEN connection was closed")
             except Exception as exc:
+                if self._listening.is_set():
+                    self._listening = trio.Event()  # the liveness lock went with it
                 self._events.emit("pool:listen:error", error=exc)
                 log.warning("pool %s: LISTEN connection failed: %s", self.pool_id, exc)
                 if not started:
@@ -1151,8 +1150,9 @@ async def open_worker(
         them, called before each claim.
       on_event: called with every :class:`~kongtask.Event`; exceptions are logged.
       crontab: :class:`kongtask.CronItem` items to schedule (``kongtask._cron``).
-      max_pool_size: database connections (the LISTEN connection comes on top). The
-        fetcher and the completer each hold one; the rest serve handlers and ``add_job``.
+      max_pool_size: connections of the pool that serves ``ctx.with_connection``,
+        ``add_job`` and housekeeping. Three more are dedicated: LISTEN, claiming and
+        writing outcomes (held for the pool's life: no per-statement pool reset).
       prepared_statements: ``False`` behind a transaction-pooling pgBouncer.
       grace: seconds running jobs get to finish at shutdown before they are cancelled.
       local_queue_ttl: claimed jobs not started within this many seconds are returned.
@@ -1170,16 +1170,13 @@ async def open_worker(
         raise ConfigError(f"batch_size must be a positive integer, not {batch_size!r}")
     if not poll_interval > 0:
         raise ConfigError(f"poll_interval must be positive, not {poll_interval!r}")
-    if not isinstance(max_pool_size, int) or max_pool_size < 3:
-        raise ConfigError(
-            f"max_pool_size must be at least 3 (the fetcher and the completer each hold a "
-            f"connection), not {max_pool_size!r}"
-        )
+    if not isinstance(max_pool_size, int) or max_pool_size < 1:
+        raise ConfigError(f"max_pool_size must be a positive integer, not {max_pool_size!r}")
     if not grace >= 0 or not local_queue_ttl > 0:
         raise ConfigError("grace must be >= 0 and local_queue_ttl > 0")
     async with open_database(
         resolve_dsn(dsn),
-        min_size=2,
+        min_size=1,
         max_size=max_pool_size,
         prepared_statements=prepared_statements,
     ) as db:

@@ -451,3 +451,45 @@ async def test_body_error_still_cleans_up(tdb: Database, worker_dsn: str) -> Non
     assert row is not None
     assert (row["attempts"], row["last_error"]) == (1, "Worker pool is shutting down gracefully")
     await assert_clean(tdb)
+
+
+async def test_listen_connection_is_reestablished(tdb: Database, worker_dsn: str) -> None:
+    rec = Recorder()
+    async with kongtask.open_worker(
+        worker_dsn, {"t": rec.handler}, poll_interval=3600, on_event=rec.on_event
+    ) as w:
+        await wait_until(lambda: rec.names("pool:listen:success"))
+        killed = await tdb.fetchval(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+            "where application_name = 'kongtask' and datname = current_database() "
+            "and query ilike 'listen%'"
+        )
+        assert killed == 1
+        await wait_until(lambda: len(rec.names("pool:listen:success")) == 2)
+        assert rec.names("pool:listen:error")
+        await wait_until(lambda: w._fetch_idle)
+        await tdb.execute(f"select {S}.add_job('t')")
+        await wait_until(lambda: len(rec.intervals) == 1, limit=2)
+        await wait_until(lambda: w.statistics().completed == 1)
+    await assert_clean(tdb)
+
+
+async def test_lost_connections_lose_no_job_and_run_none_twice(
+    tdb: Database, worker_dsn: str
+) -> None:
+    rec = Recorder()
+    await tdb.execute(
+        f"select {S}.add_job('t', json_build_object('i', i)) from generate_series(1, 200) i"
+    )
+    async with kongtask.open_worker(worker_dsn, {"t": rec.handler}, concurrency=8) as w:
+        await wait_until(lambda: w.statistics().completed >= 40)
+        # every connection of the pool dies: fetcher's, completer's, LISTEN's
+        await tdb.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity "
+            "where application_name = 'kongtask' and datname = current_database()"
+        )
+        await wait_until(lambda: w.statistics().completed == 200, limit=30)
+    ids = [i[0] for i in rec.intervals]
+    assert len(ids) == len(set(ids)) == 200  # each ran once: an outcome is never dropped
+    assert await jobs_left(tdb) == 0
+    await assert_clean(tdb)
