@@ -829,7 +829,15 @@ class Worker:
         events = self._events
         if events.enabled:
             events.emit("job:start", job=job)
-        log.debug("pool %s: started %s (job %d)", self.pool_id, job.task_identifier, job.id)
+        if log.isEnabledFor(logging.INFO):  # one line per state change (the CLI's INFO)
+            log.info(
+                "pool %s: started %s (job %d, attempt %d of %d)",
+                self.pool_id,
+                job.task_identifier,
+                job.id,
+                job.attempts,
+                job.max_attempts,
+            )
         start = trio.current_time()
         result: object = None
         error: BaseException | None = None
@@ -1100,6 +1108,19 @@ class Worker:
             await self._sweep_once()
 
     async def _sweep_once(self) -> None:
+        if self._task_ids:
+            # GC_TASK_IDENTIFIERS may have deleted our task rows meanwhile; jobs added
+            # since carry new ids that only a fresh lookup finds (SCHEMA.md §5.2)
+            try:
+                task_ids = await self._db.with_connection(
+                    register_tasks, self._q, sorted(self._runners)
+                )
+            except Exception as exc:
+                log.warning("pool %s: refreshing task ids failed: %s", self.pool_id, exc)
+            else:
+                self._task_ids = task_ids
+                # keep old ids too: a claim in flight may still return them
+                self._task_names = {**self._task_names, **{v: k for k, v in task_ids.items()}}
         try:
             row = await self._db.fetchrow(self._q.sweep_stale)
         except Exception as exc:
