@@ -924,7 +924,14 @@ class Worker:
     async def _call(self, runner: _Runner, job: Job, ctx: JobContext) -> object:
         if runner.is_async:
             return await runner.fn(job, ctx)
-        return await trio.to_thread.run_sync(runner.fn, job, ctx, limiter=self._thread_limiter)
+        return await trio.to_thread.run_sync(
+            runner.fn,
+            job,
+            ctx,
+            limiter=self._thread_limiter,
+            # named while it runs the handler, so a leftover one would be easy to spot
+            thread_name=f"kongtask {job.task_identifier}#{job.id}",
+        )
 
     def _batch_outcome(self, job: Job, result: object) -> tuple[str, str] | None:
         """For a batch job whose handler returned per-element outcomes: (message, payload)

@@ -166,6 +166,8 @@ async def test_client_jobs_and_ctx_helpers(tdb: Database, worker_dsn: str) -> No
             await done.wait()
         await wait_until(lambda: w.statistics().completed == 2)
     assert seen == [("parent", {"n": 1}), ("count", 1), ("child", True)]
+    # trio may keep an idle worker thread cached; none is still running a handler
+    assert not [th.name for th in threading.enumerate() if th.name.startswith("kongtask")]
     assert await jobs_left(tdb) == 0
     await assert_clean(tdb)
 
@@ -492,4 +494,33 @@ async def test_lost_connections_lose_no_job_and_run_none_twice(
     ids = [i[0] for i in rec.intervals]
     assert len(ids) == len(set(ids)) == 200  # each ran once: an outcome is never dropped
     assert await jobs_left(tdb) == 0
+    await assert_clean(tdb)
+
+
+async def test_claimed_jobs_waiting_past_the_ttl_are_returned(
+    tdb: Database, worker_dsn: str
+) -> None:
+    rec = Recorder()
+    gate = trio.Event()
+    started: list[int] = []
+
+    async def h(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        started.append(job.id)
+        await gate.wait()
+
+    await tdb.execute(f"select {S}.add_job('t') from generate_series(1, 5)")
+    async with kongtask.open_worker(
+        worker_dsn, {"t": h}, local_queue_ttl=0.3, on_event=rec.on_event
+    ) as w:
+        await wait_until(lambda: started)
+        w._rate = 10_000.0  # as a high job rate would: claim ahead of the busy worker
+        w._wake_fetcher()
+        await wait_until(lambda: w.statistics().queued_locally == 4)
+        # nobody starts them: after the TTL they go back to the table for other pools
+        await wait_until(lambda: [e for e in rec.names("job:returned") if e["reason"] == "ttl"])
+        returned = rec.names("job:returned")[0]["job_ids"]
+        assert len(returned) == 4  # type: ignore[arg-type]
+        assert started[0] not in returned  # type: ignore[operator]
+        gate.set()
+        await wait_until(lambda: w.statistics().completed == 5)
     await assert_clean(tdb)
