@@ -802,12 +802,12 @@ class Worker:
         try:
             local = self._local
             while True:
+                if self._stopping:
+                    return  # start nothing new; the shutdown returns what is queued
                 if local:
                     job, _ = local.popleft()
                     await self._run_job(job)
                     continue
-                if self._stopping:
-                    return
                 if self._fetch_full:
                     self._fetch_wake.set()  # an idle worker with nothing queued
                 self._idle_workers += 1
