@@ -324,3 +324,90 @@ async def test_schema_newer_but_compatible(kongtask_dsn: str, db: Database) -> N
             await recorder.done.wait()
     assert recorder.seen == [("t", {"ok": 1})]
 
+
+
+# --- roles (docs/security.md) ---------------------------------------------------------
+
+WRAPPER = """
+create schema app_jobs;
+create function app_jobs.enqueue_email(recipient text, subject text)
+returns bigint
+language sql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+  select id from graphile_worker.add_job(
+    'send_email',
+    json_build_object('to', recipient, 'subject', subject),
+    queue_name => 'mail',
+    max_attempts => 10
+  );
+$$;
+revoke all on function app_jobs.enqueue_email(text, text) from public;
+grant usage on schema app_jobs to {app};
+grant execute on function app_jobs.enqueue_email(text, text) to {app};
+"""
+
+
+async def test_roles_and_security_definer_wrapper(kongtask_server: object) -> None:
+    """The owner migrates and runs workers; an app role adds jobs only via the wrapper."""
+    import uuid
+
+    from kongtask.testing import PostgresServer
+
+    assert isinstance(kongtask_server, PostgresServer)
+    tag = uuid.uuid4().hex[:8]
+    owner, app, dbname = f"kt_owner_{tag}", f"kt_app_{tag}", f"kt_roles_{tag}"
+    admin = kongtask_server.dsn
+    if "postgres@" not in admin:
+        pytest.skip("needs a server DSN of the form user@host to derive role DSNs")
+
+    def as_role(role: str) -> str:
+        return kongtask_server.dsn_for(dbname).replace("postgres@", f"{role}@", 1)
+
+    await trio.to_thread.run_sync(
+        run_sync_sql,
+        admin,
+        f"create role {owner} login",
+        f"create role {app} login",
+        f"create database {dbname} owner {owner}",
+    )
+    try:
+        await trio.to_thread.run_sync(migrate_sync, as_role(owner))
+        async with open_database(as_role(owner)) as owner_db:
+            await owner_db.execute(WRAPPER.format(app=app))
+            async with open_database(as_role(app)) as app_db:
+                job_id = await app_db.fetchval(
+                    "select app_jobs.enqueue_email('a@example.com', 'Welcome')"
+                )
+                assert isinstance(job_id, int)
+                with pytest.raises(Exception, match="permission denied for schema"):
+                    await app_db.fetchval(f"select {S}.add_job('send_email')")
+                # Granting the tables does not help: RLS with no policy hides every row.
+                await owner_db.execute(
+                    f"grant usage on schema {S} to {app}; "
+                    f"grant all on all tables in schema {S} to {app}"
+                )
+                assert await app_db.fetchval(f"select count(*) from {S}._private_jobs") == 0
+                with pytest.raises(Exception, match="row-level security"):
+                    await app_db.fetchval(f"select {S}.add_job('send_email')")
+            # A worker as the app role stops at start-up, saying why.
+            with pytest.raises(Exception, match="row-level security"):
+                async with open_worker(as_role(app), {"send_email": Recorder(1)}):
+                    raise AssertionError("not reached")
+            # The owner's worker runs the job the app added.
+            recorder = Recorder(1)
+            async with open_worker(as_role(owner), {"send_email": recorder}, poll_interval=0.2):
+                with trio.fail_after(20):
+                    await recorder.done.wait()
+            assert recorder.seen == [
+                ("send_email", {"to": "a@example.com", "subject": "Welcome"})
+            ]
+    finally:
+        await trio.to_thread.run_sync(
+            run_sync_sql,
+            admin,
+            f"drop database if exists {dbname} with (force)",
+            f"drop role if exists {app}",
+            f"drop role if exists {owner}",
+        )
