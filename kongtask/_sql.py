@@ -40,7 +40,10 @@ class WorkerQueries:
     Attributes (SQL strings, parameters in order):
       claim: ``$1 pool_id text, $2 task_ids int[], $3 limit int, $4 forbidden_flags
         text[] (NULL or empty = none), $5 now timestamptz (NULL = now())``. Returns the
-        claimed rows ordered by priority, run_at.
+        claimed rows ordered by priority, run_at, each also carrying ``n_candidates``:
+        how many jobs the claim considered (fewer than ``$3`` means nothing more is
+        ready right now; more candidates than rows means some were dropped because
+        their queue was busy, and another claim may find others).
       complete: ``$1 pool_id, $2 job_ids bigint[]``. Returns the deleted ids.
       fail: ``$1 pool_id, $2 job_ids bigint[], $3 messages text[], $4
         replacement_payloads text[]`` (a NULL element keeps the payload). Returns
@@ -139,7 +142,8 @@ claimed as (
   where j.id = c.id
   returning {_CLAIM_RETURNING}
 )
-select * from claimed order by priority asc, run_at asc
+select c.*, (select count(*) from candidates) as n_candidates
+from claimed c order by c.priority asc, c.run_at asc
 """
 
         # Complete (§5.4): delete by id (no locked_by check, as upstream), and unlock

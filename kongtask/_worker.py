@@ -695,8 +695,10 @@ class Worker:
                 errors = 0
                 if rows:
                     self._enqueue(rows)
-                    continue  # more may be ready (a claim drops same-queue siblings)
-                if self._once and self._quiet() and not wake.is_set():
+                    if len(rows) == size or rows[0]["n_candidates"] >= size or self._once:
+                        continue  # more may be ready (or same-queue siblings were dropped)
+                    # the claim saw every ready job: wait for news instead of asking again
+                elif self._once and self._quiet() and not wake.is_set():
                     # (a set `wake` means outcomes were written during the claim: a
                     # queue may have been unlocked after its snapshot, so look again)
                     log.info("pool %s: no job is ready; stopping (once)", self.pool_id)
