@@ -29,7 +29,7 @@ STALE_LOCK_INTERVAL = "4 hours"
 # `returning *` cost ~11% in the prototype, STACK.md). `queue_name` comes from the queue
 # row the claim locks anyway, so no second lookup is needed.
 _CLAIM_RETURNING = """
-    j.id, j.task_id, j.job_queue_id, lq.queue_name, j.payload::text as payload, j.priority,
+    j.id, j.task_id, j.job_queue_id, k.queue_name, j.payload::text as payload, j.priority,
     j.run_at, j.attempts, j.max_attempts, j.key, j.flags::text as flags, j.last_error,
     j.created_at, j.updated_at, j.locked_at, j.locked_by, j.revision"""
 
@@ -41,9 +41,8 @@ class WorkerQueries:
       claim: ``$1 pool_id text, $2 task_ids int[], $3 limit int, $4 forbidden_flags
         text[] (NULL or empty = none), $5 now timestamptz (NULL = now())``. Returns the
         claimed rows ordered by priority, run_at, each also carrying ``n_candidates``:
-        how many jobs the claim considered (fewer than ``$3`` means nothing more is
-        ready right now; more candidates than rows means some were dropped because
-        their queue was busy, and another claim may find others).
+        the larger of the two candidate scans (queued, unqueued); fewer than ``$3``
+        means the claim saw every job it could take right now.
       complete: ``$1 pool_id, $2 job_ids bigint[]``. Returns the deleted ids.
       fail: ``$1 pool_id, $2 job_ids bigint[], $3 messages text[], $4
         replacement_payloads text[]`` (a NULL element keeps the payload). Returns
@@ -80,69 +79,76 @@ class WorkerQueries:
         queues = f"{s}._private_job_queues"
 
         # Claim (SCHEMA.md §5.3). Steps:
-        # 1. `candidates`: the first $3 available jobs in (priority, run_at) order, row
-        #    locked with SKIP LOCKED so that concurrent claimers never wait on each
-        #    other. Jobs whose queue is visibly locked are filtered out early so they do
-        #    not use up the limit (the queue lock is re-checked in step 3).
+        # 1. Candidates, in two index-ordered scans, each at most $3 and row-locked with
+        #    SKIP LOCKED so concurrent claimers never wait on each other:
+        #    `queued` joins each job to its queue row and locks both (FOR UPDATE OF j, q),
+        #    so a job whose queue row is locked by anyone else, or whose queue is marked
+        #    busy (`is_available` is re-checked on the newest row version), is skipped
+        #    *before* the limit: it never uses up the claim. `unqueued` takes jobs
+        #    without a queue (its own partial index).
         # 2. `firsts`: at most one job per named queue (#621): keep the first candidate
         #    of each queue and drop the rest before anything is marked.
-        # 3. `locked_queues`: row-lock those queues, again SKIP LOCKED. FOR UPDATE
-        #    re-evaluates `is_available` on the newest row version, so a queue that
-        #    another pool locked (committed after our snapshot) is dropped here, and one
-        #    being locked right now is skipped. Either way its job is not claimed, so a
-        #    queue already locked never gets a second job.
-        # 4. Mark the kept queues and jobs with the pool id; attempts + 1.
+        # 3. `kept`: the first $3 by (priority, run_at) over both sets.
+        # 4. Mark the kept jobs' queues and the kept jobs with the pool id; attempts + 1.
+        # Every queue row locked in step 1 belongs to a queue with a kept candidate unless
+        # step 3 cut it; such a row is only row-locked until the statement ends.
         now = "coalesce($5::timestamptz, now())"
-        self.claim = f"""
-with candidates as (
-  select j.id, j.job_queue_id, j.priority, j.run_at
-  from {jobs} j
-  where j.is_available = true
+        job_filter = f"""j.is_available = true
     and j.run_at <= {now}
     and j.task_id = any($2::int[])
-    and (j.flags is null or $4::text[] is null or not (j.flags ?| $4::text[]))
-    and (j.job_queue_id is null or exists (
-      select 1 from {queues} q0 where q0.id = j.job_queue_id and q0.is_available = true))
+    and (j.flags is null or $4::text[] is null or not (j.flags ?| $4::text[]))"""
+        self.claim = f"""
+with queued as (
+  select j.id, j.job_queue_id, q.queue_name, j.priority, j.run_at
+  from {jobs} j
+  join {queues} q on q.id = j.job_queue_id
+  where {job_filter}
+    and q.is_available = true
+  order by j.priority asc, j.run_at asc
+  limit $3::int
+  for update of j, q skip locked
+),
+unqueued as (
+  select j.id, j.job_queue_id, null::text as queue_name, j.priority, j.run_at
+  from {jobs} j
+  where {job_filter}
+    and j.job_queue_id is null
   order by j.priority asc, j.run_at asc
   limit $3::int
   for update of j skip locked
 ),
-ranked as (
-  select c.id, c.job_queue_id,
-         row_number() over (partition by c.job_queue_id order by c.priority, c.run_at, c.id) as rn
-  from candidates c
-),
 firsts as (
-  select r.id, r.job_queue_id from ranked r where r.job_queue_id is null or r.rn = 1
+  select r.id, r.job_queue_id, r.queue_name, r.priority, r.run_at
+  from (
+    select qd.*, row_number() over (
+      partition by qd.job_queue_id order by qd.priority, qd.run_at, qd.id) as rn
+    from queued qd
+  ) r
+  where r.rn = 1
+  union all
+  select u.id, u.job_queue_id, u.queue_name, u.priority, u.run_at from unqueued u
 ),
-locked_queues as (
-  select q.id, q.queue_name
-  from {queues} q
-  where q.id in (select f.job_queue_id from firsts f where f.job_queue_id is not null)
-    and q.is_available = true
-  for update of q skip locked
-),
-claimable as (
-  select f.id, f.job_queue_id from firsts f
-  where f.job_queue_id is null
-     or f.job_queue_id in (select lq.id from locked_queues lq)
+kept as (
+  select f.id, f.job_queue_id, f.queue_name from firsts f
+  order by f.priority asc, f.run_at asc
+  limit $3::int
 ),
 marked_queues as (
   update {queues} q
   set locked_by = $1::text, locked_at = {now}
-  from locked_queues lq
-  where q.id = lq.id
+  from kept k
+  where q.id = k.job_queue_id
   returning q.id
 ),
 claimed as (
   update {jobs} j
   set attempts = j.attempts + 1, locked_by = $1::text, locked_at = {now}
-  from claimable c
-  left join locked_queues lq on lq.id = c.job_queue_id
-  where j.id = c.id
+  from kept k
+  where j.id = k.id
   returning {_CLAIM_RETURNING}
 )
-select c.*, (select count(*) from candidates) as n_candidates
+select c.*, greatest((select count(*) from queued), (select count(*) from unqueued))
+       as n_candidates
 from claimed c order by c.priority asc, c.run_at asc
 """
 

@@ -201,3 +201,18 @@ async def test_concurrent_claims_never_lock_two_jobs_of_a_queue(wdb: Database) -
         "and q.locked_by is distinct from j.locked_by"
     )
     assert bad == 0
+
+
+async def test_row_locked_queue_does_not_use_up_the_limit(wdb: Database) -> None:
+    # §5.3 step 1: a job whose queue row cannot be locked without waiting is no candidate
+    ids = await tasks(wdb, "t")
+    await add(wdb, "t", queue="busy", priority=-1)
+    free = await add(wdb, "t")
+    blocker = await wdb.connect()
+    try:
+        await wdb.run(blocker.execute, "begin")
+        await wdb.run(blocker.execute, f"select 1 from {JQ} where queue_name = 'busy' for update")
+        assert await claim(wdb, P1, [ids["t"]], 1) == [free]
+    finally:
+        await wdb.run(blocker.execute, "rollback")
+        await wdb.close_connection(blocker)
