@@ -524,3 +524,29 @@ async def test_claimed_jobs_waiting_past_the_ttl_are_returned(
         gate.set()
         await wait_until(lambda: w.statistics().completed == 5)
     await assert_clean(tdb)
+
+
+async def test_crontab_is_scheduled_and_no_prepared_statements(
+    tdb: Database, worker_dsn: str
+) -> None:
+    from kongtask._liveness import is_marked_pool_id
+
+    rec = Recorder()
+    items = kongtask.crontab("* * * * * t ?id=every_minute")
+    await tdb.execute(f"select {S}.add_job('t') from generate_series(1, 3)")
+    async with kongtask.open_worker(
+        worker_dsn, {"t": rec.handler}, crontab=items, prepared_statements=False
+    ) as w:
+        # behind pgBouncer no session lock can be held, so the id carries no marker
+        assert not is_marked_pool_id(w.pool_id)
+        await wait_until(lambda: w.statistics().completed == 3)
+
+        async def registered() -> bool:
+            n = await tdb.fetchval(
+                f"select count(*) from {S}._private_known_crontabs "
+                "where identifier = 'every_minute'"
+            )
+            return bool(n)
+
+        await wait_until(registered)
+    await assert_clean(tdb)
