@@ -803,12 +803,21 @@ class Worker:
     async def _worker_loop(self, index: int) -> None:
         try:
             local = self._local
+            current_time = trio.current_time
+            yielded = current_time()
             while True:
                 if self._stopping:
                     return  # start nothing new; the shutdown returns what is queued
                 if local:
                     job, _ = local.popleft()
                     await self._run_job(job)
+                    # Handlers that never await would keep this task running: yield at
+                    # least every millisecond (not after every job: a trio reschedule
+                    # per job was a large part of the per-job cost, STACK.md).
+                    now = current_time()
+                    if now - yielded >= 0.001:
+                        await trio.lowlevel.checkpoint()
+                        yielded = now
                     continue
                 if self._fetch_full:
                     self._fetch_wake.set()  # an idle worker with nothing queued
@@ -920,8 +929,6 @@ class Worker:
         # capacity freed: tell a fetcher that waits for it
         if self._fetch_full and len(self._local) + len(self._running) <= self._refill_below:
             self._fetch_wake.set()
-        # a job that does not await anything must still let the other tasks run
-        await trio.lowlevel.checkpoint()
 
     async def _call(self, runner: _Runner, job: Job, ctx: JobContext) -> object:
         if runner.is_async:
