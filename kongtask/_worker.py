@@ -73,6 +73,8 @@ PREFETCH_LOOKAHEAD: Final = 0.1
 STATEMENT_TIMEOUT: Final = 30.0
 #: How long a shutdown waits for the final flush of outcomes before giving up on it.
 FLUSH_TIMEOUT: Final = 30.0
+#: Consecutive non-transient errors writing outcomes before the pool shuts down (#636).
+GIVE_UP_AFTER: Final = 10
 #: Seconds between liveness checks of the LISTEN connection.
 LISTEN_KEEPALIVE: Final = 30.0
 
@@ -319,7 +321,13 @@ def _error_text(exc: BaseException) -> str:
     """``last_error`` for a handler exception: the message, then a short traceback."""
     message = str(exc) or NO_MESSAGE
     summary = "".join(traceback.format_exception(exc, limit=-5)).rstrip()
-    return f"{message}\n{summary}"
+    return _pg_text(f"{message}\n{summary}")
+
+
+def _pg_text(text: str) -> str:
+    # PostgreSQL text cannot hold NUL: one such message would fail its whole batch of
+    # outcomes on every retry, so it is escaped here
+    return text.replace("\x00", "\\0") if "\x00" in text else text
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -348,7 +356,8 @@ class Worker:
       pool_id: the id written to ``locked_by`` (``pool-`` + 18 hex digits).
       schema: the graphile-worker schema in use.
       exit_code: ``None`` while running normally; ``57`` after a breaking migration
-        notification stopped the pool (the CLI exits with it).
+        notification stopped the pool; ``1`` when outcomes could not be written after
+        repeated non-transient errors (the CLI exits with it).
     """
 
     def __init__(
@@ -965,7 +974,9 @@ class Worker:
         ]
         if not failed:
             return None
-        message = "Batch failures:\n" + "\n".join(str(r) or NO_MESSAGE for _, r in failed)
+        message = _pg_text(
+            "Batch failures:\n" + "\n".join(str(r) or NO_MESSAGE for _, r in failed)
+        )
         return message, json.dumps([item for item, _ in failed])
 
     # -- completer -------------------------------------------------------------
@@ -1004,6 +1015,17 @@ class Worker:
                     if conn is not None:
                         await self._db.close_connection(conn)
                         conn = None
+                    if not transient and errors == GIVE_UP_AFTER and not self._stopping:
+                        # retries are exhausted: stop taking new work (the outcomes are
+                        # kept and retried until the shutdown's flush deadline)
+                        log.error(
+                            "pool %s: outcomes still cannot be written after %d attempts; "
+                            "shutting down",
+                            self.pool_id,
+                            errors,
+                        )
+                        self.exit_code = self.exit_code or 1
+                        self.shutdown_nowait()
                     await trio.sleep(retry_delay(errors))
         finally:
             if conn is not None:

@@ -550,3 +550,22 @@ async def test_crontab_is_scheduled_and_no_prepared_statements(
 
         await wait_until(registered)
     await assert_clean(tdb)
+
+
+async def test_nul_in_an_error_message_does_not_poison_the_batch(
+    tdb: Database, worker_dsn: str
+) -> None:
+    rec = Recorder()
+
+    async def nul(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        await trio.sleep(HOLD)
+        raise ValueError("bad\x00byte")
+
+    bad = await tdb.fetchval(f"select id from {S}.add_job('nul')")
+    await tdb.execute(f"select {S}.add_job('t') from generate_series(1, 5)")
+    async with kongtask.open_worker(worker_dsn, {"nul": nul, "t": rec.handler}, concurrency=6) as w:
+        await wait_until(lambda: w.statistics().completed == 5 and w.statistics().failed == 1)
+    row = await tdb.fetchrow(f"select last_error from {J} where id = $1", bad)
+    assert row is not None
+    assert row["last_error"].startswith("bad\\0byte")
+    await assert_clean(tdb)
