@@ -19,6 +19,7 @@ from test_worker import assert_clean, wait_until
 
 from kongtask._cli_run import load_task_directory
 from kongtask._pg import Database, open_database
+from kongtask.testing import PostgresServer, run_sync_sql
 
 S = "graphile_worker"
 J = f"{S}._private_jobs"
@@ -150,3 +151,25 @@ async def test_breaking_migration_exits_57(tdb: Database, worker_dsn: str, proje
         code = await proc.wait()
     assert code == 57
     await assert_clean(tdb)
+
+
+async def test_demo_runs_and_cleans_up(kongtask_server: PostgresServer) -> None:
+    env = {**os.environ, "KONGTASK_TEST_DSN": kongtask_server.dsn}
+    with trio.fail_after(60):
+        proc = await trio.run_process(
+            kongtask_argv("demo", "--jobs-count", "40"),
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out + proc.stderr.decode()
+    assert "completed:          39 of 40" in out
+    assert "broken (attempts 1/1)" in out
+    left = await trio.to_thread.run_sync(
+        run_sync_sql,
+        kongtask_server.dsn,
+        "select count(*) from pg_database where datname like 'kongtask_demo_%'",
+    )
+    assert left[0][0]["count"] == 0  # type: ignore[index]
