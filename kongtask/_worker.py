@@ -416,8 +416,6 @@ class Worker:
         self._fetch_full = False  # fetcher waits for capacity (not for new jobs)
         self._fetch_idle = False  # fetcher found nothing ready and waits for news
         self._refill_below = 0
-        self._wake_other = False  # woken by something other than a notification
-        self._notified = 0
         self._listening = trio.Event()  # the liveness lock is held (marked pools)
         # job-rate estimate for the prefetch
         self._rate = 0.0
@@ -627,11 +625,7 @@ class Worker:
 
     # -- fetcher ------------------------------------------------------------
 
-    def _wake_fetcher(self, *, notified: int = 0) -> None:
-        if notified:
-            self._notified += notified
-        else:
-            self._wake_other = True
+    def _wake_fetcher(self) -> None:
         self._fetch_wake.set()
 
     def _forbidden_flags(self) -> list[str] | None:
@@ -669,7 +663,6 @@ class Worker:
         marked = is_marked_pool_id(self.pool_id)
         conn: Any = None
         errors = 0
-        cap: int | None = None
         try:
             while True:
                 if marked and not self._listening.is_set():
@@ -685,8 +678,6 @@ class Worker:
                         await wake.wait()
                     self._fetch_full = False
                     continue
-                if cap is not None:
-                    size, cap = min(size, cap), None
                 try:
                     if conn is None:
                         conn = await self._db.connect()
@@ -704,9 +695,10 @@ class Worker:
                 errors = 0
                 if rows:
                     self._enqueue(rows)
+                    # a candidate scan that hit the limit means more may be ready
                     if len(rows) == size or rows[0]["n_candidates"] >= size or self._once:
-                        continue  # more may be ready (or same-queue siblings were dropped)
-                    # the claim saw every ready job: wait for news instead of asking again
+                        continue
+                    # the claim saw every job it could take: wait for news
                 elif self._once and self._quiet() and not wake.is_set():
                     # (a set `wake` means outcomes were written during the claim: a
                     # queue may have been unlocked after its snapshot, so look again)
@@ -714,17 +706,12 @@ class Worker:
                     self.shutdown_nowait()
                     return
                 # nothing ready: wait for a NOTIFY, an unlocked queue, the poll or the TTL
-                self._notified = 0
-                self._wake_other = False
                 self._fetch_idle = True
                 with trio.move_on_at(
                     min(trio.current_time() + self._poll_interval, self._ttl_deadline())
                 ):
                     await wake.wait()
                 self._fetch_idle = False
-                if wake.is_set() and self._notified and not self._wake_other:
-                    # only notifications woke us: wake up to `count` idle slots (§5.8)
-                    cap = self._notified
         finally:
             if conn is not None:
                 await self._db.close_connection(conn)
@@ -1077,9 +1064,11 @@ class Worker:
     def _on_jobs_insert(self, conn: object, pid: int, channel: str, payload: str) -> None:
         # runs on the trio thread inside the asyncio loop: must never raise (STACK.md P3)
         try:
-            count = parse_insert_count(payload)
-            if count > 0:
-                self._wake_fetcher(notified=count)
+            # The fetcher claims up to its free capacity, so the count only says whether
+            # to wake it: a claim never takes more than are ready, and limiting it to
+            # the count would cost a second round trip whenever more were waiting.
+            if parse_insert_count(payload) > 0:
+                self._wake_fetcher()
         except Exception:
             log.exception("jobs:insert handler failed")
 
