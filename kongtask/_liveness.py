@@ -15,11 +15,11 @@ with odds about k**2 / 2**41 for k pools with rows at the same time (k = 1000: 5
 then the dead one's rows simply keep the 4-hour rule, because the live one holds the lock.
 
 **The liveness lock.** Each pool holds a session-level advisory lock, in the two-int form
-``pg_advisory_lock(1802465895, k2)``, on its LISTEN connection for its whole life. The
+``pg_advisory_lock(1802464871, k2)``, on its LISTEN connection for its whole life. The
 first key is the marker as an int4 (``0x6b6f6e67``), the second the last 8 hex digits
 of the id as a signed int4. The two-int form lives in its own key space in ``pg_locks``
 (``objsubid = 2``; the bigint form has ``objsubid = 1``), so it collides only with an
-application that takes two-int advisory locks with the first key 1802465895. Such a lock
+application that takes two-int advisory locks with the first key 1802464871. Such a lock
 can only make a dead pool look alive (its rows then keep the 4-hour rule) or make a new
 pool wait for its lock; it never makes a live pool look dead. The lock must live on a
 dedicated connection: asyncpg's pool runs ``pg_advisory_unlock_all()`` when a connection
@@ -64,6 +64,7 @@ release marked dead pools: that is one self-contained statement.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +72,15 @@ from dataclasses import dataclass
 import asyncpg
 import trio
 
-from ._liveness_sql import LOCK, LOCK_CLASS, MARKER, TRY_LOCK, LivenessQueries, liveness_queries
+from ._liveness_sql import (
+    LIVE_KEYS,
+    LOCK,
+    LOCK_CLASS,
+    MARKER,
+    TRY_LOCK,
+    LivenessQueries,
+    liveness_queries,
+)
 from ._pg import Database
 
 log = logging.getLogger("kongtask.liveness")
@@ -93,6 +102,8 @@ DEFAULT_CHECK_INTERVAL = 2.5
 #: Seconds after a server (re)start during which nothing is released: every pool is
 #: reconnecting then and none holds its lock yet.
 DEFAULT_RESTART_GRACE = 15.0
+#: Seconds between two full scans for dead pools (pools that died unseen by a sweeper).
+DEFAULT_FULL_SCAN_INTERVAL = 30.0
 #: Seconds a reconnecting pool waits for its own lock (held by its old, not yet reaped
 #: backend) before giving up and letting the caller retry the connection.
 DEFAULT_LOCK_WAIT = 60.0
@@ -202,31 +213,64 @@ class Release:
 class DeadPoolSweeper:
     """Finds provably dead kongtask pools and releases their rows.
 
-    A pool is released only if it was a suspect at the previous :meth:`check` and the
-    releasing statement still finds it dead (two observations at least one interval
-    apart; see the module docstring for why).
+    Two ways to become a suspect, both cheap at steady state:
+
+    - **A lock that vanished.** Every check reads the liveness locks held right now
+      (:data:`~kongtask._liveness_sql.LIVE_KEYS`: the lock table only). A key seen at the
+      previous check and gone now belongs to a pool that just died (or lost its LISTEN
+      connection).
+    - **A full scan**, at the first check and then every ``full_scan_interval`` seconds,
+      finds pools that died while this sweeper was not watching (before it started, or
+      too briefly alive to be seen). It reads both tables, so it is kept rare.
+
+    A suspect is released at the next check if the releasing statement still finds it
+    dead: two observations at least one interval apart (see the module docstring for
+    why). During the restart grace nothing is released and the suspects are kept.
     """
 
-    def __init__(self, schema: str, *, restart_grace: float = DEFAULT_RESTART_GRACE) -> None:
+    def __init__(
+        self,
+        schema: str,
+        *,
+        restart_grace: float = DEFAULT_RESTART_GRACE,
+        full_scan_interval: float = DEFAULT_FULL_SCAN_INTERVAL,
+    ) -> None:
         self.queries: LivenessQueries = liveness_queries(schema)
         self.restart_grace = restart_grace
-        self._suspects: list[str] = []
+        self.full_scan_interval = full_scan_interval
+        self._suspect_ids: set[str] = set()
+        self._suspect_keys: set[int] = set()
+        self._live_keys: set[int] = set()
+        self._next_full_scan = -math.inf
 
     async def check(self, db: Database) -> Release:
-        """One check: release last check's suspects that are still dead; collect new ones."""
-        suspects = self._suspects
+        """One check: release the last check's suspects that are still dead; find new ones."""
+        ids, keys = sorted(self._suspect_ids), sorted(self._suspect_keys)
         queries = self.queries
         grace = float(self.restart_grace)
+        now = trio.current_time()
+        full = now >= self._next_full_scan
 
-        async def unit(conn: asyncpg.Connection) -> tuple[asyncpg.Record | None, list[str]]:
+        async def unit(
+            conn: asyncpg.Connection,
+        ) -> tuple[asyncpg.Record | None, set[int], list[str]]:
             row = None
-            if suspects:
-                row = await conn.fetchrow(queries.release_dead_pools, suspects, grace)
-            found = [r["id"] for r in await conn.fetch(queries.dead_pools)]
-            return row, found
+            if ids or keys:
+                row = await conn.fetchrow(queries.release_dead_pools, ids, grace, keys)
+            live = {int(r["key"]) for r in await conn.fetch(LIVE_KEYS)}
+            found = [r["id"] for r in await conn.fetch(queries.dead_pools)] if full else []
+            return row, live, found
 
-        row, found = await db.with_connection(unit)
-        self._suspects = found
+        row, live, found = await db.with_connection(unit)
+        if full:
+            self._next_full_scan = now + self.full_scan_interval
+        in_grace = row is not None and bool(row["in_grace"])
+        vanished = self._live_keys - live
+        self._live_keys = live
+        if not in_grace:  # consumed; otherwise kept until the grace is over
+            self._suspect_ids, self._suspect_keys = set(), set()
+        self._suspect_ids.update(found)
+        self._suspect_keys.update(vanished)
         if row is None or not row["pools"]:
             return Release((), 0, 0)
         return Release(tuple(row["pools"]), int(row["jobs"]), int(row["queues"]))
@@ -239,7 +283,7 @@ class DeadPoolSweeper:
         """
 
         async def unit(conn: asyncpg.Connection) -> asyncpg.Record | None:
-            return await conn.fetchrow(self.queries.release_dead_pools, pool_ids, 0.0)
+            return await conn.fetchrow(self.queries.release_dead_pools, pool_ids, 0.0, [])
 
         row = await db.with_connection(unit)
         assert row is not None  # the statement always returns one row
@@ -252,10 +296,11 @@ async def run_dead_pool_sweeper(
     *,
     interval: float = DEFAULT_CHECK_INTERVAL,
     restart_grace: float = DEFAULT_RESTART_GRACE,
+    full_scan_interval: float = DEFAULT_FULL_SCAN_INTERVAL,
     on_release: Callable[[Release], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Check for provably dead pools every ``interval`` s (±20 % jitter), forever.
+    """Check for provably dead pools at once, then every ``interval`` s (±20 %), forever.
 
     A sibling task of the worker's nursery, next to the 4-hour sweep. Database errors
     are logged and the next check comes as usual: the sweeper must never take the pool
@@ -267,19 +312,23 @@ async def run_dead_pool_sweeper(
       interval: mean seconds between checks; a dead pool is released 1-2 intervals
         after it died (two observations), once the server has been up ``restart_grace`` s.
       restart_grace: see :data:`DEFAULT_RESTART_GRACE`.
+      full_scan_interval: see :class:`DeadPoolSweeper`.
       on_release: called with each non-empty :class:`Release` (events, logs, tests).
       task_status: started at once.
     """
-    sweeper = DeadPoolSweeper(schema, restart_grace=restart_grace)
+    sweeper = DeadPoolSweeper(
+        schema, restart_grace=restart_grace, full_scan_interval=full_scan_interval
+    )
     task_status.started()
     while True:
-        # Jitter spreads the checks of many pools so they do not scan in lockstep.
-        await trio.sleep(interval * (0.8 + 0.4 * secrets.randbelow(1001) / 1000))
         try:
             release = await sweeper.check(db)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("check for dead pools failed (will retry): %s", exc)
-            continue
+            release = Release((), 0, 0)
+        except Exception:  # a bug here must cost recovery time, never the pool
+            log.exception("check for dead pools failed (will retry)")
+            release = Release((), 0, 0)
         if release.pools:
             log.warning(
                 "released %d job(s) and %d queue(s) of dead pool(s) %s",
@@ -292,3 +341,5 @@ async def run_dead_pool_sweeper(
                     on_release(release)
                 except Exception:  # an observer's bug must not stop recovery
                     log.exception("on_release callback raised")
+        # Jitter spreads the checks of many pools so they do not scan in lockstep.
+        await trio.sleep(interval * (0.8 + 0.4 * secrets.randbelow(1001) / 1000))

@@ -15,7 +15,7 @@ from ._config import quote_ident
 #: The fixed part of every marked pool id's hex: ``"kong"`` in ASCII (0x6b 0x6f 0x6e 0x67).
 MARKER = "6b6f6e67"
 #: First key of the two-int advisory lock form: the same four bytes as a positive int4.
-LOCK_CLASS = int(MARKER, 16)  # 1802465895
+LOCK_CLASS = int(MARKER, 16)  # 1802464871
 
 # A marked pool id in full: the marker, then 40 random bits. Anchored, so a Node id that
 # merely contains the marker somewhere does not match.
@@ -25,6 +25,8 @@ _MARKED_ID_RE = f"^(ot)?pool-{MARKER}[0-9a-f]{{10}}$"
 # int4 (bit(32) -> int reinterprets the bits). :func:`kongtask._liveness.liveness_lock_key`
 # computes the same pair in Python.
 _KEY2 = "('x' || right({id}, 8))::bit(32)::int"
+# The same 32 bits as pg_locks shows them (unsigned).
+_KEY2_UNSIGNED = "('x' || right({id}, 8))::bit(32)::bigint"
 
 # "Somebody holds (or waits for) the liveness lock of pool {id} in this database."
 # A waiting request counts as alive on purpose: it is a live session of that pool (a
@@ -39,7 +41,7 @@ _LOCK_HELD = f"""exists (
                         where d.datname = pg_catalog.current_database())
       and l.classid = {LOCK_CLASS}::oid
       and l.objsubid = 2
-      and l.objid = ('x' || right({{id}}, 8))::bit(32)::bigint::oid
+      and l.objid = {_KEY2_UNSIGNED.format(id="{id}")}::oid
   )"""
 
 
@@ -50,6 +52,16 @@ TRY_LOCK = f"select pg_catalog.pg_try_advisory_lock({LOCK_CLASS}, {_KEY2.format(
 LOCK = f"select pg_catalog.pg_advisory_lock({LOCK_CLASS}, {_KEY2.format(id='$1::text')})"
 #: ``$1`` pool id -> whether any session of this database holds (or waits for) the lock.
 LOCK_HELD = "select " + _LOCK_HELD.format(id="$1::text")
+#: The second keys (unsigned, as ``pg_locks`` shows them) of every liveness lock held or
+#: awaited in this database right now: the kongtask pools alive at this moment. Cheap
+#: (the lock table, no scan of the jobs), so sweepers run it at every check.
+LIVE_KEYS = f"""
+select l.objid::bigint as key from pg_catalog.pg_locks as l
+where l.locktype = 'advisory'
+  and l.database = (select d.oid from pg_catalog.pg_database as d
+                    where d.datname = pg_catalog.current_database())
+  and l.classid = {LOCK_CLASS}::oid
+  and l.objsubid = 2"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +70,13 @@ class LivenessQueries:
 
     Attributes:
       dead_pools: the marked pool ids that lock jobs or queue rows and whose liveness
-        lock nobody holds: the suspects of one check.
-      release_dead_pools: ``$1`` suspects (text[]), ``$2`` restart grace in seconds ->
-        one row ``(pools, jobs, queues)``: the ids released and how many rows each table
-        got back. Re-checks every suspect in the same statement.
+        lock nobody holds (a full scan of both tables: run it rarely).
+      release_dead_pools: ``$1`` suspect pool ids (text[]), ``$2`` restart grace in
+        seconds, ``$3`` suspect lock keys (bigint[], unsigned, from :data:`LIVE_KEYS`) ->
+        one row ``(pools, jobs, queues, in_grace)``: the ids released, how many rows each
+        table got back, and whether the restart grace stopped it (then nothing was
+        touched). Re-checks every suspect in the same statement. Scans the tables only
+        when given suspect keys.
     """
 
     dead_pools: str
@@ -93,11 +108,28 @@ where not {_LOCK_HELD.format(id="p.id")}""",
         # Queue rows: both lock columns cleared. Then one jobs:insert notification in
         # the format add_jobs sends, so idle workers pick the jobs up without polling.
         release_dead_pools=f"""
-with dead as (
+with grace as (
+  select now() - pg_catalog.pg_postmaster_start_time() < make_interval(secs => $2::float8)
+         as active
+), candidates as (
   select p.id from unnest($1::text[]) as p(id)
   where p.id ~ '{_MARKED_ID_RE}'
-    and now() - pg_catalog.pg_postmaster_start_time() >= make_interval(secs => $2::float8)
-    and not {_LOCK_HELD.format(id="p.id")}
+  union
+  -- Pools known only by the key of a lock that vanished: find their ids in the rows.
+  -- (Constant conditions first: PostgreSQL skips the scan when there is no such key.)
+  select j.locked_by from {s}._private_jobs as j
+   where cardinality($3::bigint[]) > 0 and not (select g.active from grace as g)
+     and j.locked_at is not null and j.locked_by ~ '{_MARKED_ID_RE}'
+     and {_KEY2_UNSIGNED.format(id="j.locked_by")} = any($3::bigint[])
+  union
+  select q.locked_by from {s}._private_job_queues as q
+   where cardinality($3::bigint[]) > 0 and not (select g.active from grace as g)
+     and q.locked_at is not null and q.locked_by ~ '{_MARKED_ID_RE}'
+     and {_KEY2_UNSIGNED.format(id="q.locked_by")} = any($3::bigint[])
+), dead as (
+  select c.id from candidates as c
+  where not (select g.active from grace as g)
+    and not {_LOCK_HELD.format(id="c.id")}
 ), released_jobs as (
   update {s}._private_jobs as j
      set locked_at = null, locked_by = null, run_at = greatest(j.run_at, now())
@@ -115,6 +147,7 @@ with dead as (
          (select count(*) from released_queues) as queues
 )
 select array(select id from dead order by id) as pools, c.jobs, c.queues,
+       (select g.active from grace as g) as in_grace,
        case when c.jobs > 0 then pg_catalog.pg_notify(
          'jobs:insert', '{{"r":' || random() || ',"count":' || c.jobs || '}}'
        ) end as notified
