@@ -28,8 +28,10 @@ the process dies, the server ends its sessions and the lock disappears with them
 
 **Provably dead** = the id has the marker and no session of this database holds or waits
 for its liveness lock. Every kongtask sweeper checks every few seconds
-(:func:`run_dead_pool_sweeper`); a pool seen dead at two consecutive checks, and still
-dead in the releasing statement itself, gets its jobs back (lock columns cleared,
+(:func:`run_dead_pool_sweeper`, :class:`DeadPoolSweeper`: suspects come from locks that
+vanished since the previous check, and from a rare full scan of the tables); a pool seen
+dead at two consecutive checks, and still dead in the releasing statement itself, gets
+its jobs back (lock columns cleared,
 ``attempts`` kept, ``run_at := greatest(run_at, now())``, as the 4-hour sweep does) and
 its queue rows unlocked. Rows of unmarked pools (Node's, or kongtask behind pgBouncer)
 keep the 4-hour rule.
