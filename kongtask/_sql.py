@@ -53,6 +53,7 @@ class WorkerQueries:
       return_jobs: ``$1 pool_id, $2 job_ids bigint[]``. Returns the returned ids.
       release_pool: ``$1 pool_id``: return every job still locked by the pool and unlock
         its queues (the safety net at the end of a shutdown).
+      locked_by_pool: ``$1 pool_id``; the ids of the jobs the pool has locked.
       sweep_stale: no parameters; returns ``jobs, queues`` (counts released).
       register_tasks: ``$1 identifiers text[]``; returns ``id, identifier`` rows for
         those identifiers, inserting only the missing ones (#619).
@@ -65,6 +66,7 @@ class WorkerQueries:
         "complete",
         "complete_and_fail",
         "fail",
+        "locked_by_pool",
         "register_tasks",
         "release_pool",
         "return_jobs",
@@ -257,6 +259,10 @@ unlocked as (
 )
 select (select count(*) from returned) as jobs, (select count(*) from unlocked) as queues
 """
+
+        # The ids this pool holds in the database; the pool compares them with what it
+        # knows after a claim whose reply was lost (it may have committed).
+        self.locked_by_pool = f"select j.id from {jobs} j where j.locked_by = $1::text"
 
         # Stale locks (§5.7): 4 h, attempts not decremented, run_at not in the past.
         self.sweep_stale = f"""

@@ -417,6 +417,8 @@ class Worker:
         self._fetch_idle = False  # fetcher found nothing ready and waits for news
         self._refill_below = 0
         self._listening = trio.Event()  # the liveness lock is held (marked pools)
+        self._reconcile = False  # a claim may have committed without us seeing its rows
+        self._writing: tuple[list[Job], list[tuple[Job, str, str | None]]] = ([], [])
         # job-rate estimate for the prefetch
         self._rate = 0.0
         self._rate_t = 0.0
@@ -546,6 +548,7 @@ class Worker:
                         await background.start(self._notifier)
                         background.start_soon(self._fetcher)
                         background.start_soon(self._sweeper)
+                        background.start_soon(self._dead_pool_sweeper)
                         self._start_cron(background)
                         task_status.started()
                         await self._stop_requested.wait()
@@ -670,6 +673,8 @@ class Worker:
                     # connection), or a dead-pool sweeper could release what we claim
                     await self._listening.wait()
                 wake = self._fetch_wake = trio.Event()
+                if self._reconcile:
+                    await self._reconcile_locks()
                 self._expire_local()
                 size = self._claim_size()
                 if size <= 0:
@@ -684,6 +689,8 @@ class Worker:
                     rows = await self._claim(conn, size)
                 except Exception as exc:
                     errors += 1
+                    # the claim may have committed and only its reply been lost
+                    self._schedule_reconcile()
                     self._events.emit("worker:getJob:error", error=exc)
                     log.warning("pool %s: claiming jobs failed (%s); retrying", self.pool_id, exc)
                     if conn is not None:
@@ -715,6 +722,54 @@ class Worker:
         finally:
             if conn is not None:
                 await self._db.close_connection(conn)
+
+    def _schedule_reconcile(self) -> None:
+        """Compare the jobs locked by this pool with the ones it knows, before the next claim."""
+        self._reconcile = True
+
+    async def _reconcile_locks(self) -> None:
+        """Return jobs locked by this pool that it does not know about.
+
+        A claim that committed although its reply was lost (connection cut, timeout)
+        leaves such jobs: locked by a live pool, they would wait for the 4-hour sweep.
+        Runs in the fetcher between claims, so no claim is in flight; a job that is
+        known (queued, running, its outcome pending or being written, being returned)
+        is never touched, and one that finished meanwhile is no longer ``locked_by``
+        us, so the return statement skips it.
+        """
+        try:
+            rows = await self._db.fetch(self._q.locked_by_pool, self.pool_id)
+        except Exception as exc:
+            log.warning("pool %s: checking its locks failed (will retry): %s", self.pool_id, exc)
+            return
+        known = {job.id for job, _ in self._local}
+        known.update(self._running)
+        known.update(job.id for job in self._ok)
+        known.update(job.id for job, _, _ in self._fail)
+        known.update(job.id for job in self._writing[0])
+        known.update(job.id for job, _, _ in self._writing[1])
+        for jobs in self._pending_returns:
+            known.update(job.id for job in jobs)
+        unknown = [int(r["id"]) for r in rows if int(r["id"]) not in known]
+        self._reconcile = False
+        if not unknown:
+            return
+        log.warning(
+            "pool %s: returning %d job(s) locked by a claim whose reply was lost",
+            self.pool_id,
+            len(unknown),
+        )
+        with trio.CancelScope(shield=True), trio.move_on_after(STATEMENT_TIMEOUT):
+            try:
+                returned = await self._db.with_connection(
+                    return_jobs, self._q, self.pool_id, unknown
+                )
+            except Exception as exc:
+                log.warning("pool %s: returning them failed (will retry): %s", self.pool_id, exc)
+                self._reconcile = True
+                return
+        self._returned += len(returned)
+        self._events.emit("job:returned", job_ids=tuple(returned), reason="lost claim")
 
     def _quiet(self) -> bool:
         return not (self._local or self._running or self._ok or self._fail or self._flushing)
@@ -961,9 +1016,7 @@ class Worker:
         ]
         if not failed:
             return None
-        message = _pg_text(
-            "Batch failures:\n" + "\n".join(str(r) or NO_MESSAGE for _, r in failed)
-        )
+        message = _pg_text("Batch failures:\n" + "\n".join(str(r) or NO_MESSAGE for _, r in failed))
         return message, json.dumps([item for item, _ in failed])
 
     # -- completer -------------------------------------------------------------
@@ -1026,6 +1079,7 @@ class Worker:
             return
         self._ok, self._fail = [], []
         self._flushing = True
+        self._writing = (ok, fail)
         try:
             # shielded: a statement cancelled after it committed must not be forgotten
             # (it would be retried harmlessly, but the shutdown needs the answer)
@@ -1049,6 +1103,7 @@ class Worker:
             raise
         finally:
             self._flushing = False
+            self._writing = ([], [])
         self._completed += len(ok)
         self._failed += len(fail)
         if (
@@ -1127,7 +1182,25 @@ class Worker:
             await trio.sleep(listen_reconnect_delay(attempt))
             attempt += 1
 
-    # -- sweeper -------------------------------------------------------------
+    # -- sweepers -------------------------------------------------------------
+
+    async def _dead_pool_sweeper(self) -> None:
+        """Release the rows of provably dead kongtask pools within seconds (``_liveness``)."""
+        from . import _liveness
+
+        def on_release(release: _liveness.Release) -> None:
+            self._events.emit(
+                "pool:sweep", jobs=release.jobs, queues=release.queues, pools=release.pools
+            )
+            self._wake_fetcher()
+
+        await _liveness.run_dead_pool_sweeper(
+            self._db,
+            self.schema,
+            # read at call time, so a changed module default applies
+            restart_grace=_liveness.DEFAULT_RESTART_GRACE,
+            on_release=on_release,
+        )
 
     async def _sweeper(self) -> None:
         for delay in sweep_delays():
