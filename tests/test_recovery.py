@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, timedelta
+from pathlib import Path
 
 import pytest
 import trio
@@ -66,6 +67,7 @@ def test_pool_id_format_and_marker() -> None:
 
 async def test_lock_key_matches_pg_locks(ldb: Database) -> None:
     pool_id = "pool-6b6f6e6700ffffffff"  # the second key is negative as an int4
+    assert LOCK_CLASS == 1802464871 == 0x6B6F6E67  # as the docs say
     assert liveness_lock_key(pool_id) == (LOCK_CLASS, -1)
     conn = await ldb.connect()
     try:
@@ -273,3 +275,157 @@ async def _listen(db: Database) -> AsyncIterator[_Notes]:
     finally:
         await db.close_connection(conn)
 
+
+
+# --- end to end: kill -9 a worker process, its jobs run elsewhere within seconds ----------
+
+# The tasks module of the `kongtask run` process under test: a handler that says it
+# started and then blocks until the process is killed.
+_BLOCKER = """
+import trio
+
+async def block(job, ctx):
+    print(f"started {job.id} {ctx.pool_id}", flush=True)
+    await trio.sleep_forever()
+
+TASKS = {"block": block}
+"""
+_CLI = "import sys, trio, kongtask; sys.exit(trio.run(kongtask.main))"
+
+
+async def test_killed_worker_jobs_run_elsewhere_within_seconds(
+    kongtask_dsn: str, ldb: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """kill -9 a real ``kongtask run`` holding jobs: they run elsewhere within 10 s."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from kongtask import Client
+    from kongtask._worker import open_worker
+
+    # The test server may have started moments ago; the restart grace protects
+    # reconnecting pools after a server restart and is not what this test is about.
+    monkeypatch.setattr("kongtask._liveness.DEFAULT_RESTART_GRACE", 0.0)
+    client = Client(ldb, S)
+    jobs = [
+        (await client.add_job("block", {"i": i}, queue_name="serial" if i == 0 else None)).id
+        for i in range(3)
+    ]
+    # A Node pool's job (no marker, fresh lock): it must keep the 4-hour rule.
+    node_pool = "pool-16bf8f36ad00b4482e"
+    node_job = (await client.add_job("block", {"node": True})).id
+    await ldb.execute(
+        f"update {S}._private_jobs set locked_by = $1, locked_at = now(), attempts = 1 "
+        "where id = $2",
+        node_pool,
+        node_job,
+    )
+
+    (tmp_path / "blocker.py").write_text(_BLOCKER)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _CLI, "--log-level", "WARNING", "run", "-c", kongtask_dsn,
+         "--tasks", "blocker:TASKS", "-j", "4", "--poll-interval", "100"],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.stdout is not None
+    try:
+        buffer = b""
+        with trio.fail_after(20):
+            while buffer.count(b"started") < 3:
+                chunk = await proc.stdout.receive_some(4096)
+                assert chunk, "kongtask run exited early"
+                buffer += chunk
+        pool_id = buffer.split()[2].decode()
+        assert is_marked_pool_id(pool_id)
+        assert await _locks(ldb, jobs) == [(pool_id, 1)] * 3
+
+        ran: dict[int, float] = {}
+        all_ran = trio.Event()
+
+        async def block(job: object, ctx: object) -> None:
+            ran[job.id] = trio.current_time()  # type: ignore[attr-defined]
+            if set(jobs) <= set(ran):
+                all_ran.set()
+
+        async with open_worker(kongtask_dsn, {"block": block}, poll_interval=0.2):
+            proc.send_signal(signal.SIGKILL)
+            killed_at = trio.current_time()
+            with trio.fail_after(10):
+                await all_ran.wait()
+        recovery = max(ran[j] for j in jobs) - killed_at
+        print(f"\nkill -9 -> all 3 jobs running elsewhere: {recovery:.2f} s")
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    assert node_job not in ran
+    rows = await ldb.fetch(f"select id, locked_by, attempts from {S}._private_jobs order by id")
+    # The three ran a second time (attempts 2: the killed attempt counts) and completed;
+    # the Node pool's job is still locked by it.
+    assert [tuple(r) for r in rows] == [(node_job, node_pool, 1)]
+
+
+async def test_pool_retakes_its_lock_after_losing_its_listener(
+    kongtask_dsn: str, ldb: Database
+) -> None:
+    """Kill the backend of the pool's LISTEN connection: the lock comes back, jobs run."""
+    from kongtask import Client
+    from kongtask._worker import open_worker
+
+    ran = trio.Event()
+
+    async def job(job: object, ctx: object) -> None:
+        ran.set()
+
+    holder = (
+        "select pid from pg_locks where locktype = 'advisory' and objsubid = 2 "
+        f"and classid = {LOCK_CLASS}::oid and granted"
+    )
+    async with open_worker(kongtask_dsn, {"job": job}, poll_interval=0.2) as worker:
+        assert await ldb.fetchval(LOCK_HELD, worker.pool_id) is True
+        old_pid = await ldb.fetchval(holder)
+        assert await ldb.fetchval("select pg_terminate_backend($1)", old_pid)
+        with trio.fail_after(10):
+            while True:
+                pid = await ldb.fetchval(holder)
+                if pid is not None and pid != old_pid:
+                    break
+                await trio.sleep(0.05)
+        await Client(ldb, S).add_job("job", {})
+        with trio.fail_after(10):
+            await ran.wait()
+
+
+async def test_jobs_of_a_lost_claim_reply_are_returned(kongtask_dsn: str, ldb: Database) -> None:
+    """A claim that committed although its reply was lost leaves jobs locked by a live
+    pool that does not know them: the pool finds them and gives them back."""
+    from datetime import datetime, timedelta
+
+    from kongtask import Client
+    from kongtask._worker import open_worker
+
+    async def job(job: object, ctx: object) -> None:
+        raise AssertionError("not due yet: never runs")
+
+    later = datetime.now(UTC) + timedelta(hours=1)
+    async with open_worker(kongtask_dsn, {"job": job}, poll_interval=0.2) as worker:
+        job_id = (await Client(ldb, S).add_job("job", {}, run_at=later)).id
+        # Simulate the lost reply: lock the job for this pool behind its back, as a claim
+        # that committed would have.
+        await ldb.execute(
+            f"update {S}._private_jobs set locked_by = $1, locked_at = now(), "
+            "attempts = attempts + 1 where id = $2",
+            worker.pool_id,
+            job_id,
+        )
+        worker._schedule_reconcile()  # what a failed claim does
+        worker._wake_fetcher()
+        await _poll(
+            ldb,
+            f"select locked_by is null and attempts = 0 from {S}._private_jobs where id = $1",
+            job_id,
+        )
