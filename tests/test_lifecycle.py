@@ -55,6 +55,27 @@ def test_graphile_worker_schema(gw_dsn: str) -> None:
         assert harness.examples >= EXAMPLES
 
 
+@pytest.mark.oracle
+def test_graphile_worker_0_17_schema_and_issue_619(kongtask_database_factory: object) -> None:
+    """graphile-worker 0.17.3's bodies burn identity values (#619): the detected flavour
+    says so and skips that check; forcing the 0.18 rules finds it at once."""
+    from oracle import oracle_migrate, require_oracle
+
+    require_oracle("0.17.3")
+    dsn: str = kongtask_database_factory(migrated=False)  # type: ignore[operator]
+    oracle_migrate(dsn, version="0.17.3")
+    assert lc.detect_flavour(dsn, "graphile_worker") is SchemaFlavour.GRAPHILE_WORKER_0_17
+    with open_lifecycle_harness(dsn, flavour=SchemaFlavour.GRAPHILE_WORKER_0_17) as harness:
+        run_lifecycle_machine(harness, examples=20, seed=3)
+    with (
+        open_lifecycle_harness(dsn, flavour=SchemaFlavour.GRAPHILE_WORKER) as harness,
+        pytest.raises(InvariantViolation) as caught,
+    ):
+        run_lifecycle_machine(harness, seed=3, settings_=lifecycle_settings(50, shrink=False))
+    assert caught.value.invariant == "no_identity_burn", str(caught.value)
+    assert "#619" in caught.value.detail
+
+
 def test_custom_schema_name(kongtask_database_factory: object) -> None:
     """A schema name that needs quoting; the machine never touches graphile_worker."""
     from kongtask._migrate import migrate_sync
