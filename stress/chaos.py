@@ -734,7 +734,7 @@ async def scenario_faults() -> Outcome:
                 if name == "batch_partial" and row["payload"] != "[2]":
                     got = f"failed with payload {row['payload']}"
             else:
-                got, detail = "stuck", repr(dict(row))
+                got, detail = "pending", repr(dict(row))
             last_error = (row["last_error"] if row is not None else None) or ""
             good = got == expected and (not text or text in last_error)
             wrong += not good
