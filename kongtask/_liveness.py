@@ -75,6 +75,7 @@ import asyncpg
 import trio
 
 from ._liveness_sql import (
+    KEEPALIVES,
     LIVE_KEYS,
     LOCK,
     LOCK_CLASS,
@@ -169,6 +170,12 @@ async def hold_liveness_lock(
     after every reconnect, before claiming again). Returns once the lock is held; it is
     released when the connection closes, which is the point.
 
+    It also turns on short server-side TCP keepalives for this session (about 25 s to
+    notice a client that vanished without closing its socket: a host crash, a network
+    partition). Without them the server keeps a half-open session, and its lock, for the
+    OS default of two hours: the dead pool would look alive, and a reconnecting one would
+    wait for its own ghost.
+
     If the lock is busy, the usual holder is this very pool's previous connection, whose
     backend the server has not reaped yet (a cut connection). Waiting for it is right:
     while it lives the pool looks alive through it, and the lock passes to this session
@@ -185,6 +192,10 @@ async def hold_liveness_lock(
     """
     if not is_marked_pool_id(pool_id):
         raise ValueError(f"{pool_id!r} is not a kongtask pool id with the liveness marker")
+    try:
+        await conn.execute(KEEPALIVES)
+    except asyncpg.PostgresError as exc:  # a platform without these socket options
+        log.debug("cannot set TCP keepalives on the liveness connection: %s", exc)
     if await conn.fetchval(TRY_LOCK, pool_id):
         return
     log.warning(

@@ -80,6 +80,9 @@ async def test_lock_key_matches_pg_locks(ldb: Database) -> None:
         assert [tuple(r) for r in rows] == [(LOCK_CLASS, 0xFFFFFFFF, 2)]
         assert await ldb.fetchval(LOCK_HELD, pool_id) is True
         assert await ldb.fetchval(LOCK_HELD, "pool-6b6f6e6700fffffffe") is False
+        # The session holding the lock has short TCP keepalives: a vanished client's
+        # session (and lock) goes in seconds, not the OS default of two hours.
+        assert await ldb.run(conn.fetchval, "show tcp_keepalives_idle") in ("10", "10s")
     finally:
         await ldb.close_connection(conn)
     assert await ldb.fetchval(LOCK_HELD, pool_id) is False
