@@ -111,10 +111,12 @@ async def test_run_once_with_module_and_directory(
     await assert_clean(tdb)
 
 
-async def _run_until_job_runs(worker_dsn: str, project: Path, tdb: Database) -> trio.Process:
+async def _run_until_job_runs(
+    worker_dsn: str, project: Path, tdb: Database, grace: str = "0.5"
+) -> trio.Process:
     await tdb.execute(f"select {S}.add_job('forever')")
     proc = await trio.lowlevel.open_process(
-        kongtask_argv("run", "-c", worker_dsn, "--tasks", "my_tasks:tasks", "--grace", "0.5"),
+        kongtask_argv("run", "-c", worker_dsn, "--tasks", "my_tasks:tasks", "--grace", grace),
         cwd=project,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -173,3 +175,20 @@ async def test_demo_runs_and_cleans_up(kongtask_server: PostgresServer) -> None:
         "select count(*) from pg_database where datname like 'kongtask_demo_%'",
     )
     assert left[0][0]["count"] == 0  # type: ignore[index]
+
+
+async def test_second_signal_stops_at_once(tdb: Database, worker_dsn: str, project: Path) -> None:
+    proc = await _run_until_job_runs(worker_dsn, project, tdb, grace="60")
+    proc.send_signal(signal.SIGINT)
+    with trio.move_on_after(0.5):  # still within the 60 s grace: it keeps running
+        await proc.wait()
+    assert proc.returncode is None
+    proc.send_signal(signal.SIGINT)
+    with trio.fail_after(10):
+        code = await proc.wait()
+    assert code == 0
+    row = await tdb.fetchrow(f"select attempts, last_error, locked_by from {J}")
+    assert row is not None
+    assert (row["attempts"], row["locked_by"]) == (1, None)
+    assert row["last_error"] == "Worker pool is shutting down gracefully"
+    await assert_clean(tdb)
