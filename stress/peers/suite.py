@@ -41,17 +41,21 @@ KONGTASK_TUNED: dict[str, Any] = {"batch_size": 1000}
 ALL_SYSTEMS = ("kongtask", "kongtask-tuned", "gw", "gw-ht", "pgqueuer", "procrastinate")
 
 
-def kongtask_systems(keys: list[str], base_src: str | None = None) -> list[System]:
+def kongtask_systems(
+    keys: list[str], base_src: str | None = None, src: str | None = None
+) -> list[System]:
     out = []
     if base_src:
         out.append(
             kongtask_system("kongtask-base", f"kongtask defaults from {base_src}", {}, src=base_src)
         )
     if "kongtask" in keys:
-        out.append(kongtask_system("kongtask", "kongtask defaults", {}))
+        out.append(kongtask_system("kongtask", "kongtask defaults", {}, src=src))
     if "kongtask-tuned" in keys:
         opts = ", ".join(f"{k}={v}" for k, v in KONGTASK_TUNED.items())
-        out.append(kongtask_system("kongtask-tuned", f"kongtask tuned ({opts})", KONGTASK_TUNED))
+        out.append(
+            kongtask_system("kongtask-tuned", f"kongtask tuned ({opts})", KONGTASK_TUNED, src=src)
+        )
     return out
 
 
@@ -236,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     p.add_argument(
+        "--kongtask-src",
+        metavar="DIR",
+        help="import kongtask from DIR (a folder holding a kongtask package) instead of "
+        "this repository, for both kongtask systems",
+    )
+    p.add_argument(
         "--base-src",
         metavar="DIR",
         help="also run kongtask (defaults) imported from DIR, e.g. a checkout of an "
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = [k.strip() for k in args.systems.split(",") if k.strip()]
     if args.quick:
         args.jobs, args.latency_jobs, args.reps = 2000, 100, 1
-    systems = kongtask_systems(keys, args.base_src) + peer_systems(
+    systems = kongtask_systems(keys, args.base_src, args.kongtask_src) + peer_systems(
         [k for k in keys if not k.startswith("kongtask")], say
     )
     sizes = {
