@@ -26,6 +26,7 @@ from kongtask.testing import provide_postgres, run_sync_sql
 from kongtask.testing.lifecycle import (
     INVARIANTS,
     SchemaFlavour,
+    describe_failure,
     detect_flavour,
     lifecycle_settings,
     open_lifecycle_harness,
@@ -84,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"soak: VIOLATION in batch seed {seed} (steps {steps}) after {total} examples"
                 )
-                print(f"soak: {type(exc).__name__}: {exc}")
-                for note in getattr(exc, "__notes__", ()):
-                    print(note)
+                for line in describe_failure(exc):
+                    print(line)
                 return 1
             total += harness.examples - before
             elapsed = time.perf_counter() - started

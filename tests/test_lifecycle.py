@@ -334,3 +334,49 @@ def test_every_reported_name_is_documented() -> None:
     names |= set(re.findall(r"InvariantViolation\(\s*\"([a-z_]+)\"", worker_source))
     assert names, "no invariant names found"
     assert names <= set(INVARIANTS), names - set(INVARIANTS)
+
+
+@pytest.mark.parametrize("outcome", ["fail", "complete"])
+def test_zombie_pool_scenario(kongtask_dsn: str, outcome: str) -> None:
+    """Rules called directly: pool 0 claims, is force-unlocked, pool 1 claims the same job,
+    then the zombie (pool 0's old incarnation) finishes it late."""
+    template = lc.JobTemplate(identifier="task_a", queue_name="q1")
+    with open_lifecycle_harness(kongtask_dsn) as harness:
+        machine = lc.lifecycle_machine(harness)()
+        machine.seed_jobs([template, template])
+        machine.claim_batch(slot=0)
+        assert len(machine.model.pools[0].held) == 1
+        zombie_id = machine.model.pools[0].pool_id
+        machine.force_unlock_workers(picks=[0])
+        assert machine.model.zombies[-1].pool_id == zombie_id
+        machine.claim_batch(slot=1)
+        (job_id,) = machine.model.pools[1].held
+        assert machine.model.zombies[-1].held == [job_id]
+        live = machine.model.pools[1].pool_id
+        machine.zombie_finishes(which=0, picks=[0], outcome=outcome)
+        if outcome == "fail":
+            # fail only touches rows still locked by the zombie: pool 1's lock survives
+            assert machine.model.jobs[job_id].locked_by == live
+        else:
+            # complete has no locked_by check: the job goes, pool 1 forgets it, and q1
+            # stays locked by pool 1 (a queue row is unlocked only by its holder)
+            assert job_id not in machine.model.jobs
+            assert machine.model.pools[1].held == []
+            assert machine.model.queues["q1"].locked_by == live
+        machine.teardown()
+
+
+def test_fail_without_pool_check_is_caught_by_the_zombie(kongtask_dsn: str) -> None:
+    statements = _broken(
+        "fail", "where j.id = i.id and j.locked_by = $1::text", "where j.id = i.id"
+    )
+    template = lc.JobTemplate(identifier="task_a")
+    with open_lifecycle_harness(kongtask_dsn, statements=statements) as harness:
+        machine = lc.lifecycle_machine(harness)()
+        machine.seed_jobs([template])
+        machine.claim_batch(slot=0)
+        machine.force_unlock_workers(picks=[0])
+        machine.claim_batch(slot=1)
+        with pytest.raises(InvariantViolation) as caught:
+            machine.zombie_finishes(which=0, picks=[0], outcome="fail")
+    assert caught.value.invariant == "job_locks", str(caught.value)

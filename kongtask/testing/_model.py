@@ -154,6 +154,9 @@ class Model:
         self.registered: dict[str, int] = {}  # identifiers a worker registered -> task id
         self.pools = [Pool(slot) for slot in range(pools)]
         self.dead_pool_ids: list[str] = []
+        # Pools declared dead (force-unlocked, or crashed with stale locks) that still
+        # believe they run some jobs: the machine may let them act late ("zombies").
+        self.zombies: list[Pool] = []
         self.seq: dict[str, int] = {"tasks": 0, "queues": 0}
 
     # ----- helpers -------------------------------------------------------------------
@@ -170,10 +173,24 @@ class Model:
         return None
 
     def kill_pool(self, pool: Pool) -> None:
-        """The pool crashed (or was declared dead): it forgets its jobs and restarts."""
+        """The pool crashed (or was declared dead): it restarts with a new pool id.
+
+        The old incarnation is kept as a zombie that may still finish its jobs late.
+        """
         self.dead_pool_ids.append(pool.pool_id)
-        pool.held.clear()
+        if pool.held:
+            self.zombies = [
+                *self.zombies[-3:],
+                Pool(pool.slot, pool.incarnation, list(pool.held)),
+            ]
+        pool.held = []
         pool.incarnation += 1
+
+    def forget(self, ids: Iterable[int]) -> None:
+        """Jobs deleted: nobody runs them any more."""
+        gone = set(ids)
+        for pool in [*self.pools, *self.zombies]:
+            pool.held = [i for i in pool.held if i not in gone]
 
     def ensure_names(self, specs: Iterable[Spec]) -> tuple[int, int]:
         """Task and queue rows an add creates; returns how many of each are new."""
@@ -266,6 +283,7 @@ class Model:
             return None, []
         if job.unlocked_or_stale(now):
             del self.jobs[job.id]
+            self.forget([job.id])
             return job, [-1]
         job.key = None
         job.attempts = job.max_attempts
@@ -283,6 +301,7 @@ class Model:
         done = self.admin_targets(ids, now)
         for job in done:
             del self.jobs[job.id]
+        self.forget(job.id for job in done)
         return done
 
     def permanently_fail_jobs(
@@ -377,7 +396,7 @@ class Model:
         """§5.4: delete by id (no ``locked_by`` check); unlock own queue rows of deleted jobs."""
         deleted = [self.jobs.pop(i) for i in ids if i in self.jobs]
         self._unlock_queues(pool.pool_id, deleted)
-        pool.held = [i for i in pool.held if i not in set(ids)]
+        self.forget(ids)
 
     def worker_fail(
         self,

@@ -32,7 +32,8 @@ class Connections:
       actor: runs every statement of the machine, and LISTENs on ``jobs:insert`` (its
         own notifications arrive before the statement's result does).
       blocker: holds row locks in an open transaction, to prove SKIP LOCKED.
-      notifications: payloads received on ``jobs:insert``, in arrival order.
+      notifications: payloads the actor's own statements sent on ``jobs:insert``, in
+        arrival order.
     """
 
     actor: asyncpg.Connection
@@ -125,7 +126,12 @@ async def _prepare(conns: Connections, lock_timeout_ms: int) -> None:
     )
     await conns.blocker.execute("set statement_timeout = 20000")
 
+    own_pid = conns.actor.get_server_pid()
+
     def on_notify(conn: object, pid: int, channel: str, payload: object) -> None:
-        conns.notifications.append(str(payload))
+        # The channel is shared by every schema and session of the database: keep only
+        # what the actor's own statements sent.
+        if pid == own_pid:
+            conns.notifications.append(str(payload))
 
     await conns.actor.add_listener(NOTIFY_CHANNEL, on_notify)

@@ -95,12 +95,15 @@ __all__ = [
     "Spec",
     "WorkerHarness",
     "WorkerScenario",
+    "describe_failure",
+    "detect_flavour",
     "flag_lists",
     "job_key_modes",
     "job_keys",
     "job_templates",
     "json_payloads",
     "lifecycle_machine",
+    "lifecycle_settings",
     "main",
     "max_attempts_values",
     "open_lifecycle_harness",
@@ -185,6 +188,15 @@ _FIELD_INVARIANT = {
     "payload": "payloads",
     "run_at": "run_at_rules",
 }
+
+
+def _field_invariant(fields: Sequence[str]) -> str:
+    """The invariant a set of differing columns breaks, the most telling first."""
+    names = {_FIELD_INVARIANT.get(f, "job_columns") for f in fields}
+    for name in ("attempts_transitions", "job_locks", "job_key_modes", "payloads", "run_at_rules"):
+        if name in names:
+            return name
+    return "job_columns"
 
 
 class SchemaFlavour(enum.Enum):
@@ -966,8 +978,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             row = db.jobs[job_id]
             fields = _diff(job, row, run_at_tolerance)
             if fields:
-                name = _FIELD_INVARIANT.get(fields[0], "job_columns")
-                raise self._fail(name, step, _describe_diff(job, row, fields))
+                raise self._fail(_field_invariant(fields), step, _describe_diff(job, row, fields))
             # Adopt what the model leaves open, and run_at within the float tolerance.
             job.updated_at = row["updated_at"]
             job.run_at = row["run_at"]
@@ -1107,7 +1118,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             job.id = row["id"]
             fields = _diff(job, row, timedelta(0))
             raise self._fail(
-                _FIELD_INVARIANT.get(fields[0], "job_columns"),
+                _field_invariant(fields),
                 step,
                 "inserted " + _describe_diff(job, row, fields),
             )
@@ -1329,7 +1340,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         locked_queues: list[str],
     ) -> None:
         pool = self.model.pools[slot % len(self.model.pools)]
-        registered = sorted(self.model.registered.values())
+        # by name, not id: ids depend on the database, and draws must replay the same
+        registered = [self.model.registered[name] for name in sorted(self.model.registered)]
         task_ids = _choose(tasks, registered) if tasks else registered
         now = self.model.clock
         step = (
@@ -1485,8 +1497,10 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(slot=_INDEX, picks=_PICK1)
     def complete_claimed(self, slot: int, picks: list[int]) -> None:
         """A pool completes some of its running jobs (one statement)."""
-        pool, ids = self._held(slot, picks)
-        step = f"complete(pool={pool.pool_id}, {ids})"
+        self._complete(*self._held(slot, picks))
+
+    def _complete(self, pool: Pool, ids: list[int], who: str = "") -> None:
+        step = f"{who}complete(pool={pool.pool_id}, {ids})"
         raw = self._exec("stmt", self.st.complete, pool.pool_id, ids)
         self._no_error(step, raw)
         self.model.worker_complete(pool, ids)
@@ -1513,7 +1527,17 @@ class LifecycleMachine(RuleBasedStateMachine):
                 payloads.append([payload[i] for i in keep])
             else:
                 payloads.append(None)
-        step = f"fail(pool={pool.pool_id}, {ids})"
+        self._worker_fail(pool, ids, messages, payloads)
+
+    def _worker_fail(
+        self,
+        pool: Pool,
+        ids: list[int],
+        messages: list[str],
+        payloads: list[Any],
+        who: str = "",
+    ) -> None:
+        step = f"{who}fail(pool={pool.pool_id}, {ids})"
         texts = [None if p is None else json.dumps(p) for p in payloads]
         before = self._db_now
         raw = self._exec("stmt", self.st.fail, pool.pool_id, ids, messages, texts)
@@ -1527,12 +1551,33 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(slot=_INDEX, picks=_PICK1)
     def return_claimed(self, slot: int, picks: list[int]) -> None:
         """A pool returns claimed jobs it did not start (local queue TTL, shutdown)."""
-        pool, ids = self._held(slot, picks)
-        step = f"return_jobs(pool={pool.pool_id}, {ids})"
+        self._return(*self._held(slot, picks))
+
+    def _return(self, pool: Pool, ids: list[int], who: str = "") -> None:
+        step = f"{who}return_jobs(pool={pool.pool_id}, {ids})"
         raw = self._exec("stmt", self.st.return_jobs, pool.pool_id, ids)
         self._no_error(step, raw)
         self.model.worker_return(pool, ids)
         self._verify(step, raw)
+
+    @precondition(lambda self: any(z.held for z in self.model.zombies))
+    @rule(which=_INDEX, picks=_PICK1, outcome=st.sampled_from(("complete", "fail", "return")))
+    def zombie_finishes(self, which: int, picks: list[int], outcome: str) -> None:
+        """A pool declared dead (force-unlocked, or crashed) finishes some jobs late.
+
+        Its statements must act only as SCHEMA.md §5 allows: complete deletes by id
+        (no ``locked_by`` check), fail and return touch only rows still locked by it, and
+        no queue row another pool holds is unlocked.
+        """
+        zombies = [z for z in self.model.zombies if z.held]
+        zombie = zombies[which % len(zombies)]
+        ids = _choose(picks, zombie.held)
+        if outcome == "complete":
+            self._complete(zombie, ids, "zombie ")
+        elif outcome == "fail":
+            self._worker_fail(zombie, ids, ["late"] * len(ids), [None] * len(ids), "zombie ")
+        else:
+            self._return(zombie, ids, "zombie ")
 
     @rule(delta=st.sampled_from([timedelta(seconds=s) for s in (1, 3, 30, 600, 3600, 6 * 3600)]))
     def advance_clock(self, delta: timedelta) -> None:
@@ -1689,6 +1734,18 @@ class LifecycleReport:
         return self.examples / self.seconds if self.seconds else 0.0
 
 
+def describe_failure(exc: BaseException) -> list[str]:
+    """Lines that explain a failed run: the violations and the steps hypothesis printed.
+
+    Hypothesis attaches the (shrunk) steps to the exception as notes; a flaky replay comes
+    as an exception group whose members are the original violations.
+    """
+    lines = [f"{type(exc).__name__}: {exc}", *getattr(exc, "__notes__", ())]
+    for sub in getattr(exc, "exceptions", ()):
+        lines += ["  " + line for line in describe_failure(sub)]
+    return lines
+
+
 def detect_flavour(dsn: str, schema: str) -> SchemaFlavour:
     """Guess the flavour of an existing schema: 19 migrations means graphile-worker 0.17."""
     from ._postgres import run_sync_sql
@@ -1782,10 +1839,9 @@ def run_lifecycle(
         f"= {report.per_second:.1f} examples/s (seed {seed})"
     )
     if report.failure is not None:
-        out(f"lifecycle: FAILED: {report.failure}")
-        # hypothesis attaches the (shrunk) steps to the exception as notes
-        for note in getattr(report.failure, "__notes__", ()):
-            out(note)
+        out("lifecycle: FAILED")
+        for line in describe_failure(report.failure):
+            out(line)
     return report
 
 
