@@ -22,6 +22,9 @@ Or from a shell, against a scratch schema it creates, migrates and drops::
 
     python -m kongtask.testing.lifecycle --dsn postgresql://... --examples 500
 
+Worker-level properties on real :func:`kongtask.open_worker` pools live here too:
+:func:`open_worker_harness` and :func:`worker_scenarios`.
+
 Speed: the harness keeps one trio + trio-asyncio loop and its connections alive in a
 background thread for all examples (STACK.md P9); each step is one crossing into that
 loop, and examples are separated by deleting the schema's rows, not by reconnecting.
@@ -1731,6 +1734,7 @@ class LifecycleReport:
 
     @property
     def per_second(self) -> float:
+        """Examples per second of wall time."""
         return self.examples / self.seconds if self.seconds else 0.0
 
 
