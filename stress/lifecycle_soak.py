@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             flavour = detect_flavour(dsn, schema)
         else:
             from kongtask._migrate import migrate_sync
+            from kongtask.testing.lifecycle import _refuse_if_workers_listen
 
             schema = args.schema or f"kongtask_soak_{master:08x}"
+            _refuse_if_workers_listen(dsn)  # the migration notifies worker:migrate
             migrate_sync(dsn, schema)
             stack.callback(run_sync_sql, dsn, f'drop schema if exists "{schema}" cascade')
             flavour = SchemaFlavour.KONGTASK

@@ -380,3 +380,13 @@ def test_fail_without_pool_check_is_caught_by_the_zombie(kongtask_dsn: str) -> N
         with pytest.raises(InvariantViolation) as caught:
             machine.zombie_finishes(which=0, picks=[0], outcome="fail")
     assert caught.value.invariant == "job_locks", str(caught.value)
+
+
+def test_runner_scratch_refuses_when_workers_listen(kongtask_dsn: str) -> None:
+    """A scratch migration notifies worker:migrate (breaking) to the whole database."""
+    from kongtask.testing._portal import Portal
+
+    before = _schemas(kongtask_dsn)
+    with Portal(kongtask_dsn), pytest.raises(RuntimeError, match="worker:migrate"):
+        run_lifecycle(kongtask_dsn, examples=1, out=lambda _: None)
+    assert _schemas(kongtask_dsn) == before

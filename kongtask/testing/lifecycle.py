@@ -1738,6 +1738,28 @@ class LifecycleReport:
         return self.examples / self.seconds if self.seconds else 0.0
 
 
+def _refuse_if_workers_listen(dsn: str) -> None:
+    """Migrating a scratch schema sends ``worker:migrate`` notifications with
+    ``"breaking": true`` to the whole database; graphile-worker and kongtask workers on it
+    would take them for their own schema and shut down (exit 57). Refuse when another
+    session looks like a worker (its last statement LISTENed, or it is a kongtask pool)."""
+    from ._postgres import run_sync_sql
+
+    rows = run_sync_sql(
+        dsn,
+        "select count(*) as n from pg_stat_activity where datname = current_database() "
+        "and pid <> pg_backend_pid() and (query ilike 'listen%' "
+        "or application_name like 'kongtask%')",
+    )
+    if rows[0][0]["n"]:  # type: ignore[index]
+        raise RuntimeError(
+            "other sessions on this database look like workers (LISTEN or kongtask); "
+            "migrating a scratch schema would send them worker:migrate notifications and "
+            "make them shut down. Use a separate database, or --existing on a schema "
+            "migrated beforehand."
+        )
+
+
 def describe_failure(exc: BaseException) -> list[str]:
     """Lines that explain a failed run: the violations and the steps hypothesis printed.
 
@@ -1803,6 +1825,7 @@ def run_lifecycle(
     if scratch:
         from .._migrate import migrate_sync
 
+        _refuse_if_workers_listen(dsn)
         migrate_sync(dsn, schema)
         flavour = flavour or SchemaFlavour.KONGTASK
     else:
