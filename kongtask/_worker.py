@@ -2,8 +2,13 @@
 
 Data flows one way (ARCHITECTURE.md)::
 
-    NOTIFY -> notifier --wake--> fetcher --jobs--> workers (N) --outcomes--> completer
-              poll timer --wake--^       (local queue)            (one statement per batch)
+    NOTIFY -> notifier --nudge--> fetcher --jobs--> workers (N) --outcomes--> completer
+              poll timer --nudge--^      (local queue)    (memory channel)  (one statement
+                                                                             per batch)
+
+- **Memory channels** carry the wake-ups to the fetcher (one slot: a nudge is a hint)
+  and the outcomes and returns to the completer; closing the latter's send side is
+  what tells the completer that the pool is stopping.
 
 - The **fetcher** claims batches sized to the free capacity plus a prefetch that follows
   the measured job rate (claiming hundreds per statement is what makes throughput,
@@ -13,8 +18,9 @@ Data flows one way (ARCHITECTURE.md)::
   per-job path short (STACK.md: per-job scheduling was ~45% of the worker's time). Its
   bound is the fetcher's target, and idle workers park on a :class:`trio.lowlevel.ParkingLot`.
 - **Workers** run one job at a time, each in its own cancel scope.
-- The **completer** writes every outcome gathered since its last round trip in one
-  statement, retrying transient errors without dropping a job (graphile-worker #636).
+- The **completer** drains its channel and writes every outcome gathered since its
+  last round trip in one statement, retrying transient errors without dropping a job
+  (graphile-worker #636).
 - The **notifier**, **sweeper** and **cron** scheduler are siblings in the same nursery.
 """
 
@@ -313,6 +319,25 @@ class WorkerStatistics:
     pending_writes: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A finished job for the completer: ``error`` is ``None`` on success."""
+
+    job: Job
+    error: str | None = None
+    payload: str | None = None  # a batch job's failed elements (JSON), replacing its payload
+
+
+@dataclass(frozen=True, slots=True)
+class _Returns:
+    """Claimed jobs to hand back unstarted (the local-queue TTL)."""
+
+    jobs: list[Job]
+
+
+_Write: TypeAlias = _Outcome | _Returns
+
+
 class JobCancelled(Exception):
     """The ``error`` of ``job:error`` events for jobs cancelled (shutdown, ``cancel_scope``)."""
 
@@ -410,28 +435,32 @@ class Worker:
         self._running: dict[int, trio.CancelScope] = {}
         self._live_workers = 0
         self._workers_done = trio.Event()
-        # fetcher wake-ups: a fresh Event per wait, so no wake-up between a claim and
-        # the following wait is lost
-        self._fetch_wake = trio.Event()
+        # Fetcher wake-ups ("nudges") travel over a one-slot memory channel: a nudge is
+        # a hint, so a full slot already says everything and further ones are dropped.
+        self._nudge_send, self._nudge_recv = trio.open_memory_channel[None](1)
         self._fetch_full = False  # fetcher waits for capacity (not for new jobs)
         self._fetch_idle = False  # fetcher found nothing ready and waits for news
         self._refill_below = 0
         self._listening = trio.Event()  # the liveness lock is held (marked pools)
         self._reconcile = False  # a claim may have committed without us seeing its rows
-        self._writing: tuple[list[Job], list[tuple[Job, str, str | None]]] = ([], [])
         # job-rate estimate for the prefetch
         self._rate = 0.0
         self._rate_t = 0.0
         self._rate_n = 0
         self._started = 0
-        # outcomes waiting for the completer: ok ids; (id, message, payload) failures
+        # Workers and the fetcher hand the completer their writes over a memory channel.
+        # Its buffer is not bounded: every message is about a job already claimed (so
+        # their number is bounded by the claims), and a worker must never block on the
+        # database. Closing the send side once nobody can send ends the completer.
+        self._writes_send, self._writes_recv = trio.open_memory_channel[_Write](math.inf)
+        # ids of jobs whose outcome or return is not written yet (in the channel, in
+        # the completer's batch, or in flight): what the lost-claim check must not touch
+        self._unwritten: set[int] = set()
+        # the completer's current batch: successes; (job, message, payload) failures
         self._ok: list[Job] = []
         self._fail: list[tuple[Job, str, str | None]] = []
-        self._results_wake = trio.Event()
-        self._flushing = False
-        self._pending_returns: list[list[Job]] = []
+        self._returns: list[list[Job]] = []
         self._thread_limiter = trio.CapacityLimiter(concurrency)
-        self._completer_closing = False
         self._completer_done = trio.Event()
         self._completed = 0
         self._failed = 0
@@ -453,7 +482,7 @@ class Worker:
             completed=self._completed,
             failed=self._failed,
             returned=self._returned,
-            pending_writes=len(self._ok) + len(self._fail),
+            pending_writes=len(self._unwritten),
         )
 
     async def add_job(
@@ -567,9 +596,8 @@ class Worker:
                         )
                         for scope in list(self._running.values()):
                             scope.cancel()
-                # every job has an outcome now; write them all, then stop the completer
-                self._completer_closing = True
-                self._results_wake.set()
+                # nobody can send any more: the completer writes what it has, then ends
+                self._writes_send.close()
                 with trio.move_on_after(FLUSH_TIMEOUT):
                     await self._completer_done.wait()
                 if not self._completer_done.is_set():
@@ -577,7 +605,7 @@ class Worker:
                         "pool %s: could not write the outcome of %d job(s); they stay locked "
                         "until `kongtask unlock %s` or the 4-hour sweep",
                         self.pool_id,
-                        len(self._ok) + len(self._fail),
+                        len(self._unwritten),
                         self.pool_id,
                     )
                 outer.cancel_scope.cancel()
@@ -613,6 +641,7 @@ class Worker:
             with trio.move_on_after(STATEMENT_TIMEOUT):
                 if self._local:
                     await self._return_local("shutdown")
+                self._take_writes()
                 if self._ok or self._fail:
                     await self._flush_once()
                 row = await self._db.fetchrow(self._q.release_pool, self.pool_id)
@@ -629,7 +658,21 @@ class Worker:
     # -- fetcher ------------------------------------------------------------
 
     def _wake_fetcher(self) -> None:
-        self._fetch_wake.set()
+        try:  # noqa: SIM105  (a hot path: no context manager per nudge)
+            self._nudge_send.send_nowait(None)
+        except trio.WouldBlock:
+            pass  # a nudge is already waiting: the fetcher will look anyway
+
+    def _forget_nudges(self) -> None:
+        """Drop nudges sent before now: the fetcher is about to look at everything."""
+        while True:
+            try:
+                self._nudge_recv.receive_nowait()
+            except trio.WouldBlock:
+                return
+
+    def _nudged(self) -> bool:
+        return self._nudge_recv.statistics().current_buffer_used > 0
 
     def _forbidden_flags(self) -> list[str] | None:
         if self._flags_fn is None:
@@ -672,7 +715,7 @@ class Worker:
                     # claim only while our liveness lock is held (it lives on the LISTEN
                     # connection), or a dead-pool sweeper could release what we claim
                     await self._listening.wait()
-                wake = self._fetch_wake = trio.Event()
+                self._forget_nudges()
                 if self._reconcile:
                     await self._reconcile_locks()
                 self._expire_local()
@@ -680,7 +723,7 @@ class Worker:
                 if size <= 0:
                     self._fetch_full = True
                     with trio.move_on_at(self._ttl_deadline()):
-                        await wake.wait()
+                        await self._nudge_recv.receive()
                     self._fetch_full = False
                     continue
                 try:
@@ -706,9 +749,9 @@ class Worker:
                     if len(rows) == size or rows[0]["n_candidates"] >= size or self._once:
                         continue
                     # the claim saw every job it could take: wait for news
-                elif self._once and self._quiet() and not wake.is_set():
-                    # (a set `wake` means outcomes were written during the claim: a
-                    # queue may have been unlocked after its snapshot, so look again)
+                elif self._once and self._quiet() and not self._nudged():
+                    # (a nudge means outcomes were written during the claim: a queue
+                    # may have been unlocked after its snapshot, so look again)
                     log.info("pool %s: no job is ready; stopping (once)", self.pool_id)
                     self.shutdown_nowait()
                     return
@@ -717,7 +760,7 @@ class Worker:
                 with trio.move_on_at(
                     min(trio.current_time() + self._poll_interval, self._ttl_deadline())
                 ):
-                    await wake.wait()
+                    await self._nudge_recv.receive()
                 self._fetch_idle = False
         finally:
             if conn is not None:
@@ -744,12 +787,7 @@ class Worker:
             return
         known = {job.id for job, _ in self._local}
         known.update(self._running)
-        known.update(job.id for job in self._ok)
-        known.update(job.id for job, _, _ in self._fail)
-        known.update(job.id for job in self._writing[0])
-        known.update(job.id for job, _, _ in self._writing[1])
-        for jobs in self._pending_returns:
-            known.update(job.id for job in jobs)
+        known.update(self._unwritten)
         unknown = [int(r["id"]) for r in rows if int(r["id"]) not in known]
         self._reconcile = False
         if not unknown:
@@ -772,7 +810,7 @@ class Worker:
         self._events.emit("job:returned", job_ids=tuple(returned), reason="lost claim")
 
     def _quiet(self) -> bool:
-        return not (self._local or self._running or self._ok or self._fail or self._flushing)
+        return not (self._local or self._running or self._unwritten)
 
     async def _claim(self, conn: Any, size: int) -> list[asyncpg.Record]:
         # Shielded: a claim whose reply is lost to a cancellation would leave jobs locked
@@ -824,10 +862,8 @@ class Worker:
             self._spawn_return(expired)
 
     def _spawn_return(self, jobs: list[Job]) -> None:
-        # the fetcher must not block on the round trip; the completer's nursery is gone
-        # only at the very end, after the final release covers anything missed
-        self._pending_returns.append(jobs)
-        self._results_wake.set()
+        # the fetcher must not block on the round trip: the completer writes it
+        self._send_write(_Returns(jobs))
 
     async def _return_local(self, why: str) -> None:
         jobs = [job for job, _ in self._local]
@@ -844,6 +880,9 @@ class Worker:
             except Exception as exc:
                 log.error("pool %s: returning %d job(s) failed: %s", self.pool_id, len(ids), exc)
                 return
+            finally:
+                # returned, or left for the lost-claim check and the final release
+                self._unwritten.difference_update(ids)
             self._returned += len(returned)
             self._events.emit("job:returned", job_ids=tuple(returned), reason=why)
             if any(job.queue_name is not None for job in jobs):
@@ -871,7 +910,7 @@ class Worker:
                         yielded = now
                     continue
                 if self._fetch_full:
-                    self._fetch_wake.set()  # an idle worker with nothing queued
+                    self._wake_fetcher()  # an idle worker with nothing queued
                 self._idle_workers += 1
                 try:
                     await self._parked.park()
@@ -935,8 +974,7 @@ class Worker:
             if batch is not None:
                 message, replacement = batch
         if not message:
-            self._ok.append(job)
-            self._results_wake.set()
+            self._send_write(_Outcome(job))
             if events.enabled:
                 events.emit("job:success", job=job)
                 events.emit("job:complete", job=job)
@@ -949,8 +987,7 @@ class Worker:
                     (trio.current_time() - start) * 1000,
                 )
         else:
-            self._fail.append((job, message, replacement))
-            self._results_wake.set()
+            self._send_write(_Outcome(job, message, replacement))
             final = job.attempts >= job.max_attempts
             events.emit("job:error", job=job, error=error, message=message)
             if final:
@@ -979,7 +1016,7 @@ class Worker:
                 )
         # capacity freed: tell a fetcher that waits for it
         if self._fetch_full and len(self._local) + len(self._running) <= self._refill_below:
-            self._fetch_wake.set()
+            self._wake_fetcher()
 
     async def _call(self, runner: _Runner, job: Job, ctx: JobContext) -> object:
         if runner.is_async:
@@ -1021,20 +1058,46 @@ class Worker:
 
     # -- completer -------------------------------------------------------------
 
+    def _send_write(self, write: _Write) -> None:
+        if isinstance(write, _Outcome):
+            self._unwritten.add(write.job.id)
+        else:
+            self._unwritten.update(job.id for job in write.jobs)
+        self._writes_send.send_nowait(write)
+
+    def _take(self, write: _Write) -> None:
+        """Add a received write to the completer's batch."""
+        if isinstance(write, _Returns):
+            self._returns.append(write.jobs)
+        elif write.error is None:
+            self._ok.append(write.job)
+        else:
+            self._fail.append((write.job, write.error, write.payload))
+
+    def _take_writes(self) -> None:
+        """Move every write waiting in the channel into the batch (one statement for all)."""
+        while True:
+            try:
+                self._take(self._writes_recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+
     async def _completer(self) -> None:
         conn: Any = None
         errors = 0
         try:
             while True:
-                if self._pending_returns:
-                    batches, self._pending_returns = self._pending_returns, []
+                if not (self._ok or self._fail or self._returns):
+                    try:
+                        self._take(await self._writes_recv.receive())
+                    except trio.EndOfChannel:
+                        return  # the pool is stopping and everything is written
+                self._take_writes()
+                if self._returns:
+                    batches, self._returns = self._returns, []
                     for jobs in batches:
                         await self._return_jobs(jobs, "ttl")
                 if not self._ok and not self._fail:
-                    if self._completer_closing:
-                        return
-                    self._results_wake = trio.Event()
-                    await self._results_wake.wait()
                     continue
                 try:
                     if conn is None:
@@ -1078,8 +1141,6 @@ class Worker:
         if not ok and not fail:
             return
         self._ok, self._fail = [], []
-        self._flushing = True
-        self._writing = (ok, fail)
         try:
             # shielded: a statement cancelled after it committed must not be forgotten
             # (it would be retried harmlessly, but the shutdown needs the answer)
@@ -1101,9 +1162,8 @@ class Worker:
             self._ok = ok + self._ok
             self._fail = fail + self._fail
             raise
-        finally:
-            self._flushing = False
-            self._writing = ([], [])
+        self._unwritten.difference_update(j.id for j in ok)
+        self._unwritten.difference_update(j.id for j, _, _ in fail)
         self._completed += len(ok)
         self._failed += len(fail)
         if (
