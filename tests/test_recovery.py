@@ -432,3 +432,30 @@ async def test_jobs_of_a_lost_claim_reply_are_returned(kongtask_dsn: str, ldb: D
             f"select locked_by is null and attempts = 0 from {S}._private_jobs where id = $1",
             job_id,
         )
+
+
+async def test_pgbouncer_mode_pools_are_unmarked_and_keep_the_4_hour_rule(
+    kongtask_dsn: str, ldb: Database
+) -> None:
+    """Without prepared statements (pgBouncer) a pool takes no lock and is never 'dead'."""
+    from kongtask._worker import open_worker
+
+    async def job(job: object, ctx: object) -> None:
+        raise AssertionError("not reached")
+
+    async with open_worker(
+        kongtask_dsn, {"job": job}, prepared_statements=False, poll_interval=0.2
+    ) as worker:
+        assert not is_marked_pool_id(worker.pool_id)
+        assert await ldb.fetchval(
+            "select count(*) from pg_locks where locktype = 'advisory' "
+            f"and classid = {LOCK_CLASS}::oid"
+        ) == 0
+        # Rows it holds are not released by any sweeper, though it holds no lock.
+        jobs = await _add_locked_jobs(ldb, worker.pool_id, 1, "pgb")
+        sweeper = DeadPoolSweeper(S, restart_grace=0)
+        for _ in range(3):
+            assert (await sweeper.check(ldb)).pools == ()
+        assert await _locks(ldb, jobs) == [(worker.pool_id, 1)]
+        await ldb.execute(f"update {S}._private_jobs set locked_by = null, locked_at = null")
+        await ldb.execute(f"update {S}._private_job_queues set locked_by = null, locked_at = null")
