@@ -51,7 +51,9 @@ keep the 4-hour rule.
    but no lock until it reconnects. It stops claiming until it holds the lock again, and
    three things keep its in-flight jobs from being released meanwhile: a suspect must be
    seen dead at two checks a few seconds apart; nothing is released during
-   ``restart_grace`` seconds after the server (re)started; and a reconnecting listener
+   ``restart_grace`` seconds after the server (re)started, nor while every live pool's
+   lock session is younger than that (a crash restart ends every session without
+   restarting the postmaster); and a reconnecting listener
    that finds its lock still held by its own old backend *waits* for it, which counts as
    alive. A pool cut off for longer than that can have its in-flight jobs run twice
    (at-least-once), never lost: its late completion deletes the row by id, and its late
@@ -103,7 +105,9 @@ __all__ = [
 #: Seconds between two checks for dead pools (each check jittered by ±20 %).
 DEFAULT_CHECK_INTERVAL = 2.5
 #: Seconds after a server (re)start during which nothing is released: every pool is
-#: reconnecting then and none holds its lock yet.
+#: reconnecting then and none holds its lock yet. Also applies while the oldest session
+#: holding a liveness lock is younger than this (after a crash restart, where the
+#: postmaster's start time does not change; also for a worker that starts alone).
 DEFAULT_RESTART_GRACE = 15.0
 #: Seconds between two full scans for dead pools (pools that died unseen by a sweeper).
 DEFAULT_FULL_SCAN_INTERVAL = 30.0

@@ -118,6 +118,19 @@ where not {_LOCK_HELD.format(id="p.id")}""",
         release_dead_pools=f"""
 with grace as (
   select now() - pg_catalog.pg_postmaster_start_time() < make_interval(secs => $2::float8)
+      -- After a crash restart (a backend died: every session ends, the postmaster does
+      -- not restart) the start time stays old; then every live pool's lock session is
+      -- new: if even the oldest one started within the grace, wait too.
+      or coalesce((
+        select min(a.backend_start)
+        from pg_catalog.pg_locks as l
+        join pg_catalog.pg_stat_activity as a on a.pid = l.pid
+        where l.locktype = 'advisory'
+          and l.database = (select d.oid from pg_catalog.pg_database as d
+                            where d.datname = pg_catalog.current_database())
+          and l.classid = {LOCK_CLASS}::oid
+          and l.objsubid = 2
+      ) > now() - make_interval(secs => $2::float8), false)
          as active
 ), candidates as (
   select p.id from unnest($1::text[]) as p(id)

@@ -390,8 +390,24 @@ async def scenario_kill(rounds: int, per_round: int) -> Outcome:
 # --- scenario: Postgres restart -------------------------------------------------------
 
 
+async def crash_a_backend(dsn: str) -> None:
+    """SIGKILL one client backend: the postmaster then ends every session and runs crash
+    recovery without restarting itself (``pg_postmaster_start_time()`` does not change)."""
+    from kongtask.testing._postgres import run_sync_sql
+
+    rows = await trio.to_thread.run_sync(
+        run_sync_sql,
+        dsn,
+        "select pid from pg_stat_activity where backend_type = 'client backend' "
+        "and pid <> pg_backend_pid() order by backend_start limit 1",
+    )
+    records: Any = rows[0]
+    if records:
+        os.kill(int(records[0]["pid"]), signal.SIGKILL)
+
+
 async def scenario_restart(restarts: int, jobs: int) -> Outcome:
-    """``pg_ctl restart -m fast`` / ``-m immediate`` under two running workers."""
+    """``pg_ctl restart -m fast`` / ``-m immediate`` and a backend crash under two workers."""
     # Durable settings: the test clusters run with fsync and synchronous_commit off, and
     # an immediate shutdown then forgets commits it already acknowledged. That would be
     # PostgreSQL losing jobs, not kongtask.
@@ -420,8 +436,11 @@ async def scenario_restart(restarts: int, jobs: int) -> Outcome:
                     raise SystemExit(f"worker {w.pid} did not start:\n{env.log_tail(w)}")
             for i in range(restarts):
                 await trio.sleep(random.uniform(1.0, 3.0))
-                mode = "fast" if i % 2 == 0 else "immediate"
+                mode = ("fast", "immediate", "crash")[i % 3]
                 modes.append(mode)
+                if mode == "crash":
+                    await crash_a_backend(env.dsn)
+                    continue
                 cluster = env.cluster
                 result = await trio.to_thread.run_sync(
                     functools.partial(
@@ -849,7 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
     kill = sub.add_parser("kill", help="kill -9 a worker mid-batch, N rounds")
     kill.add_argument("--rounds", type=int, default=100)
     kill.add_argument("--jobs-per-round", type=int, default=40)
-    restart = sub.add_parser("restart", help="pg_ctl restart -m fast / immediate")
+    restart = sub.add_parser(
+        "restart", help="pg_ctl restart -m fast / immediate, and a crashed backend"
+    )
     restart.add_argument("--restarts", type=int, default=6)
     restart.add_argument("--jobs", type=int, default=3000)
     cut = sub.add_parser("cut", help="drop, stall and refuse connections (TCP proxy)")

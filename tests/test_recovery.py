@@ -195,6 +195,31 @@ async def test_nothing_is_released_right_after_a_server_restart(ldb: Database) -
     assert await _locks(ldb, jobs) == [(pool_id, 1)]
 
 
+async def test_nothing_is_released_while_every_live_pool_reconnected_recently(
+    ldb: Database,
+) -> None:
+    """After a crash restart the postmaster's start time stays old, but every live
+    pool's lock session is new: that also holds releases back."""
+    dead = new_pool_id()
+    jobs = await _add_locked_jobs(ldb, dead, 1, None)
+    uptime = await ldb.fetchval("select now() - pg_postmaster_start_time()")
+    assert isinstance(uptime, timedelta)
+    assert uptime.total_seconds() >= 2  # the session's cluster started well before
+    grace = uptime.total_seconds() * 0.9  # the server is older than that...
+    fresh = await ldb.connect()  # ...but the only live pool's lock session is not
+    try:
+        await ldb.run(hold_liveness_lock, fresh, new_pool_id())
+        sweeper = DeadPoolSweeper(S, restart_grace=grace)
+        for _ in range(3):
+            assert (await sweeper.check(ldb)).pools == ()
+        assert await _locks(ldb, jobs) == [(dead, 1)]
+    finally:
+        await ldb.close_connection(fresh)
+    # With no live pool left, the grace no longer applies: the suspect kept during the
+    # grace is released.
+    assert (await sweeper.check(ldb)).pools == (dead,)
+
+
 async def test_a_reconnecting_pool_waits_for_its_old_session(ldb: Database) -> None:
     """The lock passes from the old session to the new one with no gap in between."""
     pool_id = new_pool_id()
