@@ -77,6 +77,21 @@ async def _migrate_verb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(record: logging.LogRecord) -> bool:
+    """Fold a log record's traceback into its message.
+
+    asyncpg's pool logs a full traceback each time it fails to reconnect (a database
+    restart prints dozens); the exception's type and text say all an operator needs.
+    """
+    if record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
 async def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
@@ -87,6 +102,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("asyncpg.pool").addFilter(_one_line)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
