@@ -130,11 +130,12 @@ def markdown(
     for s in systems:
         tp = stat(results, s.key, "throughput", "jobs_per_s")
         x = ratio(tp, base_tp) if base_tp else float("nan")
+        xs = "-" if x != x else f"{x:.2f}x"  # NaN: no baseline in this run
         rss = max_stat(
             stat(results, s.key, "throughput", "rss_mb"), stat(results, s.key, "latency", "rss_mb")
         )
         lines.append(
-            f"| {s.label} | {tp.fmt()} | {x:.2f}x | "
+            f"| {s.label} | {tp.fmt()} | {xs} | "
             f"{stat(results, s.key, 'latency', 'latency_p50_ms').fmt(1)} | "
             f"{stat(results, s.key, 'latency', 'latency_p95_ms').fmt(1)} | "
             f"{stat(results, s.key, 'latency', 'latency_p99_ms').fmt(1)} | "
