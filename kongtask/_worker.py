@@ -448,6 +448,7 @@ class Worker:
         self._rate_t = 0.0
         self._rate_n = 0
         self._started = 0
+        self._yielded = 0.0  # trio clock when a worker task last yielded (_worker_loop)
         # Workers and the fetcher hand the completer their writes over a memory channel.
         # Its buffer is not bounded: every message is about a job already claimed (so
         # their number is bounded by the claims), and a worker must never block on the
@@ -894,7 +895,6 @@ class Worker:
         try:
             local = self._local
             current_time = trio.current_time
-            yielded = current_time()
             while True:
                 if self._stopping:
                     return  # start nothing new; the shutdown returns what is queued
@@ -904,10 +904,12 @@ class Worker:
                     # Handlers that never await would keep this task running: yield at
                     # least every millisecond (not after every job: a trio reschedule
                     # per job was a large part of the per-job cost, STACK.md).
-                    now = current_time()
-                    if now - yielded >= 0.001:
+                    # The clock is the pool's, not this task's: with a per-task clock ten
+                    # workers could each run a millisecond in turn while a claim's reply
+                    # waits for the asyncio loop task.
+                    if current_time() - self._yielded >= 0.001:
                         await trio.lowlevel.checkpoint()
-                        yielded = now
+                        self._yielded = current_time()
                     continue
                 if self._fetch_full:
                     self._wake_fetcher()  # an idle worker with nothing queued
