@@ -106,6 +106,9 @@ with queued as (
   join {queues} q on q.id = j.job_queue_id
   where {job_filter}
     and q.is_available = true
+    -- evaluated once: with no available queue the scan is skipped, instead of reading
+    -- every ready or future job row to find none (flat cost, docs/performance.md)
+    and exists (select 1 from {queues} q1 where q1.is_available = true)
   order by j.priority asc, j.run_at asc
   limit $3::int
   for update of j, q skip locked
