@@ -81,6 +81,9 @@ STATEMENT_TIMEOUT: Final = 30.0
 FLUSH_TIMEOUT: Final = 30.0
 #: Consecutive non-transient errors writing outcomes before the pool shuts down (#636).
 GIVE_UP_AFTER: Final = 10
+#: Longest wait between two reconnects of a marked pool's LISTEN connection, which holds
+#: its liveness lock (graphile-worker's formula alone grows to 60 s).
+LIVENESS_RECONNECT_CAP: Final = 2.0
 #: Seconds between liveness checks of the LISTEN connection.
 LISTEN_KEEPALIVE: Final = 30.0
 
@@ -980,6 +983,11 @@ class Worker:
                         timed_out = True
         except Exception as exc:
             error = exc
+        except SystemExit as exc:
+            # sys.exit() in a handler is a bug in that job, not a request to stop the
+            # pool (SIGTERM is): fail the job like any other exception
+            error = RuntimeError(f"the handler raised SystemExit({exc.code!r})")
+            error.__traceback__ = exc.__traceback__
         finally:
             del self._running[job.id]
         if timed_out:
@@ -1263,7 +1271,13 @@ class Worker:
             finally:
                 if conn is not None:
                     await self._db.close_connection(conn)
-            await trio.sleep(listen_reconnect_delay(attempt))
+            delay = listen_reconnect_delay(attempt)
+            if is_marked_pool_id(self.pool_id):
+                # While the LISTEN connection is down this pool holds rows but not its
+                # liveness lock: come back quickly, so that dead-pool sweepers (two checks
+                # a few seconds apart, kongtask._liveness) rarely catch it in between.
+                delay = min(delay, LIVENESS_RECONNECT_CAP)
+            await trio.sleep(delay)
             attempt += 1
 
     # -- sweepers -------------------------------------------------------------

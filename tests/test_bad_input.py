@@ -428,3 +428,40 @@ async def test_roles_and_security_definer_wrapper(kongtask_server: object) -> No
             f"drop role if exists {app}",
             f"drop role if exists {owner}",
         )
+
+
+async def test_handler_calling_sys_exit_fails_only_its_job(kongtask_dsn: str, db: Database) -> None:
+    """``sys.exit()`` in a handler (async or in a thread) fails that job; the pool goes on."""
+
+    async def exits(job: kongtask.Job, ctx: object) -> None:
+        sys.exit(3)
+
+    def exits_in_thread(job: kongtask.Job, ctx: object) -> None:
+        sys.exit("bye")
+
+    client = kongtask.Client(db, S)
+    bad = [
+        (await client.add_job("exits", {}, max_attempts=1)).id,
+        (await client.add_job("exits_in_thread", {}, max_attempts=1)).id,
+    ]
+    recorder = Recorder(1)
+    tasks = {"exits": exits, "exits_in_thread": exits_in_thread, "ok": recorder}
+    async with open_worker(kongtask_dsn, tasks, concurrency=2, poll_interval=0.2):
+        with trio.fail_after(20):
+            while True:
+                n = await db.fetchval(
+                    f"select count(*) from {S}._private_jobs where id = any($1) "
+                    "and attempts = max_attempts and locked_by is null",
+                    bad,
+                )
+                if n == 2:
+                    break
+                await trio.sleep(0.05)
+        await client.add_job("ok", {"after": True})
+        with trio.fail_after(20):
+            await recorder.done.wait()
+    rows = await db.fetch(
+        f"select last_error from {S}._private_jobs where id = any($1) order by id", bad
+    )
+    assert rows[0]["last_error"].startswith("the handler raised SystemExit(3)")
+    assert rows[1]["last_error"].startswith("the handler raised SystemExit('bye')")
