@@ -32,8 +32,8 @@ for its liveness lock. Every kongtask sweeper checks every few seconds
 vanished since the previous check, and from a rare full scan of the tables); a pool seen
 dead at two consecutive checks, and still dead in the releasing statement itself, gets
 its jobs back (lock columns cleared, ``attempts`` kept, ``run_at := greatest(run_at,
-now())``, as the 4-hour sweep does) and its queue rows unlocked. Rows of unmarked pools (Node's, or kongtask behind pgBouncer)
-keep the 4-hour rule.
+now())``, as the 4-hour sweep does) and its queue rows unlocked. Rows of unmarked pools
+(Node's, or kongtask behind pgBouncer) keep the 4-hour rule.
 
 **Why a live pool never looks dead** (the race argument):
 
@@ -53,9 +53,10 @@ keep the 4-hour rule.
    ``restart_grace`` seconds after the server (re)started, nor while every live pool's
    lock session is younger than that (a crash restart ends every session without
    restarting the postmaster); and a reconnecting listener that finds its lock still
-   held by its own old backend *waits* for it, which counts as alive. A pool cut off for longer than that can have its in-flight jobs run twice
-   (at-least-once), never lost: its late completion deletes the row by id, and its late
-   failure only touches rows it still holds.
+   held by its own old backend *waits* for it, which counts as alive. A pool cut off for
+   longer than that can have its in-flight jobs run twice (at-least-once), never lost:
+   its late completion deletes the row by id, and its late failure only touches rows it
+   still holds.
 
 **pgBouncer (transaction pooling).** Session state does not survive there, so a pool in
 ``prepared_statements=False`` mode uses an unmarked id (:func:`new_pool_id` with
