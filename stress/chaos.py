@@ -393,8 +393,9 @@ async def scenario_kill(rounds: int, per_round: int) -> Outcome:
 async def crash_a_backend(dsn: str) -> None:
     """SIGKILL one client backend: the postmaster then ends every session and runs crash
     recovery without restarting itself (``pg_postmaster_start_time()`` does not change)."""
-    from kongtask.testing._postgres import run_sync_sql
+    from kongtask.testing._postgres import run_sync_sql, wait_for_server
 
+    await trio.to_thread.run_sync(wait_for_server, dsn, 60.0)  # maybe still recovering
     rows = await trio.to_thread.run_sync(
         run_sync_sql,
         dsn,
@@ -452,6 +453,9 @@ async def scenario_restart(restarts: int, jobs: int) -> Outcome:
                 if result.returncode != 0:
                     raise SystemExit(f"pg_ctl restart -m {mode} failed: {result.stderr}")
             await done_adding.wait()
+        from kongtask.testing._postgres import wait_for_server
+
+        await trio.to_thread.run_sync(wait_for_server, env.dsn, 60.0)  # after a crash
         async with open_db(env.dsn) as db:
             left = await drain(db, 180)
         alive = [w.returncode is None for w in workers]
