@@ -45,17 +45,16 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Concatenate, Final, ParamSpec, TypeAlias, TypeVar
 
 import asyncpg
 import trio
 
-from ._client import Client, JobKeyMode
+from ._client import Client
 from ._config import resolve_dsn, resolve_schema
 from ._errors import ConfigError
 from ._events import EventCallback, EventEmitter
-from ._job import Job, JobSpec, JSONValue
+from ._job import Job
 from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new_pool_id
 from ._pg import Database, open_database
 from ._sql import WorkerQueries, claim_jobs, complete_and_fail, register_tasks, return_jobs
@@ -219,12 +218,16 @@ class JobContext:
       cancel_scope: the job's own cancel scope: ``ctx.cancel_scope.cancel()`` stops the
         handler (the job then fails and retries); shutdown and ``task(timeout=...)`` use it.
       pool_id: the worker pool's id (what ``locked_by`` says).
+      add_job, add_jobs: :meth:`kongtask.Client.add_job` and :meth:`~kongtask.Client.add_jobs`
+        on the pool's database.
     """
 
-    __slots__ = ("_logger", "_worker", "cancel_scope", "job")
+    __slots__ = ("_logger", "_worker", "add_job", "add_jobs", "cancel_scope", "job")
 
     def __init__(self, worker: Worker, job: Job, cancel_scope: trio.CancelScope) -> None:
         self._worker = worker
+        self.add_job = worker.add_job
+        self.add_jobs = worker.add_jobs
         self.job = job
         self.cancel_scope = cancel_scope
         self._logger: _JobLogger | None = None
@@ -243,38 +246,6 @@ class JobContext:
                 {"job_id": job.id, "task_identifier": job.task_identifier},
             )
         return self._logger
-
-    async def add_job(
-        self,
-        identifier: str,
-        payload: JSONValue = None,
-        *,
-        queue_name: str | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
-        job_key: str | None = None,
-        job_key_mode: JobKeyMode | None = None,
-        priority: int | None = None,
-        flags: Iterable[str] | None = None,
-    ) -> Job:
-        """Add a job (see :meth:`kongtask.Client.add_job`)."""
-        return await self._worker.add_job(
-            identifier,
-            payload,
-            queue_name=queue_name,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            job_key=job_key,
-            job_key_mode=job_key_mode,
-            priority=priority,
-            flags=flags,
-        )
-
-    async def add_jobs(
-        self, specs: Iterable[JobSpec], *, job_key_preserve_run_at: bool = False
-    ) -> list[Job]:
-        """Add many jobs in one statement (see :meth:`kongtask.Client.add_jobs`)."""
-        return await self._worker.add_jobs(specs, job_key_preserve_run_at=job_key_preserve_run_at)
 
     async def with_connection(
         self,
@@ -386,6 +357,8 @@ class Worker:
       exit_code: ``None`` while running normally; ``57`` after a breaking migration
         notification stopped the pool; ``1`` when outcomes could not be written after
         repeated non-transient errors (the CLI exits with it).
+      add_job, add_jobs: :meth:`kongtask.Client.add_job` and :meth:`~kongtask.Client.add_jobs`
+        on the pool's database.
     """
 
     def __init__(
@@ -410,6 +383,9 @@ class Worker:
         self.pool_id = new_pool_id(once=once, marked=marked)
         self._q = WorkerQueries(schema)
         self._client = Client(db, schema)
+        # the client's own methods: same signatures, docs and validation
+        self.add_job = self._client.add_job
+        self.add_jobs = self._client.add_jobs
         self._runners = runners
         self._concurrency = concurrency
         self._poll_interval = poll_interval
@@ -488,38 +464,6 @@ class Worker:
             returned=self._returned,
             pending_writes=len(self._unwritten),
         )
-
-    async def add_job(
-        self,
-        identifier: str,
-        payload: JSONValue = None,
-        *,
-        queue_name: str | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
-        job_key: str | None = None,
-        job_key_mode: JobKeyMode | None = None,
-        priority: int | None = None,
-        flags: Iterable[str] | None = None,
-    ) -> Job:
-        """Add a job on the pool's database (see :meth:`kongtask.Client.add_job`)."""
-        return await self._client.add_job(
-            identifier,
-            payload,
-            queue_name=queue_name,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            job_key=job_key,
-            job_key_mode=job_key_mode,
-            priority=priority,
-            flags=flags,
-        )
-
-    async def add_jobs(
-        self, specs: Iterable[JobSpec], *, job_key_preserve_run_at: bool = False
-    ) -> list[Job]:
-        """Add many jobs in one statement (see :meth:`kongtask.Client.add_jobs`)."""
-        return await self._client.add_jobs(specs, job_key_preserve_run_at=job_key_preserve_run_at)
 
     def shutdown_nowait(self, grace: float | None = None) -> None:
         """Start a shutdown and return at once (safe from handlers and callbacks).
