@@ -100,6 +100,11 @@ class Job:
             row["revision"],
         )
 
+    @classmethod
+    def from_claim(cls, row: asyncpg.Record, task_identifier: str) -> Job:
+        """Build a job from a row returned by the worker's claim (``WorkerQueries.claim``)."""
+        return cls.from_record(row, task_identifier, row["queue_name"])
+
     @property
     def is_permanently_failed(self) -> bool:
         """Whether the job has used up its attempts (it will not be claimed again)."""

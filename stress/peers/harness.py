@@ -434,6 +434,7 @@ class Bench:
                 py_side("bulk", system.family, dsn, str(n))
             cmd, env = system.command(mode, dsn, n)
             runner = spawn(cmd, env=env, tag=tag)
+            server_cpu = 0.0
             try:
                 # generous: procrastinate drains ~250 jobs/s
                 timeout = 120 + n / 50
@@ -442,10 +443,15 @@ class Bench:
                     if mode == "latency":
                         time.sleep(0.5)  # let every worker settle the same way
                         py_side("pace", system.family, dsn, str(n), str(interval))
+                    server_cpu = -postgres_cpu_seconds()
                     result = runner.event(timeout)
+                    server_cpu += postgres_cpu_seconds()
                 assert result["event"] == "result", result
             finally:
                 runner.finish()
+            if mode == "throughput" and server_cpu > 0:
+                # from "ready" to the result: includes the start-up's few statements
+                result["server_cpu_us_per_job"] = server_cpu * 1e6 / n
             if scenario == "throughput" and system.family == "graphile":
                 left = sql(dsn, "select count(*) as c from graphile_worker._private_jobs")[0]
                 result["left_in_table"] = left[0]["c"]
@@ -457,6 +463,27 @@ class Bench:
 
 #: flat-cost scenarios: extra rows put in first, and how (a ``py_side`` command)
 FLAT = {"flat_1m": (980_000, "bulk"), "flat_future": (100_000, "bulk-future")}
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time (user + system) of every ``postgres`` process on this machine so far.
+
+    Meaningful for a local server only (0.0 elsewhere). Backends that have exited count
+    through the postmaster's children's times (it reaps them).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name_end = text.rfind(")")
+        if text[text.find("(") + 1 : name_end] != "postgres":
+            continue
+        fields = text[name_end + 2 :].split()
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / tick
 
 
 def percentile(values: Sequence[float], q: float) -> float:

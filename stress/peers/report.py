@@ -39,6 +39,7 @@ def brief(scenario: str, r: Mapping[str, Any]) -> str:
     if scenario == "throughput" or scenario.startswith("flat"):
         return (
             f"{r['jobs_per_s']:>8.0f} jobs/s  cpu {r['cpu_us_per_job']:.0f} us/job  "
+            f"server cpu {r.get('server_cpu_us_per_job', float('nan')):.0f} us/job  "
             f"rss {r['rss_mb']:.0f} MB (peak {r['peak_rss_mb']:.0f})"
         )
     if scenario == "latency":
@@ -91,7 +92,13 @@ def ratio(a: Stat, b: Stat) -> float:
 def summary(results: Results, systems: Sequence[System]) -> dict[str, Any]:
     """The medians as plain data (for JSON)."""
     metrics = {
-        "throughput": ("jobs_per_s", "cpu_us_per_job", "rss_mb", "peak_rss_mb"),
+        "throughput": (
+            "jobs_per_s",
+            "cpu_us_per_job",
+            "server_cpu_us_per_job",
+            "rss_mb",
+            "peak_rss_mb",
+        ),
         "latency": ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "rss_mb"),
         "startup": ("first_job_ms", "ready_ms", "shutdown_ms"),
         "enqueue": ("add_job_p50_ms", "add_job_p99_ms", "bulk_jobs_per_s"),
@@ -124,8 +131,8 @@ def markdown(
     base_tp = stat(results, baseline, "throughput", "jobs_per_s") if baseline else None
     lines = [
         "| system | throughput jobs/s | x " + (baseline or "-") + " | latency p50 ms | p95 ms |"
-        " p99 ms | worker RSS MB | CPU us/job |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " p99 ms | worker RSS MB | CPU us/job | server CPU us/job |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in systems:
         tp = stat(results, s.key, "throughput", "jobs_per_s")
@@ -139,7 +146,8 @@ def markdown(
             f"{stat(results, s.key, 'latency', 'latency_p50_ms').fmt(1)} | "
             f"{stat(results, s.key, 'latency', 'latency_p95_ms').fmt(1)} | "
             f"{stat(results, s.key, 'latency', 'latency_p99_ms').fmt(1)} | "
-            f"{rss.fmt()} | {stat(results, s.key, 'throughput', 'cpu_us_per_job').fmt()} |"
+            f"{rss.fmt()} | {stat(results, s.key, 'throughput', 'cpu_us_per_job').fmt()} | "
+            f"{stat(results, s.key, 'throughput', 'server_cpu_us_per_job').fmt()} |"
         )
     has_second = any(
         results.get(s.key, {}).get(sc) for s in systems for sc in ("startup", "enqueue")
