@@ -109,7 +109,7 @@ class Client:
             identifier, payload, queue_name, run_at, max_attempts, job_key, priority, flags
         )
         args = _add_job_args(_checked_spec(spec, "add_job"), mode)
-        rows, names = await self._db.with_connection(
+        rows, names = await self._db.with_own_connection(
             _add_job_unit, self._queries, args, self._task_names, self._queue_names
         )
         self._remember(names)
@@ -161,7 +161,7 @@ class Client:
         if not checked:
             return []
         encoded = _encode_specs(checked)
-        rows, names = await self._db.with_connection(
+        rows, names = await self._db.with_own_connection(
             _add_jobs_unit,
             self._queries,
             checked,
@@ -328,7 +328,7 @@ class Client:
         for name in keep:
             _check_text(name, "kept task identifier")
         selected = [t for t in CLEANUP_TASKS if t in wanted]
-        return await self._db.with_connection(_cleanup_unit, self._queries, selected, keep)
+        return await self._db.with_own_connection(_cleanup_unit, self._queries, selected, keep)
 
     async def _admin(self, query: str, *args: object) -> list[Job]:
         rows = await self._db.fetch(query, *args)

@@ -4,6 +4,14 @@ Every unit of database work is an asyncio coroutine function called once through
 :meth:`Database.run`. Its cleanup (transaction rollback, connection release) then runs
 on the asyncio side, where a cancellation is delivered once instead of level-triggered
 (STACK.md P2), so a cancelled query never leaks a connection or a transaction.
+
+Pool connections come in two kinds on release. One that user code had
+(:meth:`Database.with_connection`) may carry session state (``SET``, ``LISTEN``,
+advisory locks, cursors) and gets asyncpg's full reset query, an extra round trip.
+One that only ran kongtask's own statements (:meth:`Database.with_own_connection`, the
+``fetch*``/``execute`` shortcuts, ``pool.fetch``) carries none and goes straight back
+(STACK.md P7: the reset query made a single ``add_job`` ~0.4-0.6 ms slower). Either
+way asyncpg first rolls back a transaction left open.
 """
 
 from __future__ import annotations
@@ -26,6 +34,35 @@ Connection = asyncpg.Connection
 Record = asyncpg.Record
 
 APPLICATION_NAME = "kongtask"
+
+
+class PooledConnection(asyncpg.Connection):
+    """A pool connection that knows whether user code has had it since its last reset."""
+
+    __slots__ = ("_kongtask_lent",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kongtask_lent = False
+
+    def kongtask_lend(self) -> None:
+        """Mark the connection as lent to user code: its release runs the full reset."""
+        self._kongtask_lent = True
+
+
+async def _reset_pooled(conn: asyncpg.Connection) -> None:
+    """The pool's reset hook: the full reset only for connections user code had.
+
+    asyncpg has already rolled back an open transaction and dropped listener callbacks
+    (``Connection._reset``) before calling this; the rollback below only guards against
+    a future asyncpg calling the hook first.
+    """
+    pooled = cast(PooledConnection, conn)
+    lent, pooled._kongtask_lent = pooled._kongtask_lent, False
+    if lent:
+        await conn.reset()
+    elif conn.is_in_transaction():
+        await conn.execute("rollback")
 
 
 def _log_asyncio_exception(loop: object, context: Mapping[str, Any]) -> None:
@@ -62,18 +99,43 @@ class Database:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """Run asyncio ``fn(conn, *args)`` on a pooled connection.
+        """Run asyncio ``fn(conn, *args)`` on a pooled connection lent to any code.
 
         The connection is acquired and released on the asyncio side, so a cancellation
-        cannot leak it (STACK.md P2).
+        cannot leak it (STACK.md P2). On release it gets asyncpg's full reset (advisory
+        unlock all, ``CLOSE ALL``, ``UNLISTEN *``, ``RESET ALL``), so session state set
+        by ``fn`` never reaches the next borrower. Temporary tables survive it, as
+        with asyncpg's default pool.
         """
 
-        async def on_pooled_connection() -> T:
+        async def on_lent_connection() -> T:
             async with self.pool.acquire() as conn:
+                # Marked before fn runs: even a failed or cancelled fn gets the reset.
+                cast(PooledConnection, conn).kongtask_lend()
                 # The proxy forwards every Connection method; callers see a Connection.
                 return await fn(cast(asyncpg.Connection, conn), *args, **kwargs)
 
-        return await self.run(on_pooled_connection)
+        return await self.run(on_lent_connection)
+
+    async def with_own_connection(
+        self,
+        fn: Callable[Concatenate[asyncpg.Connection, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Like :meth:`with_connection`, for kongtask's own statements only.
+
+        ``fn`` must leave no session state behind (no ``SET``, ``LISTEN``, session
+        advisory lock, cursor or SQL-level ``PREPARE``); transactions are fine (an open
+        one is rolled back). The connection then goes back to the pool without the
+        reset query, one round trip fewer.
+        """
+
+        async def on_own_connection() -> T:
+            async with self.pool.acquire() as conn:
+                return await fn(cast(asyncpg.Connection, conn), *args, **kwargs)
+
+        return await self.run(on_own_connection)
 
     async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         return await self.run(self.pool.fetch, query, *args)
@@ -129,7 +191,11 @@ async def open_database(
         async with trio_asyncio.open_loop() as loop:
             loop.set_exception_handler(_log_asyncio_exception)
             pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool, loop=loop)(
-                min_size=min(min_size, max_size), max_size=max_size, **connect_kwargs
+                min_size=min(min_size, max_size),
+                max_size=max_size,
+                connection_class=PooledConnection,
+                reset=_reset_pooled,
+                **connect_kwargs,
             )
             try:
                 yield Database(loop, pool, connect_kwargs)

@@ -1,0 +1,247 @@
+"""The pool's reset on release: full for connections lent to user code, none otherwise.
+
+Every test uses a one-connection pool, so each borrower gets the same backend, and
+checks the outcome from PostgreSQL: ``pg_stat_activity.query`` is the last statement a
+backend ran (the reset query, or kongtask's own statement when the reset was skipped),
+and session state (settings, listeners, advisory locks, cursors, transactions) is read
+back on that same backend or seen from another connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+import trio
+from client_support import wait_until_blocked_on_lock
+
+from kongtask import Client, JobSpec
+from kongtask._pg import Database, open_database
+
+S = "graphile_worker"
+APP = "kongtask-reset-test"
+LOCK_KEY = 872_364_001
+
+
+@pytest.fixture
+async def one(kongtask_dsn: str) -> AsyncIterator[Database]:
+    """A one-connection pool with its own application_name, to find its backend."""
+    async with open_database(
+        kongtask_dsn, min_size=1, max_size=1, server_settings={"application_name": APP}
+    ) as database:
+        yield database
+
+
+async def backend(observer: Database) -> asyncpg.Record:
+    """pid, state and last statement of the one-connection pool's backend."""
+    rows = await observer.fetch(
+        "select pid, state, query from pg_stat_activity "
+        "where datname = current_database() and application_name = $1",
+        APP,
+    )
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def is_reset_query(query: str) -> bool:
+    return "pg_advisory_unlock_all" in query and "RESET ALL" in query
+
+
+async def session_state(conn: asyncpg.Connection) -> dict[str, Any]:
+    """Everything user code might leave behind, read on the borrowed backend."""
+    return {
+        "pid": conn.get_server_pid(),
+        "in_transaction": conn.is_in_transaction(),
+        "xact": await conn.fetchval("select pg_current_xact_id_if_assigned()::text"),
+        "statement_timeout": await conn.fetchval("show statement_timeout"),
+        "flag": await conn.fetchval("select current_setting('kongtask_test.flag', true)"),
+        "channels": await conn.fetchval("select array(select pg_listening_channels())"),
+        "cursors": await conn.fetchval("select count(*) from pg_cursors"),
+        "advisory": await conn.fetchval(
+            "select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()"
+        ),
+    }
+
+
+async def lock_is_free(conn: asyncpg.Connection) -> bool:
+    """Whether another session can take the advisory lock ``dirty_the_session`` took."""
+    taken: bool = await conn.fetchval(f"select pg_try_advisory_lock({LOCK_KEY})")
+    if taken:
+        await conn.execute(f"select pg_advisory_unlock({LOCK_KEY})")
+    return taken
+
+
+async def dirty_the_session(conn: asyncpg.Connection) -> int:
+    await conn.execute("set statement_timeout = 12345")
+    await conn.execute("select set_config('kongtask_test.flag', 'on', false)")
+    await conn.execute('listen "kongtask_reset_test"')
+    await conn.execute(f"select pg_advisory_lock({LOCK_KEY})")
+    await conn.execute("declare kongtask_reset_cursor cursor with hold for select 1")
+    return conn.get_server_pid()
+
+
+async def test_own_statements_skip_the_reset_query(one: Database, db: Database) -> None:
+    client = Client(one, S)
+    q = client._queries
+    pid = (await backend(db))["pid"]
+
+    # A new task name: add_job, then the name lookup, and no reset after them.
+    await client.add_job("reset_test", {"a": 0})
+    after = await backend(db)
+    assert after["pid"] == pid
+    assert after["query"] == q.names_by_id, after["query"]
+
+    job = await client.add_job("reset_test", {"a": 1})
+    assert (await backend(db))["query"] == q.add_job
+
+    await client.add_jobs([JobSpec("reset_test", {"b": 2})])
+    assert (await backend(db))["query"] == q.add_jobs
+
+    assert await one.fetchval("select 4200 + 42") == 4242
+    assert (await backend(db))["query"] == "select 4200 + 42"
+
+    done = await client.complete_jobs([job.id])
+    assert [j.id for j in done] == [job.id]
+    assert (await backend(db))["query"] == q.complete_jobs
+
+    await client.cleanup(["GC_JOB_QUEUES"])
+    last = await backend(db)
+    assert last["pid"] == pid
+    assert last["query"] == q.gc_job_queues
+
+
+async def test_lent_connection_is_fully_reset(one: Database, db: Database) -> None:
+    client = Client(one, S)
+    before = await one.with_connection(session_state)
+
+    pid = await one.with_connection(dirty_the_session)
+    assert pid == before["pid"]
+    last = await backend(db)
+    assert last["pid"] == pid
+    assert is_reset_query(last["query"]), last["query"]
+    # The advisory lock is free for everyone else again (checked on another backend).
+    assert await db.with_connection(lock_is_free)
+
+    # The next kongtask statement finds a clean session, and skips the reset again:
+    # the lent mark is cleared by the reset.
+    await client.add_job("reset_test")
+    assert not is_reset_query((await backend(db))["query"])
+    state = await one.with_connection(session_state)
+    assert state == {**before, "flag": state["flag"]}
+    assert state["flag"] in (None, "")  # a placeholder setting stays defined, but empty
+
+
+async def test_failing_user_code_still_gets_the_reset(one: Database, db: Database) -> None:
+    before = await one.with_connection(session_state)
+
+    async def dirty_then_fail(conn: asyncpg.Connection) -> None:
+        await dirty_the_session(conn)
+        raise LookupError("user code failed")
+
+    with pytest.raises(LookupError):
+        await one.with_connection(dirty_then_fail)
+    assert is_reset_query((await backend(db))["query"])
+    state = await one.with_connection(session_state)
+    assert state == {**before, "flag": state["flag"]}
+
+
+async def test_cancelled_user_code_still_gets_the_reset(one: Database, db: Database) -> None:
+    before = await one.with_connection(session_state)
+
+    async def dirty_then_wait(conn: asyncpg.Connection) -> None:
+        await dirty_the_session(conn)
+        await conn.execute("select pg_sleep(30)")
+
+    with trio.move_on_after(0.5) as scope:
+        await one.with_connection(dirty_then_wait)
+    assert scope.cancelled_caught
+    with trio.fail_after(10):
+        state = await one.with_connection(session_state)
+    assert state == {**before, "flag": state["flag"]}
+    assert await db.with_connection(lock_is_free)
+
+
+async def test_transaction_left_open_by_user_code_is_rolled_back(
+    one: Database, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = await one.with_connection(session_state)
+
+    async def begin_and_leave(conn: asyncpg.Connection) -> None:
+        await conn.execute("begin")
+        await conn.execute("create table kongtask_reset_leak (x int)")
+        await conn.execute("set local statement_timeout = 777")
+
+    with caplog.at_level(logging.ERROR, logger="kongtask.pg"):
+        await one.with_connection(begin_and_leave)
+    assert "active transaction" in caplog.text  # asyncpg's warning, logged (STACK.md P3)
+    assert await db.fetchval("select to_regclass('kongtask_reset_leak')") is None
+    last = await backend(db)
+    assert last["state"] == "idle", last
+    state = await one.with_connection(session_state)
+    assert state == {**before, "flag": state["flag"]}
+
+
+async def test_transaction_left_open_by_own_statements_is_rolled_back(
+    one: Database, db: Database
+) -> None:
+    """Even on the no-reset path, a transaction never reaches the next borrower."""
+
+    async def begin_and_leave(conn: asyncpg.Connection) -> None:
+        await conn.execute("begin")
+        await conn.execute("create table kongtask_reset_leak (x int)")
+
+    await one.with_own_connection(begin_and_leave)
+    assert await db.fetchval("select to_regclass('kongtask_reset_leak')") is None
+    assert (await backend(db))["state"] == "idle"
+    assert not await one.with_own_connection(_in_transaction)
+
+
+async def _in_transaction(conn: asyncpg.Connection) -> bool:
+    return conn.is_in_transaction()
+
+
+async def test_cancelled_add_job_leaves_the_pool_usable(one: Database, db: Database) -> None:
+    client = Client(one, S)
+    first = await client.add_job("reset_test", {"v": 1}, job_key="k")
+    pid = (await backend(db))["pid"]
+
+    # Hold the keyed row locked, so the next add_job with that key waits on it.
+    blocker = await db.connect()
+    try:
+        await db.run(blocker.execute, "begin")
+        await db.run(
+            blocker.execute, f"select 1 from {S}._private_jobs where id = {first.id} for update"
+        )
+        async with trio.open_nursery() as nursery:
+            cancel_scope = trio.CancelScope()
+
+            async def add_blocked() -> None:
+                with cancel_scope:
+                    await client.add_job("reset_test", {"v": 2}, job_key="k")
+                    pytest.fail("add_job returned while its row was locked")
+
+            nursery.start_soon(add_blocked)
+            await wait_until_blocked_on_lock(db)
+            cancel_scope.cancel()
+        assert cancel_scope.cancelled_caught
+    finally:
+        await db.run(blocker.execute, "rollback")
+        await db.close_connection(blocker)
+
+    # The connection came back to the pool, out of any transaction, and was not
+    # thrown away (same backend).
+    assert one.pool.get_idle_size() == 1
+    with trio.fail_after(10):
+        again = await client.add_job("reset_test", {"v": 3}, job_key="k")
+    assert again.id == first.id
+    assert again.payload == {"v": 3}
+    last = await backend(db)
+    assert last["pid"] == pid
+    assert last["query"] == client._queries.add_job
+    assert not await one.with_own_connection(_in_transaction)
+    rows = await db.fetch(f"select payload from {S}._private_jobs where key = 'k'")
+    assert [json.loads(r["payload"]) for r in rows] == [{"v": 3}]
