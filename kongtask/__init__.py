@@ -23,6 +23,7 @@ from ._events import Event as Event
 from ._job import Job as Job, JobSpec as JobSpec
 from ._version import __version__ as __version__
 from ._worker import (
+    JobCancelScope as JobCancelScope,
     JobContext as JobContext,
     TaskSpec as TaskSpec,
     Worker as Worker,
@@ -39,6 +40,7 @@ __all__ = [
     "CrontabError",
     "Event",
     "Job",
+    "JobCancelScope",
     "JobContext",
     "JobSpec",
     "KongtaskError",

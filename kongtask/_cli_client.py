@@ -99,7 +99,7 @@ def _parse_run_at(text: str | None) -> datetime | None:
 def job_as_json(job: Job) -> str:
     """One line of JSON describing ``job`` (datetimes in ISO 8601, flags sorted)."""
     fields: dict[str, Any] = {}
-    for name in Job.__slots__:
+    for name in Job.__match_args__:
         value = getattr(job, name)
         if isinstance(value, datetime):
             value = value.isoformat()

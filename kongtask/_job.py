@@ -345,11 +345,6 @@ _set_row: _Setter = Job.__dict__["_row"].__set__
 _set_task_identifier: _Setter = Job.__dict__["_task_identifier"].__set__
 _set_cache: _Setter = Job.__dict__["_cache"].__set__
 
-# The slotted dataclass Job was had the field names as its __slots__, and code lists a
-# job's fields that way (kongtask._cli_client.job_as_json). The class layout is fixed
-# at creation, so this only keeps that reading true; each name is a readable attribute.
-Job.__slots__ = _FIELDS
-
 
 @dataclass(frozen=True, slots=True)
 class JobSpec:

@@ -277,7 +277,7 @@ class DeadPoolSweeper:
             found = [r["id"] for r in await conn.fetch(queries.dead_pools)] if full else []
             return row, live, found
 
-        row, live, found = await db.with_connection(unit)
+        row, live, found = await db.with_own_connection(unit)
         if full:
             self._next_full_scan = now + self.full_scan_interval
         in_grace = row is not None and bool(row["in_grace"])
@@ -301,7 +301,7 @@ class DeadPoolSweeper:
         async def unit(conn: asyncpg.Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(self.queries.release_dead_pools, pool_ids, 0.0, [])
 
-        row = await db.with_connection(unit)
+        row = await db.with_own_connection(unit)
         assert row is not None  # the statement always returns one row
         return Release(tuple(row["pools"]), int(row["jobs"]), int(row["queues"]))
 

@@ -12,7 +12,7 @@ Data flows one way (ARCHITECTURE.md)::
 
 - The **fetcher** claims batches sized to the free capacity plus a prefetch that follows
   the measured job rate (claiming hundreds per statement is what makes throughput,
-  STACK.md), one claim in flight at a time, refilling when the local queue is half empty.
+  STACK.md), one claim in flight at a time, refilling when a quarter of the local queue is gone.
 - The **local queue** is a deque, not a memory channel: unstarted jobs must be taken
   back (TTL, shutdown), and handing jobs over without a channel hop per job keeps the
   per-job path short (STACK.md: per-job scheduling was ~45% of the worker's time). Its
@@ -74,6 +74,12 @@ DEFAULT_BATCH_SIZE: Final = 500
 DEFAULT_LOCAL_QUEUE_TTL: Final = 300.0  # graphile-worker's 5 min (SCHEMA.md §8 Q6)
 #: Seconds of work the fetcher keeps claimed ahead of the workers, at the measured rate.
 PREFETCH_LOOKAHEAD: Final = 0.1
+#: Seconds the workers together run jobs before they let the other tasks (fetcher,
+#: completer, the asyncio loop) run: a scheduling round, of which each hand-over between
+#: those tasks takes one.
+ROUND_BUDGET: Final = 0.001
+#: The fetcher claims again once this fraction (1/n) of its target is free.
+REFILL_PARTS: Final = 4
 #: A claim, return or flush that takes longer than this is given up (and retried).
 STATEMENT_TIMEOUT: Final = 30.0
 #: How long a shutdown waits for the final flush of outcomes before giving up on it.
@@ -209,28 +215,91 @@ class _JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[{extra['task_identifier']}#{extra['job_id']}] {msg}", kwargs
 
 
+class _JobSlot:
+    """A worker's cancel scope and the job running in it (``Worker._run_jobs``)."""
+
+    __slots__ = ("cancelled_by", "job", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.job: Job | None = None
+        #: who cancelled the running job: "job" (its context), "pool" (the shutdown);
+        #: ``None`` with the scope cancelled means its deadline (the task's timeout)
+        self.cancelled_by: str | None = None
+
+    def cancel(self, by: str) -> None:
+        if self.cancelled_by is None:
+            self.cancelled_by = by
+        self.scope.cancel()
+
+
+class JobCancelScope:
+    """``ctx.cancel_scope``: cancels one job's handler, and nothing after it.
+
+    Workers share a :class:`trio.CancelScope` between consecutive jobs (one per job is
+    costly); this handle acts on it only while its own job is running, so a context kept
+    past its job cannot cancel a later one.
+    """
+
+    __slots__ = ("_job", "_slot")
+
+    def __init__(self, slot: _JobSlot, job: Job) -> None:
+        self._slot = slot
+        self._job = job
+
+    def _current(self) -> bool:
+        return self._slot.job is self._job
+
+    def cancel(self) -> None:
+        """Cancel the handler: it gets :class:`trio.Cancelled` at its next checkpoint and
+        the job fails with "Job was cancelled" (and retries). No effect once it has ended."""
+        if self._current():
+            self._slot.cancel("job")
+
+    @property
+    def cancel_called(self) -> bool:
+        """Whether the job was cancelled (by :meth:`cancel`, its timeout or the shutdown)."""
+        return self._current() and self._slot.scope.cancel_called
+
+    @property
+    def deadline(self) -> float:
+        """The trio clock time at which the handler is cancelled (``inf``: none); the
+        task's ``timeout`` sets it. Settable while the job runs."""
+        return self._slot.scope.deadline if self._current() else math.inf
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        if self._current():
+            self._slot.scope.deadline = value
+
+
 class JobContext:
     """What a handler gets besides the job.
 
     Attributes:
       job: the job being run.
       logger: a :class:`logging.LoggerAdapter` that prefixes lines with ``[task#id]``.
-      cancel_scope: the job's own cancel scope: ``ctx.cancel_scope.cancel()`` stops the
-        handler (the job then fails and retries); shutdown and ``task(timeout=...)`` use it.
+      cancel_scope: the job's :class:`JobCancelScope`: ``ctx.cancel_scope.cancel()`` stops
+        the handler (the job then fails and retries); ``deadline`` is the trio clock time
+        of its timeout (``task(timeout=...)``).
       pool_id: the worker pool's id (what ``locked_by`` says).
       add_job, add_jobs: :meth:`kongtask.Client.add_job` and :meth:`~kongtask.Client.add_jobs`
         on the pool's database.
     """
 
-    __slots__ = ("_logger", "_worker", "add_job", "add_jobs", "cancel_scope", "job")
+    __slots__ = ("_logger", "_slot", "_worker", "add_job", "add_jobs", "job")
 
-    def __init__(self, worker: Worker, job: Job, cancel_scope: trio.CancelScope) -> None:
+    def __init__(self, worker: Worker, job: Job, slot: _JobSlot) -> None:
         self._worker = worker
         self.add_job = worker.add_job
         self.add_jobs = worker.add_jobs
         self.job = job
-        self.cancel_scope = cancel_scope
+        self._slot = slot
         self._logger: _JobLogger | None = None
+
+    @property
+    def cancel_scope(self) -> JobCancelScope:
+        return JobCancelScope(self._slot, self.job)
 
     @property
     def pool_id(self) -> str:
@@ -411,7 +480,7 @@ class Worker:
         self._local: deque[tuple[Job, float]] = deque()
         self._parked = trio.lowlevel.ParkingLot()
         self._idle_workers = 0
-        self._running: dict[int, trio.CancelScope] = {}
+        self._running: dict[int, _JobSlot] = {}
         self._live_workers = 0
         self._workers_done = trio.Event()
         # Fetcher wake-ups ("nudges") travel over a one-slot memory channel: a nudge is
@@ -422,12 +491,15 @@ class Worker:
         self._refill_below = 0
         self._listening = trio.Event()  # the liveness lock is held (marked pools)
         self._reconcile = False  # a claim may have committed without us seeing its rows
+        self._generic_claim_plan = marked
         # job-rate estimate for the prefetch
         self._rate = 0.0
         self._rate_t = 0.0
         self._rate_n = 0
         self._started = 0
-        self._yielded = 0.0  # trio clock when a worker task last yielded (_worker_loop)
+        # the workers' current scheduling round (trio clock; _worker_loop)
+        self._round_start = 0.0
+        self._round_end = 0.0
         # Workers and the fetcher hand the completer their writes over a memory channel.
         # Its buffer is not bounded: every message is about a job already claimed (so
         # their number is bounded by the claims), and a worker must never block on the
@@ -543,8 +615,8 @@ class Worker:
                             self.pool_id,
                             len(self._running),
                         )
-                        for scope in list(self._running.values()):
-                            scope.cancel()
+                        for slot in list(self._running.values()):
+                            slot.cancel("pool")
                 # nobody can send any more: the completer writes what it has, then ends
                 self._writes_send.close()
                 with trio.move_on_after(FLUSH_TIMEOUT):
@@ -570,7 +642,7 @@ class Worker:
 
         await check_schema(self._db, self.schema)
         if self._runners:
-            self._task_ids = await self._db.with_connection(
+            self._task_ids = await self._db.with_own_connection(
                 register_tasks, self._q, sorted(self._runners)
             )
         self._task_names = {v: k for k, v in self._task_ids.items()}
@@ -644,13 +716,16 @@ class Worker:
         target = self._concurrency + prefetch
         in_flight = len(self._local) + len(self._running)
         deficit = target - in_flight
-        half = max(1, target // 2)
-        # refill when half empty (pipelining: the next batch arrives while the rest of
-        # this one runs) or at once when a worker sits idle with nothing queued
-        self._refill_below = target - half
+        # Refill when a quarter is gone: a claim of n rows takes a few ms plus ~20 µs per
+        # row, while the workers run a job in a fraction of that, so a claim sent when
+        # the queue is half empty came back to idle workers; smaller claims sent sooner
+        # keep one always in flight under load (the next one is planned in 0.1 ms:
+        # plan_cache_mode, _connect_fetcher).
+        step = max(1, target // REFILL_PARTS)
+        self._refill_below = target - step
         if deficit <= 0:
             return 0
-        if deficit >= half or (self._idle_workers and not self._local):
+        if deficit >= step or (self._idle_workers and not self._local):
             return min(self._batch_size, deficit)
         return 0
 
@@ -678,7 +753,7 @@ class Worker:
                     continue
                 try:
                     if conn is None:
-                        conn = await self._db.connect()
+                        conn = await self._connect_fetcher()
                     rows = await self._claim(conn, size)
                 except Exception as exc:
                     errors += 1
@@ -749,7 +824,7 @@ class Worker:
         )
         with trio.CancelScope(shield=True), trio.move_on_after(STATEMENT_TIMEOUT):
             try:
-                returned = await self._db.with_connection(
+                returned = await self._db.with_own_connection(
                     return_jobs, self._q, self.pool_id, unknown
                 )
             except Exception as exc:
@@ -768,7 +843,7 @@ class Worker:
         path: it overlaps with the LISTEN set-up instead.
         """
         try:
-            conn = await self._db.connect()
+            conn = await self._connect_fetcher()
         except Exception:
             return None  # the claim loop connects (and retries) on its own
         try:
@@ -777,6 +852,16 @@ class Worker:
             log.debug("pool %s: warming up the claim failed: %s", self.pool_id, exc)
             await self._db.close_connection(conn)
             return None
+        return conn
+
+    async def _connect_fetcher(self) -> Any:
+        conn = await self._db.connect()
+        if self._generic_claim_plan:
+            try:
+                await self._db.run(conn.execute, "set plan_cache_mode = force_generic_plan")
+            except BaseException:
+                await self._db.close_connection(conn)
+                raise
         return conn
 
     def _quiet(self) -> bool:
@@ -803,7 +888,7 @@ class Worker:
         names = self._task_names
         local = self._local
         for row in rows:
-            job = Job.from_record(row, names[row["task_id"]], row["queue_name"])
+            job = Job.from_claim(row, names[row["task_id"]])
             local.append((job, now))
         if self._stopping:
             return  # the shutdown returns them
@@ -846,7 +931,9 @@ class Worker:
         ids = [job.id for job in jobs]
         with trio.CancelScope(shield=True), trio.move_on_after(STATEMENT_TIMEOUT):
             try:
-                returned = await self._db.with_connection(return_jobs, self._q, self.pool_id, ids)
+                returned = await self._db.with_own_connection(
+                    return_jobs, self._q, self.pool_id, ids
+                )
             except Exception as exc:
                 log.error("pool %s: returning %d job(s) failed: %s", self.pool_id, len(ids), exc)
                 return
@@ -861,43 +948,69 @@ class Worker:
     # -- workers -------------------------------------------------------------
 
     async def _worker_loop(self, index: int) -> None:
+        slot = _JobSlot()
         try:
-            local = self._local
-            current_time = trio.current_time
-            while True:
-                if self._stopping:
-                    return  # start nothing new; the shutdown returns what is queued
-                if local:
-                    job, _ = local.popleft()
-                    await self._run_job(job)
-                    # Handlers that never await would keep this task running: yield at
-                    # least every millisecond (not after every job: a trio reschedule
-                    # per job was a large part of the per-job cost, STACK.md).
-                    # The clock is the pool's, not this task's: with a per-task clock ten
-                    # workers could each run a millisecond in turn while a claim's reply
-                    # waits for the asyncio loop task.
-                    if current_time() - self._yielded >= 0.001:
-                        await trio.lowlevel.checkpoint()
-                        self._yielded = current_time()
-                    continue
-                if self._fetch_full:
-                    self._wake_fetcher()  # an idle worker with nothing queued
-                self._idle_workers += 1
-                try:
-                    await self._parked.park()
-                finally:
-                    self._idle_workers -= 1
+            while not self._stopping:
+                # One cancel scope serves a run of jobs (entering and leaving one per job
+                # cost ~12 µs, a quarter of the per-job time); a job cancelled by its
+                # context, its timeout or the shutdown spends it, and the next job gets
+                # a new one.
+                with trio.CancelScope() as scope:
+                    slot.scope = scope
+                    await self._run_jobs(slot)
         finally:
             self._live_workers -= 1
             if self._live_workers == 0:
                 self._workers_done.set()
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_jobs(self, slot: _JobSlot) -> None:
+        """Run queued jobs in ``slot``'s scope until it is spent or the pool stops."""
+        local = self._local
+        current_time = trio.current_time
+        scope = slot.scope
+        while not self._stopping:  # start nothing new; the shutdown returns what is queued
+            if local:
+                job, _ = local.popleft()
+                await self._run_job(job, slot)
+                if scope.cancel_called:
+                    return  # cancelled, but the handler returned before noticing
+                # Handlers that never await would keep this task running: yield
+                # when the round's budget is spent (not after every job: a trio
+                # reschedule per job was a large part of the per-job cost, STACK.md).
+                # The budget is the pool's, not this task's: with one per task, ten
+                # workers each ran a millisecond in turn, and the fetcher's claim
+                # went out 10 ms after the workers asked for it (the local queue
+                # had run dry by then).
+                if current_time() >= self._round_end:
+                    yielded = current_time()
+                    await trio.lowlevel.checkpoint()
+                    if yielded >= self._round_start:
+                        # the first worker back opens the round; the others that
+                        # yielded before it was opened run only until its end
+                        self._round_start = current_time()
+                        self._round_end = self._round_start + ROUND_BUDGET
+                continue
+            if self._fetch_full:
+                self._wake_fetcher()  # an idle worker with nothing queued
+            self._idle_workers += 1
+            try:
+                await self._parked.park()
+            finally:
+                self._idle_workers -= 1
+
+    async def _run_job(self, job: Job, slot: _JobSlot) -> None:
+        """Run one job in ``slot``'s scope and send its outcome to the completer.
+
+        Raises :class:`trio.Cancelled` when the job was cancelled (its outcome is sent
+        first); the caller's ``with slot.scope`` ends there.
+        """
         runner = self._runners[job.task_identifier]
         self._started += 1
-        scope = trio.CancelScope()
-        self._running[job.id] = scope
-        ctx = JobContext(self, job, scope)
+        scope = slot.scope
+        slot.job = job
+        slot.cancelled_by = None
+        self._running[job.id] = slot
+        ctx = JobContext(self, job, slot)
         events = self._events
         if events.enabled:
             events.emit("job:start", job=job)
@@ -911,20 +1024,14 @@ class Worker:
                 job.max_attempts,
             )
         start = trio.current_time()
+        if runner.timeout is not None:
+            scope.deadline = start + runner.timeout
         result: object = None
         error: BaseException | None = None
         timed_out = False
+        cancelled: BaseException | None = None
         try:
-            with scope:
-                if runner.timeout is None:
-                    result = await self._call(runner, job, ctx)
-                else:
-                    with trio.move_on_after(runner.timeout) as timeout_scope:
-                        result = await self._call(runner, job, ctx)
-                    if timeout_scope.cancelled_caught or (
-                        not runner.is_async and trio.current_time() - start > runner.timeout
-                    ):
-                        timed_out = True
+            result = await self._call(runner, job, ctx)
         except Exception as exc:
             error = exc
         except SystemExit as exc:
@@ -932,13 +1039,26 @@ class Worker:
             # pool (SIGTERM is): fail the job like any other exception
             error = RuntimeError(f"the handler raised SystemExit({exc.code!r})")
             error.__traceback__ = exc.__traceback__
+        except BaseException as exc:
+            if not scope.cancel_called:
+                raise  # an outer scope's Cancelled: the pool itself is being torn down
+            # trio.Cancelled, or a group holding it (a nursery in the handler): the
+            # scope's exit takes it once the outcome is sent
+            cancelled = exc
         finally:
             del self._running[job.id]
+            slot.job = None
+        if runner.timeout is not None:
+            if cancelled is None and not scope.cancel_called:
+                scope.deadline = math.inf
+            timed_out = (cancelled is not None and slot.cancelled_by is None) or (
+                not runner.is_async and trio.current_time() - start > runner.timeout
+            )
         if timed_out:
             error = TimeoutError(f"timed out after {runner.timeout:g} s")
             message = str(error)
-        elif scope.cancelled_caught and error is None:
-            message = SHUTDOWN_MESSAGE if self._stopping else "Job was cancelled"
+        elif cancelled is not None and error is None:
+            message = SHUTDOWN_MESSAGE if slot.cancelled_by == "pool" else "Job was cancelled"
             error = JobCancelled(message)
         elif error is not None:
             message = _error_text(error)
@@ -993,6 +1113,8 @@ class Worker:
         # capacity freed: tell a fetcher that waits for it
         if self._fetch_full and len(self._local) + len(self._running) <= self._refill_below:
             self._wake_fetcher()
+        if cancelled is not None:
+            raise cancelled
 
     async def _call(self, runner: _Runner, job: Job, ctx: JobContext) -> object:
         if runner.is_async:
@@ -1009,8 +1131,10 @@ class Worker:
     def _batch_outcome(self, job: Job, result: object) -> tuple[str, str] | None:
         """For a batch job whose handler returned per-element outcomes: (message, payload)
         of the failed elements, or ``None`` when everything succeeded (§5.5)."""
+        if not isinstance(result, list | tuple):
+            return None
         payload = job.payload
-        if not isinstance(payload, list) or not isinstance(result, list | tuple):
+        if not isinstance(payload, list):
             return None
         if len(result) != len(payload):
             log.warning(
@@ -1130,7 +1254,7 @@ class Worker:
                     [p for _, _, p in fail],
                 )
                 if conn is None:
-                    await self._db.with_connection(complete_and_fail, *args)
+                    await self._db.with_own_connection(complete_and_fail, *args)
                 else:
                     await self._db.run(complete_and_fail, conn, *args)
         except BaseException:
@@ -1254,7 +1378,7 @@ class Worker:
             # GC_TASK_IDENTIFIERS may have deleted our task rows meanwhile; jobs added
             # since carry new ids that only a fresh lookup finds (SCHEMA.md §5.2)
             try:
-                task_ids = await self._db.with_connection(
+                task_ids = await self._db.with_own_connection(
                     register_tasks, self._q, sorted(self._runners)
                 )
             except Exception as exc:

@@ -569,3 +569,71 @@ async def test_nul_in_an_error_message_does_not_poison_the_batch(
     assert row is not None
     assert row["last_error"].startswith("bad\\0byte")
     await assert_clean(tdb)
+
+
+async def test_job_cancel_scope_cancels_only_its_own_job(tdb: Database, worker_dsn: str) -> None:
+    """Workers share a cancel scope between jobs: each kind of cancellation must end
+    exactly its job, and the same worker (concurrency 1) must run the next one fine."""
+    kept: list[kongtask.JobContext] = []
+    ran: list[str] = []
+
+    async def cancels_itself(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        ran.append("self")
+        ctx.cancel_scope.cancel()
+        assert ctx.cancel_scope.cancel_called
+        await trio.lowlevel.checkpoint()  # delivers it
+        ran.append("not reached")
+
+    async def cancels_and_returns(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        ran.append("returns")
+        ctx.cancel_scope.cancel()  # no checkpoint afterwards: the handler completes
+
+    async def keeps_context(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        ran.append("keeps")
+        kept.append(ctx)
+
+    async def nursery_in_handler(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        ran.append("nursery")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            ctx.cancel_scope.cancel()  # arrives wrapped in an exception group
+
+    async def times_out(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        ran.append("timeout")
+        assert ctx.cancel_scope.deadline < math.inf
+        await trio.sleep_forever()
+
+    async def after(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        # a context kept from an earlier job must not reach this one
+        for old in kept:
+            old.cancel_scope.cancel()
+            assert not old.cancel_scope.cancel_called
+        assert ctx.cancel_scope.deadline == math.inf  # the timeout did not stay behind
+        await trio.sleep(HOLD)
+        ran.append("after")
+
+    names = ["self", "returns", "keeps", "nursery", "timeout", "after"]
+    ids = {}
+    for priority, name in enumerate(names):
+        ids[name] = await tdb.fetchval(
+            f"select id from {S}.add_job($1, priority => $2, max_attempts => 1)", name, priority
+        )
+    tasks = {
+        "self": cancels_itself,
+        "returns": cancels_and_returns,
+        "keeps": keeps_context,
+        "nursery": nursery_in_handler,
+        "timeout": kongtask.task(times_out, timeout=0.1),
+        "after": after,
+    }
+    async with kongtask.open_worker(worker_dsn, tasks, concurrency=1) as w:
+        await wait_until(lambda: w.statistics().completed + w.statistics().failed == 6)
+    assert ran == ["self", "returns", "keeps", "nursery", "timeout", "after"]
+    rows = {r["id"]: r["last_error"] for r in await tdb.fetch(f"select id, last_error from {J}")}
+    assert rows == {
+        ids["self"]: "Job was cancelled",
+        ids["nursery"]: "Job was cancelled",
+        ids["timeout"]: "timed out after 0.1 s",
+    }
+    assert (w.statistics().completed, w.statistics().failed) == (3, 3)
+    await assert_clean(tdb)

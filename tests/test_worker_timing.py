@@ -15,6 +15,7 @@ import trio.testing
 
 from kongtask._worker import (
     Worker,
+    _JobSlot,
     _runners,
     failure_delay,
     listen_reconnect_delay,
@@ -110,10 +111,10 @@ async def test_claim_size_tracks_capacity_and_job_rate(
     w = make_worker(concurrency=4, batch_size=500)
     # idle, no rate known: claim exactly the free slots
     assert w._claim_size() == 4
-    # all four running: nothing to claim, a refill is due when half are free
-    w._running = {i: trio.CancelScope() for i in range(4)}
+    # all four running: nothing to claim, a refill is due when a quarter (one) is free
+    w._running = {i: _JobSlot() for i in range(4)}
     assert w._claim_size() == 0
-    assert w._refill_below == 2
+    assert w._refill_below == 3
     # a high job rate adds a prefetch (0.1 s of work), capped by batch_size
     w._started = 0
     await trio.sleep(1)
