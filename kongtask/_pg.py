@@ -149,10 +149,17 @@ class Database:
     async def execute(self, query: str, *args: object) -> str:
         return await self.run(self.pool.execute, query, *args)
 
-    async def connect(self) -> asyncpg.Connection:
-        """A dedicated connection outside the pool (LISTEN needs one: pool release UNLISTENs)."""
+    async def connect(self, settings: Mapping[str, str] | None = None) -> asyncpg.Connection:
+        """A dedicated connection outside the pool (LISTEN needs one: pool release UNLISTENs).
+
+        ``settings``: server settings for this session only, on top of the pool's.
+        """
+        kwargs = self._connect_kwargs
+        if settings:
+            kwargs = {**kwargs, "server_settings": {**kwargs["server_settings"], **settings}}
+
         async def connect() -> asyncpg.Connection:
-            return await asyncpg.connect(**self._connect_kwargs)
+            return await asyncpg.connect(**kwargs)
 
         return await self.run(connect)
 

@@ -245,3 +245,27 @@ async def test_cancelled_add_job_leaves_the_pool_usable(one: Database, db: Datab
     assert not await one.with_own_connection(_in_transaction)
     rows = await db.fetch(f"select payload from {S}._private_jobs where key = 'k'")
     assert [json.loads(r["payload"]) for r in rows] == [{"v": 3}]
+
+
+async def test_dedicated_connection_settings_apply_to_that_session_only(one: Database) -> None:
+    """The worker's claiming connection gets its own session settings (async commit,
+    generic plans); the pool's connections keep the server's."""
+    from kongtask._worker import CLAIM_SESSION_SETTINGS
+
+    async def show(conn: asyncpg.Connection) -> list[tuple[str, str, str]]:
+        rows = await conn.fetch(
+            "select name, setting, source from pg_settings"
+            " where name in ('synchronous_commit', 'plan_cache_mode') order by name"
+        )
+        return [(r["name"], r["setting"], r["source"]) for r in rows]
+
+    conn = await one.connect(CLAIM_SESSION_SETTINGS)
+    try:
+        assert await one.run(show, conn) == [
+            ("plan_cache_mode", "force_generic_plan", "client"),
+            ("synchronous_commit", "off", "client"),
+        ]
+    finally:
+        await one.close_connection(conn)
+    # the pool's sessions: the server's own values, not set by the client
+    assert all(source != "client" for _, _, source in await one.with_connection(show))
