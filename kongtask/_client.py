@@ -8,8 +8,8 @@ unit of work (one crossing through :meth:`Database.run`).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -17,7 +17,7 @@ import asyncpg
 
 from ._client_sql import ClientQueries, client_queries
 from ._config import resolve_dsn, resolve_schema
-from ._errors import ConfigError, KongtaskError
+from ._errors import ConfigError, KongtaskError, schema_not_installed
 from ._job import Job, JobSpec, JSONValue
 from ._pg import Database, open_database
 
@@ -40,6 +40,14 @@ MAX_KEY_LENGTH: Final = 512  # jobs_key_check
 # row is now locked, so the retire step takes it. More than a few misses in a row
 # means something else is wrong.
 ADD_ATTEMPTS: Final = 5
+
+# What PostgreSQL answers when the schema, one of its tables or one of its functions
+# (an older graphile-worker schema) is missing.
+_MISSING_SCHEMA: Final = (
+    asyncpg.InvalidSchemaNameError,
+    asyncpg.UndefinedTableError,
+    asyncpg.UndefinedFunctionError,
+)
 
 # Names never change for an id and identity values are never reused, so the id -> name
 # maps can be cached for the life of the client; the bound only caps memory for
@@ -109,9 +117,10 @@ class Client:
             identifier, payload, queue_name, run_at, max_attempts, job_key, priority, flags
         )
         args = _add_job_args(_checked_spec(spec, "add_job"), mode)
-        rows, names = await self._db.with_own_connection(
-            _add_job_unit, self._queries, args, self._task_names, self._queue_names
-        )
+        with _needs_schema(self._schema):
+            rows, names = await self._db.with_own_connection(
+                _add_job_unit, self._queries, args, self._task_names, self._queue_names
+            )
         self._remember(names)
         return self._job(rows[0])
 
@@ -161,15 +170,16 @@ class Client:
         if not checked:
             return []
         encoded = _encode_specs(checked)
-        rows, names = await self._db.with_own_connection(
-            _add_jobs_unit,
-            self._queries,
-            checked,
-            encoded,
-            job_key_preserve_run_at,
-            self._task_names,
-            self._queue_names,
-        )
+        with _needs_schema(self._schema):
+            rows, names = await self._db.with_own_connection(
+                _add_jobs_unit,
+                self._queries,
+                checked,
+                encoded,
+                job_key_preserve_run_at,
+                self._task_names,
+                self._queue_names,
+            )
         self._remember(names)
         return [self._job(row) for row in rows]
 
@@ -285,7 +295,8 @@ class Client:
         for pool_id in ids:
             _check_text(pool_id, "pool id")
         if ids:
-            await self._db.execute(self._queries.force_unlock_workers, ids)
+            with _needs_schema(self._schema):
+                await self._db.execute(self._queries.force_unlock_workers, ids)
 
     async def cleanup(
         self,
@@ -328,10 +339,12 @@ class Client:
         for name in keep:
             _check_text(name, "kept task identifier")
         selected = [t for t in CLEANUP_TASKS if t in wanted]
-        return await self._db.with_own_connection(_cleanup_unit, self._queries, selected, keep)
+        with _needs_schema(self._schema):
+            return await self._db.with_own_connection(_cleanup_unit, self._queries, selected, keep)
 
     async def _admin(self, query: str, *args: object) -> list[Job]:
-        rows = await self._db.fetch(query, *args)
+        with _needs_schema(self._schema):
+            rows = await self._db.fetch(query, *args)
         return [
             Job.from_record(row, row["task_identifier"], row["queue_name"])
             for row in rows
@@ -355,6 +368,15 @@ class Client:
             self._task_names.get(row["task_id"], f"<task id {row['task_id']}>"),
             None if queue_id is None else self._queue_names.get(queue_id),
         )
+
+
+@contextmanager
+def _needs_schema(schema: str) -> Iterator[None]:
+    """Say "run kongtask migrate" instead of PostgreSQL's "schema … does not exist"."""
+    try:
+        yield
+    except _MISSING_SCHEMA as exc:
+        raise schema_not_installed(schema, maybe_old=True) from exc
 
 
 @asynccontextmanager

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from urllib.parse import urlencode
 
 from ._errors import ConfigError
 
@@ -51,3 +53,38 @@ def resolve_dsn(dsn: str | None = None) -> str | None:
     if dsn:
         return dsn
     return os.environ.get("DATABASE_URL") or None
+
+
+# libpq's keyword/value form: `key = value` pairs; a value is 'single-quoted' (backslash
+# escapes \' and \\) or runs to the next space (backslash escapes too).
+_KEYWORD_PAIR = re.compile(r"""\s*([A-Za-z_]+)\s*=\s*(?:'((?:[^'\\]|\\.)*)'|((?:[^\s'\\]|\\.)*))""")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def asyncpg_dsn(dsn: str | None) -> str | None:
+    """``dsn`` in a form asyncpg accepts: URLs as they are, libpq keyword/value strings
+    (``host=db dbname=app``) as the equivalent URL (asyncpg reads only URLs).
+
+    Raises:
+      ConfigError: ``dsn`` is neither a URL nor a keyword/value string.
+    """
+    if not dsn or "://" in dsn:
+        return dsn
+    pairs: list[tuple[str, str]] = []
+    position = 0
+    while position < len(dsn):
+        if dsn[position:].strip() == "":
+            break
+        match = _KEYWORD_PAIR.match(dsn, position)
+        if match is None:
+            raise ConfigError(
+                f"cannot read the connection string at character {position + 1}: expected "
+                "a URL (postgresql://...) or libpq's keyword=value pairs"
+            )
+        quoted, plain = match.group(2), match.group(3)
+        value = quoted if quoted is not None else plain
+        pairs.append((match.group(1), _ESCAPE.sub(r"\1", value)))
+        position = match.end()
+    if not pairs:
+        return dsn
+    return "postgresql://?" + urlencode(pairs)

@@ -28,3 +28,13 @@ class MigrationError(KongtaskError):
 
 class NoPostgresError(KongtaskError):
     """No PostgreSQL server could be found or started for tests."""
+
+
+def schema_not_installed(schema: str, *, maybe_old: bool = False) -> KongtaskError:
+    """The error for a schema that is missing (or, ``maybe_old``, lacks what kongtask needs)."""
+    state = "is not installed in this database"
+    if maybe_old:
+        state += " (or is older than kongtask needs)"
+    return KongtaskError(
+        f"schema {schema!r} {state}; run `kongtask migrate` (or graphile-worker's migration) first"
+    )

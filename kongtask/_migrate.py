@@ -27,8 +27,8 @@ from importlib import resources
 
 import asyncpg
 
-from ._config import quote_ident, resolve_schema
-from ._errors import KongtaskError, MigrationError, SchemaTooNewError
+from ._config import asyncpg_dsn, quote_ident, resolve_schema
+from ._errors import MigrationError, SchemaTooNewError, schema_not_installed
 from ._pg import Database
 
 log = logging.getLogger("kongtask.migrate")
@@ -329,10 +329,7 @@ async def check_schema_connection(
         status = await _read_status(conn, schema)
     except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
         # The raw text ('relation "x.migrations" does not exist') hides the fix.
-        raise KongtaskError(
-            f"schema {schema!r} is not installed in this database; run `kongtask migrate` "
-            "(or graphile-worker's migration) first"
-        ) from None
+        raise schema_not_installed(schema) from None
     _check_status(status)
     return status
 
@@ -378,7 +375,7 @@ def migrate_sync(dsn: str, schema: str | None = None) -> None:
     schema = resolve_schema(schema)
 
     async def run() -> None:
-        conn = await asyncpg.connect(dsn)
+        conn = await asyncpg.connect(asyncpg_dsn(dsn))
         try:
             await migrate_connection(conn, schema)
         finally:

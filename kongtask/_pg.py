@@ -25,6 +25,8 @@ import asyncpg
 import trio
 import trio_asyncio
 
+from ._config import asyncpg_dsn
+
 log = logging.getLogger("kongtask.pg")
 
 T = TypeVar("T")
@@ -171,7 +173,6 @@ class Database:
             conn.terminate()
 
 
-
 @asynccontextmanager
 async def open_database(
     dsn: str | None,
@@ -189,7 +190,7 @@ async def open_database(
       prepared_statements: ``False`` for transaction-pooling pgBouncer (no statement cache).
     """
     connect_kwargs: dict[str, Any] = {
-        "dsn": dsn,
+        "dsn": asyncpg_dsn(dsn),
         "server_settings": {"application_name": APPLICATION_NAME, **(server_settings or {})},
     }
     if not prepared_statements:

@@ -7,6 +7,7 @@ that the pool still runs an ordinary job afterwards: bad input must not crash th
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from typing import Any
@@ -301,10 +302,76 @@ async def test_database_missing_or_dsn_malformed(kongtask_server: object) -> Non
         assert text in _one_clean_line(err)
 
 
+def _keyword_form(url: str) -> str:
+    """A URL DSN as libpq's keyword/value string, quoting every value."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+
+    def quoted(value: str) -> str:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    fields = {
+        "host": parts.hostname or "",
+        "port": str(parts.port or 5432),
+        "user": unquote(parts.username or ""),
+        "dbname": unquote(parts.path.lstrip("/")),
+    }
+    if parts.password:
+        fields["password"] = unquote(parts.password)
+    return " ".join(f"{k} = {quoted(v)}" for k, v in fields.items())
+
+
+def test_keyword_dsns_become_urls() -> None:
+    from kongtask._config import asyncpg_dsn
+
+    assert asyncpg_dsn("postgresql://u@h/d") == "postgresql://u@h/d"
+    assert asyncpg_dsn(None) is None
+    assert asyncpg_dsn("host=h port=5433 dbname=app") == (
+        "postgresql://?host=h&port=5433&dbname=app"
+    )
+    assert asyncpg_dsn(r"host = /run/pg  dbname='my db' password='it\'s \\' user=a\ b") == (
+        "postgresql://?host=%2Frun%2Fpg&dbname=my+db&password=it%27s+%5C&user=a+b"
+    )
+    for bad in ("just words", "host=h 'x'", "=v"):
+        with pytest.raises(ConfigError, match="keyword=value"):
+            asyncpg_dsn(bad)
+
+
+async def test_libpq_keyword_dsn_works_everywhere(kongtask_blank_dsn: str) -> None:
+    dsn = _keyword_form(kongtask_blank_dsn)
+    assert "://" not in dsn
+    await trio.to_thread.run_sync(migrate_sync, dsn)
+    async with kongtask.open_client(dsn) as client:
+        job = await client.add_job("t", {"n": 1})
+    seen = Recorder(1)
+    async with open_worker(dsn, {"t": seen}) as worker:
+        with trio.fail_after(10):
+            await seen.done.wait()
+        assert worker.statistics().running == 0
+    assert seen.seen == [("t", {"n": 1})]
+    assert job.payload == {"n": 1}
+    code, out, err = await _cli("add", "t", "-c", dsn)
+    assert code == 0, err
+    assert json.loads(out)["task_identifier"] == "t"
+
+
 async def test_schema_missing(kongtask_blank_dsn: str) -> None:
+    hint = "'graphile_worker' is not installed in this database .*run `kongtask migrate`"
     async with open_database(kongtask_blank_dsn) as db:
-        with pytest.raises(Exception, match='schema "graphile_worker" does not exist'):
-            await kongtask.Client(db, S).add_job("t", {})
+        client = kongtask.Client(db, S)
+        for call in (
+            lambda: client.add_job("t", {}),
+            lambda: client.add_jobs([JobSpec("t")]),
+            lambda: client.complete_jobs([1]),
+            lambda: client.remove_job("k"),
+            lambda: client.force_unlock_workers(["pool-x"]),
+            lambda: client.cleanup(["GC_JOB_QUEUES"]),
+        ):
+            with pytest.raises(kongtask.KongtaskError, match=hint) as caught:
+                await call()
+            # the database's own words stay attached
+            assert "does not exist" in str(caught.value.__cause__)
     with pytest.raises(kongtask.KongtaskError, match="'graphile_worker' is not installed"):
         async with open_worker(kongtask_blank_dsn, {"t": Recorder(1)}):
             raise AssertionError("not reached")

@@ -844,8 +844,10 @@ async def test_custom_schema_is_quoted(any_dsn: str) -> None:
     import asyncpg
 
     async with kongtask.open_client(any_dsn, schema='no"such; drop table x') as c:
-        with pytest.raises(asyncpg.InvalidSchemaNameError):
+        with pytest.raises(kongtask.KongtaskError, match="run `kongtask migrate`") as caught:
             await c.add_job("t")
+    assert isinstance(caught.value.__cause__, asyncpg.InvalidSchemaNameError)
+    assert 'schema "no"such; drop table x" does not exist' in str(caught.value.__cause__)
 
 
 # --- CLI verbs ------------------------------------------------------------------------------
