@@ -93,6 +93,10 @@ CLAIM_SESSION_SETTINGS: Final = {
 }
 #: A claim, return or flush that takes longer than this is given up (and retried).
 STATEMENT_TIMEOUT: Final = 30.0
+#: After a claim whose reply was lost, the pool looks for that claim's jobs at once and
+#: again this many seconds later (STATEMENT_TIMEOUT: a statement given up on may commit
+#: late on the server).
+RECONCILE_AGAIN_AFTER: Final = (5.0, STATEMENT_TIMEOUT, 4 * STATEMENT_TIMEOUT)
 #: How long a shutdown waits for the final flush of outcomes before giving up on it.
 FLUSH_TIMEOUT: Final = 30.0
 #: Consecutive non-transient errors writing outcomes before the pool shuts down (#636).
@@ -501,7 +505,8 @@ class Worker:
         self._fetch_idle = False  # fetcher found nothing ready and waits for news
         self._refill_below = 0
         self._listening = trio.Event()  # the liveness lock is held (marked pools)
-        self._reconcile = False  # a claim may have committed without us seeing its rows
+        # trio times at which to look for jobs of a claim whose reply was lost (sorted)
+        self._reconcile_due: list[float] = []
         # session settings need a session: not behind a transaction-pooling pgBouncer
         self._claim_settings = marked
         # job-rate estimate for the prefetch
@@ -754,13 +759,13 @@ class Worker:
                     # connection), or a dead-pool sweeper could release what we claim
                     await self._listening.wait()
                 self._forget_nudges()
-                if self._reconcile:
+                if self._reconcile_due and self._reconcile_due[0] <= trio.current_time():
                     await self._reconcile_locks()
                 self._expire_local()
                 size = self._claim_size()
                 if size <= 0:
                     self._fetch_full = True
-                    with trio.move_on_at(self._ttl_deadline()):
+                    with trio.move_on_at(min(self._ttl_deadline(), self._next_reconcile())):
                         await self._nudge_recv.receive()
                     self._fetch_full = False
                     continue
@@ -796,7 +801,11 @@ class Worker:
                 # nothing ready: wait for a NOTIFY, an unlocked queue, the poll or the TTL
                 self._fetch_idle = True
                 with trio.move_on_at(
-                    min(trio.current_time() + self._poll_interval, self._ttl_deadline())
+                    min(
+                        trio.current_time() + self._poll_interval,
+                        self._ttl_deadline(),
+                        self._next_reconcile(),
+                    )
                 ):
                     await self._nudge_recv.receive()
                 self._fetch_idle = False
@@ -805,8 +814,14 @@ class Worker:
                 await self._db.close_connection(conn)
 
     def _schedule_reconcile(self) -> None:
-        """Compare the jobs locked by this pool with the ones it knows, before the next claim."""
-        self._reconcile = True
+        """Compare the jobs locked by this pool with the ones it knows: before the next
+        claim, and again :data:`RECONCILE_AGAIN_AFTER` later (the lost claim's statement
+        may still be running on the server, and commit after the first look)."""
+        now = trio.current_time()
+        self._reconcile_due = [now, *(now + delay for delay in RECONCILE_AGAIN_AFTER)]
+
+    def _next_reconcile(self) -> float:
+        return self._reconcile_due[0] if self._reconcile_due else math.inf
 
     async def _reconcile_locks(self) -> None:
         """Return jobs locked by this pool that it does not know about.
@@ -827,7 +842,8 @@ class Worker:
         known.update(self._running)
         known.update(self._unwritten)
         unknown = [int(r["id"]) for r in rows if int(r["id"]) not in known]
-        self._reconcile = False
+        now = trio.current_time()
+        self._reconcile_due = [due for due in self._reconcile_due if due > now]
         if not unknown:
             return
         log.warning(
@@ -842,7 +858,7 @@ class Worker:
                 )
             except Exception as exc:
                 log.warning("pool %s: returning them failed (will retry): %s", self.pool_id, exc)
-                self._reconcile = True
+                self._reconcile_due.insert(0, now)
                 return
         self._returned += len(returned)
         self._events.emit("job:returned", job_ids=tuple(returned), reason="lost claim")

@@ -484,3 +484,41 @@ async def test_pgbouncer_mode_pools_are_unmarked_and_keep_the_4_hour_rule(
         assert await _locks(ldb, jobs) == [(worker.pool_id, 1)]
         await ldb.execute(f"update {S}._private_jobs set locked_by = null, locked_at = null")
         await ldb.execute(f"update {S}._private_job_queues set locked_by = null, locked_at = null")
+
+
+async def test_jobs_of_a_lost_claim_that_commits_late_are_returned(
+    kongtask_dsn: str, ldb: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement of a claim given up on may commit on the server after the pool's
+    first look for its jobs: the pool looks again later and gives them back then."""
+    from datetime import datetime, timedelta
+
+    from kongtask import Client, _worker
+
+    monkeypatch.setattr(_worker, "RECONCILE_AGAIN_AFTER", (0.5,))
+
+    async def job(job: object, ctx: object) -> None:
+        raise AssertionError("not due yet: never runs")
+
+    later = datetime.now(UTC) + timedelta(hours=1)
+    async with _worker.open_worker(kongtask_dsn, {"job": job}, poll_interval=30) as worker:
+        job_id = (await Client(ldb, S).add_job("job", {}, run_at=later)).id
+        worker._schedule_reconcile()  # what a failed claim does
+        first_look = trio.current_time()
+        worker._wake_fetcher()
+        with trio.fail_after(10):  # until the first look is done
+            while worker._reconcile_due and worker._reconcile_due[0] <= first_look:
+                await trio.sleep(0.01)
+        # now the lost claim commits
+        await ldb.execute(
+            f"update {S}._private_jobs set locked_by = $1, locked_at = now(), "
+            "attempts = attempts + 1 where id = $2",
+            worker.pool_id,
+            job_id,
+        )
+        await _poll(
+            ldb,
+            f"select locked_by is null and attempts = 0 from {S}._private_jobs where id = $1",
+            job_id,
+        )
+        assert worker._reconcile_due == []
