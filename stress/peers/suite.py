@@ -32,7 +32,7 @@ from .harness import (
     peer_systems,
     provide_server,
 )
-from .report import Results, markdown, ratio, run_matrix, stat, summary
+from .report import Results, flat_baseline, markdown, ratio, run_matrix, stat, summary
 
 #: kongtask's tuned settings: bigger claims (more jobs locked per pool, less fairness
 #: between pools) -- see docs/performance.md
@@ -153,12 +153,13 @@ def checks(results: Results, systems: list[System]) -> list[Check]:
         for key in ("kongtask", "kongtask-tuned"):
             s = stat(results, key, scenario, "jobs_per_s")
             if key in keys and s.n:
-                r = ratio(s, tp(key))
+                empty = flat_baseline(results, key)
+                r = ratio(s, empty)
                 out.append(
                     Check(
                         f"{key} flat cost, {what}",
                         r >= want,
-                        f"{s.median:,.0f} vs {tp(key).median:,.0f} jobs/s = {r:.2f}",
+                        f"{s.median:,.0f} vs {empty.median:,.0f} jobs/s = {r:.2f}",
                     )
                 )
     return out
