@@ -638,14 +638,6 @@ class Worker:
                 self._writes_send.close()
                 with trio.move_on_after(FLUSH_TIMEOUT):
                     await self._completer_done.wait()
-                if not self._completer_done.is_set():
-                    log.error(
-                        "pool %s: could not write the outcome of %d job(s); they stay locked "
-                        "until `kongtask unlock %s` or the 4-hour sweep",
-                        self.pool_id,
-                        len(self._unwritten),
-                        self.pool_id,
-                    )
                 outer.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -674,14 +666,32 @@ class Worker:
         nursery.start_soon(run_cron_scheduler, self._db, self.schema, list(self._crontab))
 
     async def _final_release(self) -> None:
-        """Return anything still ours: local jobs, then any row locked by this pool."""
+        """Return anything still ours: local jobs, then any row locked by this pool.
+
+        Rows whose outcome could not be written stay locked: their handlers ran, and
+        handing them back would run them again at once while the database still refuses
+        the outcome. They are released by ``kongtask unlock``, by a live kongtask pool's
+        dead-pool sweep (seconds after this pool's liveness lock is gone), or after 4 hours.
+        """
         try:
             with trio.move_on_after(STATEMENT_TIMEOUT):
                 if self._local:
                     await self._return_local("shutdown")
                 self._take_writes()
                 if self._ok or self._fail:
-                    await self._flush_once()
+                    try:
+                        await self._flush_once()
+                    except Exception as exc:
+                        log.error(
+                            "pool %s: could not write the outcome of %d job(s) (%s); they "
+                            "stay locked until `kongtask unlock %s`, another kongtask "
+                            "pool's dead-pool sweep or the 4-hour sweep",
+                            self.pool_id,
+                            len(self._ok) + len(self._fail),
+                            exc,
+                            self.pool_id,
+                        )
+                        return
                 row = await self._db.fetchrow(self._q.release_pool, self.pool_id)
                 if row is not None and (row["jobs"] or row["queues"]):
                     log.warning(

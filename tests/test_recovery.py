@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import kongtask
 from kongtask._liveness import (
     LOCK_CLASS,
     DeadPoolSweeper,
@@ -507,7 +508,9 @@ async def test_jobs_of_a_lost_claim_that_commits_late_are_returned(
         first_look = trio.current_time()
         worker._wake_fetcher()
         with trio.fail_after(10):  # until the first look is done
-            while worker._reconcile_due and worker._reconcile_due[0] <= first_look:
+            while True:
+                if not worker._reconcile_due or worker._reconcile_due[0] > first_look:
+                    break
                 await trio.sleep(0.01)
         # now the lost claim commits
         await ldb.execute(
@@ -522,3 +525,53 @@ async def test_jobs_of_a_lost_claim_that_commits_late_are_returned(
             job_id,
         )
         assert worker._reconcile_due == []
+
+
+async def test_outcomes_that_keep_failing_stop_the_pool_and_lose_nothing(
+    kongtask_dsn: str, ldb: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A completion that fails with a non-transient error GIVE_UP_AFTER times in a row
+    stops the pool with exit code 1; the job stays in the table and is handed back."""
+    from kongtask import Client, _worker
+
+    monkeypatch.setattr(_worker, "retry_delay", lambda attempt: 0.01)
+    monkeypatch.setattr(_worker, "FLUSH_TIMEOUT", 0.5)
+    await ldb.execute(
+        f"""create function {S}.no_deletes() returns trigger language plpgsql as $$
+        begin raise exception 'deleting jobs is disabled today'; end $$;
+        create trigger no_deletes before delete on {S}._private_jobs
+        for each row execute function {S}.no_deletes()"""
+    )
+    ran: list[int] = []
+
+    async def job(job: kongtask.Job, ctx: object) -> None:
+        ran.append(job.id)
+
+    errors: list[object] = []
+
+    def on_event(event: kongtask.Event) -> None:
+        if event.name == "worker:completeJob:error":
+            errors.append(event.get("error"))
+
+    job_id = (await Client(ldb, S).add_job("job", {})).id
+    async with _worker.open_worker(
+        kongtask_dsn, {"job": job}, poll_interval=0.2, on_event=on_event
+    ) as worker:
+        with trio.fail_after(20):
+            await worker.wait_stopped()
+    assert ran == [job_id]
+    assert worker.exit_code == 1
+    assert len(errors) >= _worker.GIVE_UP_AFTER
+    assert "deleting jobs is disabled today" in str(errors[-1])
+    # nothing lost: the job is still there, locked by the stopped pool (its handler ran,
+    # so it is not handed back to run again while the database refuses the outcome)
+    query = f"select locked_by, attempts from {S}._private_jobs where id = $1"
+    row = await ldb.fetchrow(query, job_id)
+    assert row is not None
+    assert (row["locked_by"], row["attempts"]) == (worker.pool_id, 1)
+    # once the database is fixed, `kongtask unlock` hands it to the next pool
+    await ldb.execute(f"drop trigger no_deletes on {S}._private_jobs")
+    await Client(ldb, S).force_unlock_workers([worker.pool_id])
+    async with _worker.open_worker(kongtask_dsn, {"job": job}, poll_interval=0.2):
+        await _poll(ldb, f"select not exists (select 1 from {S}._private_jobs)")
+    assert ran == [job_id, job_id]
