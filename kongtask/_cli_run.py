@@ -83,7 +83,7 @@ def add_run_verbs(
         help="schedule the crontab in FILE (default: ./crontab if it exists)",
     )
     run.add_argument(
-        "--batch-size", type=int, default=None, help="most jobs claimed per statement (500)"
+        "--batch-size", type=int, default=None, help="most jobs claimed per statement (1000)"
     )
     run.add_argument(
         "--grace",

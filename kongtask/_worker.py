@@ -70,7 +70,7 @@ SHUTDOWN_MESSAGE: Final = "Worker pool is shutting down gracefully"
 NO_MESSAGE: Final = "Non error or error without message thrown."
 
 DEFAULT_GRACE: Final = 5.0
-DEFAULT_BATCH_SIZE: Final = 500
+DEFAULT_BATCH_SIZE: Final = 1000
 DEFAULT_LOCAL_QUEUE_TTL: Final = 300.0  # graphile-worker's 5 min (SCHEMA.md §8 Q6)
 #: Seconds of work the fetcher keeps claimed ahead of the workers, at the measured rate.
 PREFETCH_LOOKAHEAD: Final = 0.1

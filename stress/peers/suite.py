@@ -36,7 +36,7 @@ from .report import Results, flat_baseline, markdown, ratio, run_matrix, stat, s
 
 #: kongtask's tuned settings: bigger claims (more jobs locked per pool, less fairness
 #: between pools) -- see docs/performance.md
-KONGTASK_TUNED: dict[str, Any] = {"batch_size": 1000}
+KONGTASK_TUNED: dict[str, Any] = {"batch_size": 2000}
 
 ALL_SYSTEMS = ("kongtask", "kongtask-tuned", "gw", "gw-ht", "pgqueuer", "procrastinate")
 
