@@ -235,8 +235,9 @@ class _JobSlot:
 
     __slots__ = ("cancelled_by", "job", "scope")
 
+    scope: trio.CancelScope  # set by the worker loop before each run of jobs
+
     def __init__(self) -> None:
-        self.scope = trio.CancelScope()
         self.job: Job | None = None
         #: who cancelled the running job: "job" (its context), "pool" (the shutdown);
         #: ``None`` with the scope cancelled means its deadline (the task's timeout)
