@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from kongtask._pg import Database
+from kongtask._sql import WorkerQueries
 from kongtask.testing import PostgresServer, run_sync_sql
 
 
@@ -52,3 +54,22 @@ def worker_dsn(kongtask_server: PostgresServer, request: pytest.FixtureRequest) 
         yield kongtask_server.dsn_for(name)
     finally:
         run_sync_sql(kongtask_server.dsn, f"drop database if exists {_quote(name)} with (force)")
+
+
+async def add_job_row(db: Database, task: str, payload: str = "{}", **kw: object) -> int:
+    """Add a job through ``graphile_worker.add_job``; ``kw``: queue, run_at, max_attempts,
+    key, priority, flags. Returns its id."""
+    row = await db.fetchrow(
+        WorkerQueries("graphile_worker").add_job,
+        task,
+        payload,
+        kw.get("queue"),
+        kw.get("run_at"),
+        kw.get("max_attempts"),
+        kw.get("key"),
+        kw.get("priority"),
+        kw.get("flags"),
+        None,
+    )
+    assert row is not None
+    return int(row["id"])

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from _worker_helpers import add_job_row
 
 from kongtask import Job
 from kongtask._pg import Database
@@ -74,23 +75,6 @@ left join graphile_worker._private_job_queues q on q.id = j.job_queue_id
 where j.id = any($1::bigint[])"""
 
 
-async def add(db: Database, payload: str, **kw: Any) -> int:
-    row = await db.fetchrow(
-        Q.add_job,
-        kw.get("task", "t"),
-        payload,
-        kw.get("queue"),
-        kw.get("run_at"),
-        kw.get("max_attempts"),
-        kw.get("key"),
-        kw.get("priority"),
-        kw.get("flags"),
-        None,
-    )
-    assert row is not None
-    return int(row["id"])
-
-
 async def claim(db: Database, task_ids: list[int], now: datetime = NOW) -> list[Job]:
     names = {v: k for k, v in (await db.with_connection(register_tasks, Q, ["t", "u"])).items()}
     rows = await db.with_connection(claim_jobs, Q, POOL, task_ids, 1000, None, now)
@@ -120,10 +104,10 @@ async def test_claimed_jobs_equal_stored_rows_for_payload_and_flag_variants(db: 
     ids = []
     for i, payload in enumerate(PAYLOADS):
         ids.append(
-            await add(
+            await add_job_row(
                 db,
+                "t" if i % 2 else "u",
                 payload,
-                task="t" if i % 2 else "u",
                 queue=f"q{i}" if i % 3 == 0 else None,
                 priority=i - 5,
                 max_attempts=i + 1,
@@ -134,7 +118,7 @@ async def test_claimed_jobs_equal_stored_rows_for_payload_and_flag_variants(db: 
         )
     # a failed attempt's error, and a revision from an add with the same key
     await db.execute(f"update {J} set last_error = 'boom ü' where id = $1", ids[1])
-    await add(db, "{}", key="key-0", run_at=NOW - timedelta(seconds=1))
+    await add_job_row(db, "t", "{}", key="key-0", run_at=NOW - timedelta(seconds=1))
     # a queued job whose queue is locked is not claimed; this test wants every job
     claimed = await claim(db, list(tasks.values()))
     assert sorted(j.id for j in claimed) == sorted(ids)
@@ -181,7 +165,7 @@ async def test_claimed_timestamps_are_exact_to_the_microsecond(db: Database) -> 
         run_at = min(special, NOW) if special and i % 3 == 0 else anywhere(NOW)
         created = special if special and i % 3 == 1 else anywhere(hi)
         updated = special if special and i % 3 == 2 else anywhere(hi)
-        ids.append(await add(db, "{}"))
+        ids.append(await add_job_row(db, "t", "{}"))
         # as text: asyncpg would send years 1 and 9999's last microsecond as +-infinity
         await db.execute(
             f"""update {J} set run_at = $2::text::timestamptz,
@@ -203,8 +187,8 @@ async def test_claimed_timestamps_are_exact_to_the_microsecond(db: Database) -> 
 
 async def test_claimed_infinite_timestamps_decode_as_asyncpg_does(db: Database) -> None:
     tasks = await db.with_connection(register_tasks, Q, ["t"])
-    a = await add(db, "{}")
-    b = await add(db, "{}")
+    a = await add_job_row(db, "t", "{}")
+    b = await add_job_row(db, "t", "{}")
     await db.execute(
         f"update {J} set run_at = '-infinity', created_at = '-infinity' where id = $1", a
     )
@@ -223,7 +207,7 @@ async def test_claimed_timestamp_beyond_python_raises_on_access_as_asyncpg_did(
     db: Database,
 ) -> None:
     tasks = await db.with_connection(register_tasks, Q, ["t"])
-    job_id = await add(db, '{"x": 1}')
+    job_id = await add_job_row(db, "t", '{"x": 1}')
     await db.execute(f"update {J} set created_at = '10000-01-01 00:00:00+00' where id = $1", job_id)
     with pytest.raises(OverflowError):
         await db.fetch(stored_query(), [job_id])  # asyncpg's decoder
@@ -237,7 +221,10 @@ async def test_claimed_timestamp_beyond_python_raises_on_access_as_asyncpg_did(
 async def test_claim_columns_decode_like_select_star_for_unclaimed_rows(db: Database) -> None:
     # The claim never returns NULL locked_at / locked_by; its columns, read from rows
     # that are not locked, check that from_claim handles them anyway.
-    ids = [await add(db, p, queue="q" if i % 2 else None) for i, p in enumerate(PAYLOADS[:4])]
+    ids = [
+        await add_job_row(db, "t", p, queue="q" if i % 2 else None)
+        for i, p in enumerate(PAYLOADS[:4])
+    ]
     rows = await db.fetch(
         f"""select {_CLAIM_RETURNING} from {J} j
         left join graphile_worker._private_job_queues k on k.id = j.job_queue_id
@@ -280,8 +267,8 @@ def as_old(job: Job) -> OldJob:
 
 async def test_job_behaves_like_the_frozen_dataclass(db: Database) -> None:
     tasks = await db.with_connection(register_tasks, Q, ["t"])
-    await add(db, '{"a": [1]}', flags=["f"], queue="q")
-    await add(db, '"text"')
+    await add_job_row(db, "t", '{"a": [1]}', flags=["f"], queue="q")
+    await add_job_row(db, "t", '"text"')
     dict_job, str_job = await claim(db, [tasks["t"]])
 
     # repr: the dataclass's, field for field

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import pytest
 import trio
 from _worker_helpers import (
+    add_job_row as add,
     gw_template as gw_template,
     worker_dsn as worker_dsn,
 )
@@ -36,23 +37,6 @@ P2 = "pool-bbbbbbbbbbbbbbbbbb"
 async def wdb(worker_dsn: str) -> AsyncIterator[Database]:
     async with open_database(worker_dsn) as database:
         yield database
-
-
-async def add(db: Database, task: str, payload: str = "{}", **kw: object) -> int:
-    row = await db.fetchrow(
-        Q.add_job,
-        task,
-        payload,
-        kw.get("queue"),
-        kw.get("run_at"),
-        kw.get("max_attempts"),
-        kw.get("key"),
-        kw.get("priority"),
-        kw.get("flags"),
-        None,
-    )
-    assert row is not None
-    return int(row["id"])
 
 
 async def tasks(db: Database, *names: str) -> dict[str, int]:
