@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import random
+import signal
 import traceback
 from collections import deque
 from collections.abc import (
@@ -402,10 +403,81 @@ class JobCancelled(Exception):
 
 
 def _error_text(exc: BaseException) -> str:
-    """``last_error`` for a handler exception: the message, then a short traceback."""
-    message = str(exc) or NO_MESSAGE
+    """``last_error`` for a handler exception: a first line, then a short traceback.
+
+    The first line of an :class:`Exception` is its message (graphile-worker's wording; the
+    type is on the traceback's last line). Any other ``BaseException`` says its type first
+    (``CancelledError: x``): it is not an error a handler is expected to raise.
+    """
     summary = "".join(traceback.format_exception(exc, limit=-5)).rstrip()
-    return _pg_text(f"{message}\n{summary}")
+    return _pg_text(f"{_first_line(exc)}\n{summary}")
+
+
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, Exception):
+        return str(exc) or NO_MESSAGE
+    if isinstance(exc, SystemExit):
+        return f"the handler raised SystemExit({exc.code!r})"
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _also_raised(exc: BaseException) -> str:
+    """The part of ``last_error`` for an exception raised while a job was being cancelled."""
+    return f"The handler also raised {_error_text(exc)}"
+
+
+def split_cancelled(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """``(cancellation, rest)`` of what a handler raised: the :class:`trio.Cancelled`
+    part (a ``Cancelled`` or a group holding only those) and everything else."""
+    if isinstance(exc, trio.Cancelled):
+        return exc, None
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)
+    return None, exc
+
+
+#: Signals whose Python handler may raise in whatever code runs when they arrive.
+_SHUTDOWN_SIGNALS: Final = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+def raised_by_signal_handler(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it holds or was raised during) was raised by the
+    Python-level handler of a real signal rather than by a handler's own code.
+
+    trio's default SIGINT handler raises ``KeyboardInterrupt`` right in the code that was
+    running (a job handler, when one was): the exception's innermost traceback frame is
+    then that signal handler's. The same holds for a host program's own Python handler
+    (``signal.signal(SIGTERM, ...)``) that raises. A handler's ``raise KeyboardInterrupt``
+    has its own frame innermost, and so does anything raised in a thread.
+    """
+    handler_codes = {
+        code
+        for signum in _SHUTDOWN_SIGNALS
+        if (code := getattr(signal.getsignal(signum), "__code__", None)) is not None
+    }
+    if not handler_codes:
+        return False
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        tb = current.__traceback__
+        if tb is not None:
+            while tb.tb_next is not None:
+                tb = tb.tb_next
+            if tb.tb_frame.f_code in handler_codes:
+                return True
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
 
 
 def _pg_text(text: str) -> str:
@@ -1065,21 +1137,28 @@ class Worker:
         error: BaseException | None = None
         timed_out = False
         cancelled: BaseException | None = None
+        also: BaseException | None = None
         try:
             result = await self._call(runner, job, ctx)
         except Exception as exc:
             error = exc
-        except SystemExit as exc:
-            # sys.exit() in a handler is a bug in that job, not a request to stop the
-            # pool (SIGTERM is): fail the job like any other exception
-            error = RuntimeError(f"the handler raised SystemExit({exc.code!r})")
-            error.__traceback__ = exc.__traceback__
         except BaseException as exc:
-            if not scope.cancel_called:
-                raise  # an outer scope's Cancelled: the pool itself is being torn down
-            # trio.Cancelled, or a group holding it (a nursery in the handler): the
-            # scope's exit takes it once the outcome is sent
-            cancelled = exc
+            # What stops a handler without being its job's failure is decided by where it
+            # comes from, not by its type (docs/reliability.md, "What a handler may raise").
+            if raised_by_signal_handler(exc):
+                raise  # a real signal, delivered in the handler: the pool is torn down
+            cancelled, error = split_cancelled(exc)
+            if cancelled is not None and not scope.cancel_called:
+                if trio.current_effective_deadline() == -math.inf:
+                    raise  # an outer scope's Cancelled: the pool itself is being torn down
+                # a trio.Cancelled that no live scope delivered (kept and re-raised by the
+                # handler): the handler's own error
+                cancelled, error = None, exc
+            if cancelled is not None:
+                # the job's scope was cancelled (timeout, ctx.cancel_scope, shutdown); its
+                # exit takes the Cancelled once the outcome is sent. An error raised
+                # while unwinding goes into last_error, after the cancellation's message.
+                also, error = error, None
         finally:
             del self._running[job.id]
             slot.job = None
@@ -1092,9 +1171,13 @@ class Worker:
         if timed_out:
             error = TimeoutError(f"timed out after {runner.timeout:g} s")
             message = str(error)
+            if also is not None:
+                message = _pg_text(f"{message}\n{_also_raised(also)}")
         elif cancelled is not None and error is None:
             message = SHUTDOWN_MESSAGE if slot.cancelled_by == "pool" else "Job was cancelled"
             error = JobCancelled(message)
+            if also is not None:
+                message = _pg_text(f"{message}\n{_also_raised(also)}")
         elif error is not None:
             message = _error_text(error)
         else:
