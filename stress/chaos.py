@@ -6,6 +6,7 @@ Usage (each scenario starts its own throwaway PostgreSQL on loopback and stops i
     python stress/chaos.py restart  [--restarts 6] [--jobs 3000]
     python stress/chaos.py cut      [--cuts 20] [--jobs 3000]
     python stress/chaos.py faults
+    python stress/chaos.py poison   [--jobs 3000] [--per-kind 5] [--restarts 6]
     python stress/chaos.py soak     [--jobs 1000000]
     python stress/chaos.py all      (every scenario with moderate sizes)
 
@@ -80,7 +81,59 @@ async def soak_job(job: Any, ctx: Any) -> None:
     _ledger("E", int(job.payload["n"]))
 
 
-TASKS = {"chaos": chaos_job, "soak": soak_job}
+class ChaosPoison(BaseException):
+    """A user subclass of ``BaseException`` (the ``poison`` scenario)."""
+
+
+def _poison_exception(kind: str) -> BaseException:
+    import asyncio
+
+    made: dict[str, Callable[[], BaseException]] = {
+        "asyncio_cancelled": lambda: asyncio.CancelledError("from asyncio code"),
+        "keyboard_interrupt": lambda: KeyboardInterrupt("from the handler"),
+        "generator_exit": lambda: GeneratorExit("from the handler"),
+        "user_base": lambda: ChaosPoison("a user BaseException"),
+        "system_exit": lambda: SystemExit(3),
+        "base_group": lambda: BaseExceptionGroup(
+            "mixed", [KeyboardInterrupt("in a group"), asyncio.CancelledError("in a group")]
+        ),
+    }
+    return made[kind]()
+
+
+async def poison_job(job: Any, ctx: Any) -> None:
+    """Record the start, then raise what ``kind`` says (never an ordinary Exception)."""
+    kind = job.payload["kind"]
+    _ledger("S", int(job.payload["n"]))
+    await trio.lowlevel.checkpoint()
+    if kind == "stale_cancelled":
+        # a real trio.Cancelled, kept from a scope that has ended, raised again
+        with trio.CancelScope() as inner:
+            inner.cancel()
+            try:
+                await trio.lowlevel.checkpoint()
+            except trio.Cancelled as exc:
+                stale = exc
+        raise stale
+    if kind == "nursery_child":
+
+        async def child() -> None:
+            await trio.lowlevel.checkpoint()
+            raise _poison_exception("asyncio_cancelled")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+            nursery.start_soon(trio.sleep_forever)
+    raise _poison_exception(kind)
+
+
+def poison_sync_job(job: Any, ctx: Any) -> None:
+    """The same in a worker thread (a plain function)."""
+    _ledger("S", int(job.payload["n"]))
+    raise _poison_exception(job.payload["kind"])
+
+
+TASKS = {"chaos": chaos_job, "soak": soak_job, "poison": poison_job, "poison_sync": poison_sync_job}
 
 # --------------------------------------------------------------------------------------
 # The driver.
@@ -770,6 +823,156 @@ async def scenario_faults() -> Outcome:
 
 # --- scenario: soak -------------------------------------------------------------------
 
+# --- scenario: poison jobs -------------------------------------------------------------
+
+# kind -> how last_error must begin; async handlers take every kind, threads the first six
+POISON_KINDS: dict[str, str] = {
+    "asyncio_cancelled": "CancelledError: from asyncio code",
+    "keyboard_interrupt": "KeyboardInterrupt: from the handler",
+    "generator_exit": "GeneratorExit: from the handler",
+    "user_base": "ChaosPoison: a user BaseException",
+    "system_exit": "the handler raised SystemExit(3)",
+    "base_group": "BaseExceptionGroup: mixed (2 sub-exceptions)",
+    "stale_cancelled": "Cancelled",
+    "nursery_child": "BaseExceptionGroup: ",
+}
+SYNC_POISON_KINDS = (
+    "asyncio_cancelled",
+    "keyboard_interrupt",
+    "generator_exit",
+    "user_base",
+    "system_exit",
+    "base_group",
+)
+#: Numbers of poison jobs start here (ordinary ``chaos`` jobs count from 0).
+POISON_BASE = 10_000_000
+
+
+async def scenario_poison(
+    jobs: int, per_kind: int, restarts: int, max_attempts: int = 3
+) -> Outcome:
+    """Handlers that raise every kind of ``BaseException`` among ordinary jobs, while
+    worker processes are stopped (SIGTERM) and killed (SIGKILL) and replaced."""
+    from kongtask import JobSpec
+    from kongtask._client import Client
+
+    async with Env("poison") as env:
+        poison: dict[int, tuple[str, str]] = {}  # number -> (task, kind)
+        for task_name, kinds in (
+            ("poison", list(POISON_KINDS)),
+            ("poison_sync", SYNC_POISON_KINDS),
+        ):
+            for kind in kinds:
+                for _ in range(per_kind):
+                    poison[POISON_BASE + len(poison)] = (task_name, kind)
+        workers = [await env.start_worker(concurrency=4) for _ in range(2)]
+        exited_alone: list[tuple[int, int | None]] = []
+        stops: Counter[str] = Counter()
+        stop_codes: list[int] = []
+        added: set[int] = set()
+        async with open_db(env.dsn) as db:
+            client = Client(db, "graphile_worker")
+            async with trio.open_nursery() as nursery:
+                done_adding = trio.Event()
+
+                async def adder() -> None:
+                    # ordinary jobs in batches, the poison jobs spread among them
+                    pending = list(poison.items())
+                    random.shuffle(pending)
+                    batch = 50
+                    batches = max(1, (jobs + batch - 1) // batch)
+                    share = (len(pending) + batches - 1) // batches
+                    for start in range(0, jobs, batch):
+                        numbers = list(range(start, min(start + batch, jobs)))
+                        await add_numbered(db, numbers)
+                        added.update(numbers)
+                        mine, pending[:share] = pending[:share], []
+                        if mine:
+                            await client.add_jobs(
+                                [
+                                    JobSpec(
+                                        task_name,
+                                        {"n": n, "kind": kind},
+                                        job_key=f"p{n}",
+                                        max_attempts=max_attempts,
+                                    )
+                                    for n, (task_name, kind) in mine
+                                ]
+                            )
+                        await trio.sleep(0.05)
+                    done_adding.set()
+
+                nursery.start_soon(adder)
+                for w in workers:
+                    if not await wait_for_start(env, w.pid, 60):
+                        raise SystemExit(f"worker {w.pid} did not start:\n{env.log_tail(w)}")
+                for i in range(restarts):
+                    await trio.sleep(random.uniform(1.0, 3.0))
+                    for w in workers:
+                        if w.returncode is not None:
+                            exited_alone.append((w.pid, w.returncode))
+                            print(env.log_tail(w))
+                    index = i % len(workers)
+                    if i % 2 == 0:
+                        stops["sigterm"] += 1
+                        stop_codes.append(await env.stop(workers[index]))
+                    else:
+                        stops["sigkill"] += 1
+                        await env.kill(workers[index])
+                    workers[index] = await env.start_worker(concurrency=4)
+                await done_adding.wait()
+
+            # done: no job still runnable (the poison jobs stay, permanently failed)
+            left_numbers: set[int] = set()
+            with trio.move_on_after(240):
+                while True:
+                    pending = await db.fetchval(
+                        "select count(*) from graphile_worker._private_jobs "
+                        "where attempts < max_attempts or locked_by is not null"
+                    )
+                    if pending == 0:
+                        break
+                    await trio.sleep(0.2)
+            rows = await db.fetch(
+                "select (payload->>'n')::int as n, attempts, max_attempts, locked_by, last_error "
+                "from graphile_worker._private_jobs"
+            )
+        for w in workers:
+            if w.returncode is not None:
+                exited_alone.append((w.pid, w.returncode))
+                print(env.log_tail(w))
+        final_codes = [await env.stop(w) for w in workers]
+        by_number = {r["n"]: r for r in rows}
+        left_numbers = {n for n in by_number if n < POISON_BASE}
+        ledger = Ledger.read(env.ledger_path)
+        out = analyse("poison", added, ledger, left_numbers, env.killed)
+        wrong: Counter[str] = Counter()
+        for n, (task_name, kind) in poison.items():
+            row = by_number.get(n)
+            expected = POISON_KINDS[kind]
+            if row is None:
+                wrong[f"{task_name}/{kind}: gone"] += 1
+            elif row["locked_by"] is not None or row["attempts"] != max_attempts:
+                wrong[f"{task_name}/{kind}: not permanently failed"] += 1
+            elif not (row["last_error"] or "").startswith(expected):
+                wrong[f"{task_name}/{kind}: last_error {row['last_error'][:60]!r}"] += 1
+        for what, count in sorted(wrong.items()):
+            print(f"  poison: {count} x {what}")
+        runs = sum(len(ledger.starts.get(n, [])) for n in poison)
+        out.extra.update(
+            poison_jobs=len(poison),
+            poison_failed_permanently=len(poison) - sum(wrong.values()),
+            poison_runs=runs,
+            restarts=dict(stops),
+            sigterm_exit_codes=stop_codes,
+            exited_on_their_own=len(exited_alone),
+            final_exit_codes=final_codes,
+        )
+        if wrong or exited_alone or any(stop_codes) or any(final_codes):
+            out.left = out.left or -1  # fails the scenario
+        return env.finish(out)
+
+
 
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -881,6 +1084,13 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--cuts", type=int, default=20)
     cut.add_argument("--jobs", type=int, default=3000)
     sub.add_parser("faults", help="handlers that raise, hang, block, leak, return garbage")
+    poison = sub.add_parser(
+        "poison", help="handlers raising every kind of BaseException, with pool restarts"
+    )
+    poison.add_argument("--jobs", type=int, default=3000)
+    poison.add_argument("--per-kind", type=int, default=5, help="poison jobs per kind")
+    poison.add_argument("--restarts", type=int, default=6)
+    poison.add_argument("--max-attempts", type=int, default=3)
     soak = sub.add_parser("soak", help="many jobs through one worker, RSS sampled")
     soak.add_argument("--jobs", type=int, default=1_000_000)
     soak.add_argument("--sample-every", type=float, default=10.0)
@@ -900,12 +1110,15 @@ async def run(args: argparse.Namespace) -> list[Outcome]:
         return [await scenario_faults()]
     if name == "soak":
         return [await scenario_soak(args.jobs, args.sample_every)]
+    if name == "poison":
+        return [await scenario_poison(args.jobs, args.per_kind, args.restarts, args.max_attempts)]
     outcomes = []
     scenarios: list[Callable[[], Awaitable[Outcome]]] = [
         functools.partial(scenario_kill, 30, 40),
         functools.partial(scenario_restart, 6, 3000),
         functools.partial(scenario_cut, 20, 3000),
         scenario_faults,
+        functools.partial(scenario_poison, 3000, 5, 6),
         functools.partial(scenario_soak, 200_000),
     ]
     for scenario in scenarios:
