@@ -70,6 +70,9 @@ class WorkerQueries:
       release_pool: ``$1 pool_id``: return every job still locked by the pool and unlock
         its queues (the safety net at the end of a shutdown).
       locked_by_pool: ``$1 pool_id``; the ids of the jobs the pool has locked.
+      unsupported_tasks: ``$1 supported task_ids int[], $2 seconds float8, $3 limit int``;
+        ``identifier, jobs`` of the tasks (other than ``$1``) with jobs ready (unlocked,
+        attempts left) for more than ``$2`` seconds, counting at most ``$3`` jobs in all.
       sweep_stale: no parameters; returns ``jobs, queues`` (counts released).
       register_tasks: ``$1 identifiers text[]``; returns ``id, identifier`` rows for
         those identifiers, inserting only the missing ones (#619).
@@ -88,6 +91,7 @@ class WorkerQueries:
         "return_jobs",
         "schema",
         "sweep_stale",
+        "unsupported_tasks",
     )
 
     def __init__(self, schema: str) -> None:
@@ -282,6 +286,21 @@ select (select count(*) from returned) as jobs, (select count(*) from unlocked) 
         # The ids this pool holds in the database; the pool compares them with what it
         # knows after a claim whose reply was lost (it may have committed).
         self.locked_by_pool = f"select j.id from {jobs} j where j.locked_by = $1::text"
+        # `is_available` (unlocked, attempts left) makes this a scan of the claim's
+        # partial index, which also holds task_id; the limit bounds the rows counted.
+        self.unsupported_tasks = f"""
+select t.identifier, count(*) as jobs
+from (
+  select j.task_id from {jobs} j
+  where j.is_available = true
+    and j.run_at <= now() - make_interval(secs => $2::float8)
+    and j.task_id <> all($1::int[])
+  limit $3::int
+) as j
+join {s}._private_tasks t on t.id = j.task_id
+group by t.identifier
+order by count(*) desc, t.identifier
+"""
 
         # Stale locks (§5.7): 4 h, attempts not decremented, run_at not in the past.
         self.sweep_stale = f"""

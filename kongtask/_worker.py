@@ -107,6 +107,14 @@ GIVE_UP_AFTER: Final = 10
 LIVENESS_RECONNECT_CAP: Final = 2.0
 #: Seconds between liveness checks of the LISTEN connection.
 LISTEN_KEEPALIVE: Final = 30.0
+#: A ready job of a task this pool does not support is reported once it has waited this
+#: many seconds (another pool, Node or kongtask, may support it: such a pool takes ready
+#: jobs within seconds, so a job left that long most likely has no worker at all).
+UNSUPPORTED_AFTER: Final = 60.0
+#: Seconds between two checks for such jobs: at most one warning per pool per interval.
+UNSUPPORTED_CHECK_INTERVAL: Final = 300.0
+#: The most jobs one check counts (it reads the claim's index; this bounds its work).
+UNSUPPORTED_COUNT_LIMIT: Final = 10_000
 
 # SQLSTATEs worth retrying (#636): serialization failure, deadlock, admin shutdown,
 # crash shutdown, cannot connect now; class 08 is connection exceptions.
@@ -219,8 +227,29 @@ def _runners(tasks: Mapping[str, Handler | TaskSpec]) -> dict[str, _Runner]:
         if not isinstance(name, str) or not name or len(name) > 128:
             raise ConfigError(f"task identifier {name!r} must be a string of 1 to 128 characters")
         spec = value if isinstance(value, TaskSpec) else task(value)
+        _check_signature(name, spec.handler)
         runners[name] = _Runner(spec.handler, _is_async_callable(spec.handler), spec.timeout)
     return runners
+
+
+def _check_signature(name: str, handler: Handler) -> None:
+    """Refuse a handler that cannot be called as ``handler(job, ctx)``.
+
+    Every job of such a task would fail with a ``TypeError`` only once it runs; this says
+    so when the pool starts. A callable whose signature Python cannot tell (some builtins
+    and extension types) is accepted.
+    """
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as exc:
+        raise ConfigError(
+            f"task {name!r}: the handler {getattr(handler, '__qualname__', handler)!r} cannot "
+            f"be called as handler(job, ctx): {exc}"
+        ) from None
 
 
 class _JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -689,6 +718,7 @@ class Worker:
                         await background.start(self._notifier)
                         background.start_soon(self._sweeper)
                         background.start_soon(self._dead_pool_sweeper)
+                        background.start_soon(self._unsupported_task_watch)
                         self._start_cron(background)
                         task_status.started()
                         await self._stop_requested.wait()
@@ -1490,6 +1520,51 @@ class Worker:
         for delay in sweep_delays():
             await trio.sleep(delay)
             await self._sweep_once()
+
+    async def _unsupported_task_watch(self) -> None:
+        if not self._runners:
+            return  # a pool without tasks (cron only) has nothing to compare
+        await trio.sleep(UNSUPPORTED_AFTER * (1 + random.random()))
+        while True:
+            await self._report_unsupported_tasks()
+            await trio.sleep(UNSUPPORTED_CHECK_INTERVAL * (0.9 + random.random() / 5))
+
+    async def _report_unsupported_tasks(self) -> dict[str, int]:
+        """Warn about ready jobs that waited past ``UNSUPPORTED_AFTER`` for tasks this pool
+        does not support; returns ``{task identifier: jobs}`` (empty when none or on error).
+
+        A pool knows only its own tasks: a job another pool supports is reported only when
+        it waited that long, e.g. behind a backlog of that pool.
+        """
+        try:
+            rows = await self._db.fetch(
+                self._q.unsupported_tasks,
+                sorted(self._task_names),
+                UNSUPPORTED_AFTER,
+                UNSUPPORTED_COUNT_LIMIT,
+            )
+        except Exception as exc:
+            log.debug("pool %s: looking for unsupported tasks failed: %s", self.pool_id, exc)
+            return {}
+        # a task of ours under an id this pool has not looked up yet is not unsupported
+        # (the sweeper refreshes the ids)
+        found = {
+            str(row["identifier"]): int(row["jobs"])
+            for row in rows
+            if row["identifier"] not in self._runners
+        }
+        if found:
+            total = sum(found.values())
+            log.warning(
+                "pool %s: %s%d ready job(s) waited more than %.0f s for task(s) this pool "
+                "does not support: %s; is a worker for them running?",
+                self.pool_id,
+                "at least " if total >= UNSUPPORTED_COUNT_LIMIT else "",
+                total,
+                UNSUPPORTED_AFTER,
+                ", ".join(f"{name} ({count})" for name, count in found.items()),
+            )
+        return found
 
     async def _sweep_once(self) -> None:
         if self._task_ids:

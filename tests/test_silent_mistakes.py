@@ -1,0 +1,184 @@
+"""Mistakes that used to pass in silence: a handler that cannot take ``(job, ctx)``, jobs
+that no pool runs, a batch added in reverse order.
+
+Rules: real PostgreSQL; no sleeps to wait for a result.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import pytest
+import trio
+from _worker_helpers import add_job_row, gw_template as gw_template, worker_dsn as worker_dsn
+from test_worker import assert_clean
+
+import kongtask
+from kongtask._pg import Database, open_database
+
+S = "graphile_worker"
+J = f"{S}._private_jobs"
+#: Nothing listens here: a pool that got as far as connecting would fail differently.
+NOWHERE = "postgresql://nobody@127.0.0.1:9/nothing?connect_timeout=1"
+
+
+async def takes_job_and_ctx(job: Any, ctx: Any) -> None: ...
+
+
+def takes_more(job: Any, ctx: Any, extra: int = 1, *rest: Any, flag: bool = False) -> None: ...
+
+
+def takes_anything(*args: Any, **kwargs: Any) -> None: ...
+
+
+def needs_a_prefix(prefix: str, job: Any, ctx: Any) -> None: ...
+
+
+def takes_job_only(job: Any) -> None: ...
+
+
+async def takes_nothing() -> None: ...
+
+
+def needs_a_keyword(job: Any, ctx: Any, *, required: str) -> None: ...
+
+
+class CallableHandler:
+    async def __call__(self, job: Any, ctx: Any) -> None: ...
+
+
+class CallableWithoutArgs:
+    def __call__(self) -> None: ...
+
+
+ACCEPTED: dict[str, Any] = {
+    "async def": takes_job_and_ctx,
+    "defaults and *rest": takes_more,
+    "*args": takes_anything,
+    "partial": functools.partial(needs_a_prefix, "p"),
+    "callable object": CallableHandler(),
+    "builtin without a signature": max,
+    "task() wrapper": kongtask.task(takes_job_and_ctx, timeout=5),
+}
+
+REJECTED: dict[str, tuple[Any, str]] = {
+    "one parameter": (takes_job_only, "too many positional arguments"),
+    "no parameter": (takes_nothing, "too many positional arguments"),
+    "required keyword": (needs_a_keyword, "missing a required argument: 'required'"),
+    "partial binding too much": (
+        functools.partial(needs_a_prefix, "p", "job"),
+        "too many positional arguments",
+    ),
+    "callable object": (CallableWithoutArgs(), "too many positional arguments"),
+    "task() wrapper": (kongtask.task(takes_job_only, timeout=5), "too many positional"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTED))
+async def test_a_handler_that_cannot_take_job_and_ctx_is_refused_at_start(case: str) -> None:
+    handler, reason = REJECTED[case]
+    tasks = {"fine": takes_job_and_ctx, "the_bad_one": handler}
+    with pytest.raises(kongtask.ConfigError) as caught:
+        async with kongtask.open_worker(NOWHERE, tasks):
+            raise AssertionError("not reached")
+    message = str(caught.value)
+    assert "'the_bad_one'" in message
+    assert "handler(job, ctx)" in message
+    assert reason in message
+
+
+async def test_handlers_that_can_take_job_and_ctx_are_accepted() -> None:
+    # they pass the check, so the pool gets as far as connecting (and fails there)
+    with pytest.raises(Exception) as caught:
+        async with kongtask.open_worker(NOWHERE, ACCEPTED):
+            raise AssertionError("not reached")
+    assert not isinstance(caught.value, kongtask.ConfigError), caught.value
+
+
+# --- ready jobs that no pool supports ---------------------------------------------------
+
+
+@pytest.fixture
+async def tdb(worker_dsn: str) -> AsyncIterator[Database]:
+    async with open_database(
+        worker_dsn, server_settings={"application_name": "kongtask-test"}
+    ) as d:
+        yield d
+
+
+async def test_ready_jobs_of_unsupported_tasks_are_reported(
+    tdb: Database, worker_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    long_ago = datetime(2020, 1, 1, tzinfo=UTC)
+    for _ in range(3):
+        await add_job_row(tdb, "nobody_runs_this", run_at=long_ago)
+    await add_job_row(tdb, "nor_this", run_at=long_ago)
+    # not reported: just added (another pool may take it in a moment), in the future,
+    # locked by some pool, permanently failed, or a task of this pool
+    await add_job_row(tdb, "fresh")
+    await add_job_row(tdb, "later", run_at=datetime(2999, 1, 1, tzinfo=UTC))
+    locked = await add_job_row(tdb, "locked_elsewhere", run_at=long_ago)
+    failed = await add_job_row(tdb, "failed_for_good", run_at=long_ago)
+    await tdb.execute(
+        f"update {J} set locked_at = now(), locked_by = 'pool-elsewhere' where id = $1", locked
+    )
+    await tdb.execute(f"update {J} set attempts = max_attempts where id = $1", failed)
+
+    async def ours(job: Any, ctx: Any) -> None: ...
+
+    async with kongtask.open_worker(
+        worker_dsn, {"ours": ours}, forbidden_flags=["never"], poll_interval=60
+    ) as worker:
+        ours_id = await add_job_row(tdb, "ours", run_at=long_ago, flags=["never"])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kongtask.worker"):
+            found = await worker._report_unsupported_tasks()
+        assert found == {"nobody_runs_this": 3, "nor_this": 1}
+        [record] = [r for r in caplog.records if "does not support" in r.getMessage()]
+        text = record.getMessage()
+        assert "4 ready job(s)" in text
+        assert "nobody_runs_this (3), nor_this (1)" in text
+        # once they are gone, nothing is reported
+        await tdb.execute(
+            f"delete from {J} where task_id in (select id from {S}._private_tasks "
+            "where identifier in ('nobody_runs_this', 'nor_this'))"
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kongtask.worker"):
+            assert await worker._report_unsupported_tasks() == {}
+        assert not [r for r in caplog.records if "does not support" in r.getMessage()]
+    await tdb.execute(f"delete from {J} where id = any($1)", [locked, ours_id])
+    await assert_clean(tdb)
+
+
+async def test_the_unsupported_task_check_runs_rarely(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """First after 60-120 s, then every 270-330 s: a warning at most every few minutes."""
+    from kongtask import _worker
+
+    calls: list[float] = []
+
+    class Stub:
+        _runners: ClassVar[dict[str, None]] = {"t": None}
+
+        async def _report_unsupported_tasks(self) -> dict[str, int]:
+            calls.append(trio.current_time())
+            return {}
+
+    with trio.move_on_after(60 + 120 + 4 * 330):
+        await _worker.Worker._unsupported_task_watch(Stub())  # type: ignore[arg-type]
+    assert 60 <= calls[0] <= 120
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert len(gaps) >= 3
+    assert all(270 <= gap <= 330 for gap in gaps)
+    monkeypatch.setattr(Stub, "_runners", {})
+    calls.clear()
+    with trio.move_on_after(10_000):
+        await _worker.Worker._unsupported_task_watch(Stub())  # type: ignore[arg-type]
+    assert calls == []
