@@ -142,7 +142,9 @@ class Client:
             ``unsafe_dedupe`` is not available in bulk.
 
         Returns:
-          The inserted or updated jobs, in no particular order.
+          The inserted or updated jobs, in the order of ``specs`` on a schema installed
+          by kongtask (graphile-worker's function body inserts and returns a batch in
+          its query plan's order, e.g. backwards for one queue; docs/migrations.md).
 
         Raises:
           ConfigError: a spec is invalid or keys repeat (nothing was sent).

@@ -288,6 +288,72 @@ class _AlreadyApplied(Exception):
     pass
 
 
+#: Functions whose kongtask body is brought up to date in place (see :func:`refresh_own_bodies`).
+OWN_BODY_FUNCTIONS = ("add_jobs",)
+#: Every kongtask function body carries this comment; graphile-worker's do not.
+OWN_BODY_MARKER = "-- kongtask"
+_PLPGSQL_END = "$$ language plpgsql;"
+
+
+def own_function_statement(name: str) -> tuple[str, str]:
+    """``(create or replace statement, body)`` templates of kongtask's current ``name``.
+
+    Both come from the newest migration that defines the function, so the shipped SQL
+    stays the single source.
+    """
+    head = f"create or replace function {SCHEMA_PLACEHOLDER}.{name}("
+    for migration in reversed(load_migrations()):
+        start = migration.template.find(head)
+        if start < 0:
+            continue
+        end = migration.template.index(_PLPGSQL_END, start) + len(_PLPGSQL_END)
+        statement = migration.template[start:end]
+        body_start = statement.index(" as $$\n", statement.index(") returns ")) + len(" as $$")
+        return statement, statement[body_start : -len(_PLPGSQL_END)]
+    raise LookupError(f"no migration defines {name}")
+
+
+async def refresh_own_bodies(conn: asyncpg.Connection, schema: str) -> list[str]:
+    """Re-create the functions of :data:`OWN_BODY_FUNCTIONS` whose body was written by an
+    older kongtask release; returns their names.
+
+    kongtask fixes graphile-worker bugs inside its function bodies without adding
+    migrations (Node workers would not know the revision). A database migrated by an
+    earlier kongtask keeps that release's body, so ``migrate`` brings it up to date: only
+    when the schema is at exactly the newest known migration, and only a body that carries
+    :data:`OWN_BODY_MARKER`. graphile-worker's own bodies are left alone. Interfaces do
+    not change; nothing is announced on ``worker:migrate``.
+    """
+    q = quote_ident(schema)
+    refreshed: list[str] = []
+    for name in OWN_BODY_FUNCTIONS:
+        statement, body = own_function_statement(name)
+        wanted = body.replace(SCHEMA_PLACEHOLDER, q)
+        async with conn.transaction():
+            # migrators insert into `migrations`: this waits for them and for another
+            # refresh, and keeps them out until this one commits
+            await conn.execute(f"lock table {q}.migrations in share row exclusive mode")
+            latest = await conn.fetchval(f"select max(id) from {q}.migrations")
+            if latest != latest_known_migration():
+                return refreshed
+            current = await conn.fetchval(
+                "select p.prosrc from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
+                "where n.nspname = $1 and p.proname = $2 and p.proargtypes[0] = "
+                "(select t.typarray from pg_type t where t.typnamespace = n.oid "
+                "and t.typname = 'job_spec')",
+                schema,
+                name,
+            )
+            if current is None or current == wanted:
+                continue
+            if OWN_BODY_MARKER not in current.replace(q, ""):
+                continue  # graphile-worker's body (a database it migrated)
+            await conn.execute(render_sql(statement, schema))
+        log.info("updated the body of %s.%s to this kongtask release's", q, name)
+        refreshed.append(name)
+    return refreshed
+
+
 async def migrate_connection(
     conn: asyncpg.Connection, schema: str | None = None, *, up_to: int | None = None
 ) -> None:
@@ -310,6 +376,18 @@ async def migrate_connection(
     for migration in load_migrations():
         if migration.id > latest and (up_to is None or migration.id <= up_to):
             await _apply(conn, schema, migration)
+    if up_to is None and latest <= latest_known_migration():
+        try:
+            await refresh_own_bodies(conn, schema)
+        except asyncpg.PostgresError as exc:
+            # e.g. a role that does not own the functions: the old body keeps working
+            log.warning(
+                "could not update kongtask's function bodies in schema %s (%s: %s); the "
+                "fixes of this release are missing until a role that owns them runs migrate",
+                quote_ident(schema),
+                type(exc).__name__,
+                exc,
+            )
 
 
 async def check_schema_connection(

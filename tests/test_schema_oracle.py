@@ -226,8 +226,18 @@ async def test_function_behaviour_matches_graphile_worker_0_18_0(
             results.append(await db.with_connection(_run_scenarios))
     kong, gw = results
     assert len(kong) == len(gw)
+    batches = 0
     for kong_step, gw_step in zip(kong, gw, strict=True):
+        if ".add_jobs(" in kong_step[1] and isinstance(kong_step[2], list):
+            # documented difference (docs/migrations.md): kongtask returns a batch in the
+            # order of its specs, graphile-worker in an order of its plan's choosing
+            # (backwards for one queue; tests/test_silent_mistakes.py); same rows
+            batches += len(kong_step[2]) > 1
+            kong_step, gw_step = (
+                (*step[:2], sorted(step[2], key=repr)) for step in (kong_step, gw_step)
+            )
         assert kong_step == gw_step
+    assert batches > 0
 
 
 async def test_graphile_worker_0_18_0_still_has_bug_580(

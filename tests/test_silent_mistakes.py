@@ -19,6 +19,8 @@ from _worker_helpers import add_job_row, gw_template as gw_template, worker_dsn 
 from test_worker import assert_clean
 
 import kongtask
+from kongtask._config import quote_ident
+from kongtask._migrate import migrate, own_function_statement, refresh_own_bodies, render_sql
 from kongtask._pg import Database, open_database
 
 S = "graphile_worker"
@@ -182,3 +184,111 @@ async def test_the_unsupported_task_check_runs_rarely(
     with trio.move_on_after(10_000):
         await _worker.Worker._unsupported_task_watch(Stub())  # type: ignore[arg-type]
     assert calls == []
+
+
+# --- add_jobs keeps the batch's order ------------------------------------------------------
+
+BATCH_SQL = """
+select (j.payload->>'n')::int as n, j.id
+from {s}.add_jobs(array(
+  select ('t', json_build_object('n', i), $1::text, null, null, null, null, null)::{s}.job_spec
+  from generate_series(0, 4) as i order by i
+)) as j
+"""
+IN_ORDER = ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
+BACKWARDS = ([4, 3, 2, 1, 0], [4, 3, 2, 1, 0])
+
+
+async def _batch_order(
+    db: Database, queue: str | None, schema: str = S
+) -> tuple[list[int], list[int]]:
+    """``n`` of a batch 0..4 in the order add_jobs returned them, and in id order."""
+    rows = await db.fetch(BATCH_SQL.format(s=quote_ident(schema)), queue)
+    return [r["n"] for r in rows], [r["n"] for r in sorted(rows, key=lambda r: r["id"])]
+
+
+async def _add_jobs_body(db: Database, schema: str = S) -> str:
+    body = await db.fetchval(
+        "select p.prosrc from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
+        "where n.nspname = $1 and p.proname = 'add_jobs'",
+        schema,
+    )
+    assert isinstance(body, str)
+    return body
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("queue", ["q", None])
+async def test_add_jobs_keeps_the_batch_order_unlike_graphile_worker(
+    db: Database, gw_db: Database, queue: str | None
+) -> None:
+    # graphile-worker 0.18.0 inserts (and returns) the batch backwards
+    assert await _batch_order(gw_db, queue) == BACKWARDS
+    assert await _batch_order(db, queue) == IN_ORDER
+
+
+async def test_client_add_jobs_into_one_queue_runs_in_batch_order(
+    db: Database, kongtask_dsn: str
+) -> None:
+    async with kongtask.open_client(kongtask_dsn) as client:
+        jobs = await client.add_jobs(
+            [kongtask.JobSpec("t", {"n": n}, queue_name="q") for n in range(5)]
+        )
+    assert [job.payload["n"] for job in jobs] == [0, 1, 2, 3, 4]
+    ran: list[int] = []
+
+    async def t(job: kongtask.Job, ctx: Any) -> None:
+        ran.append(job.payload["n"])
+
+    async with kongtask.open_worker(kongtask_dsn, {"t": t}, once=True) as worker:
+        await worker.wait_stopped()
+    assert ran == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("schema", [S, 'Odd $"kongtask" Schema'])
+async def test_migrate_updates_an_older_kongtask_add_jobs_body(db: Database, schema: str) -> None:
+    """A database migrated by an earlier kongtask (body without the ordering) gets the
+    current body from ``migrate``; the migrations table is not touched."""
+    if schema != S:
+        await migrate(db, schema)
+    statement, body = own_function_statement("add_jobs")
+    older = statement.replace("with ordinality as spec", "spec").replace(
+        "        order by spec.ordinality\n", ""
+    )
+    assert older.count("ordinality") == 0
+    assert "-- kongtask" in older
+    await db.execute(render_sql(older, schema))
+    assert await _batch_order(db, "q", schema) == BACKWARDS  # what the older body did
+    migrations = await db.fetch(f"select * from {quote_ident(schema)}.migrations order by id")
+    await migrate(db, schema)
+    assert await _batch_order(db, "q", schema) == IN_ORDER
+    assert await _add_jobs_body(db, schema) == body.replace(
+        ":GRAPHILE_WORKER_SCHEMA", quote_ident(schema)
+    )
+    assert await db.fetch(f"select * from {quote_ident(schema)}.migrations order by id") == (
+        migrations
+    )
+    assert await db.with_connection(refresh_own_bodies, schema) == []  # up to date now
+
+
+@pytest.mark.oracle
+async def test_migrate_leaves_graphile_workers_own_body_alone(gw_db: Database) -> None:
+    before = await _add_jobs_body(gw_db)
+    assert "kongtask" not in before
+    await migrate(gw_db)
+    assert await _add_jobs_body(gw_db) == before
+    assert await _batch_order(gw_db, "q") == BACKWARDS
+
+
+async def test_migrate_skips_the_update_when_a_newer_revision_is_installed(
+    db: Database,
+) -> None:
+    statement, _ = own_function_statement("add_jobs")
+    older = statement.replace("with ordinality as spec", "spec").replace(
+        "        order by spec.ordinality\n", ""
+    )
+    await db.execute(render_sql(older, S))
+    # a newer graphile-worker (non-breaking revision 21) may have its own add_jobs
+    await db.execute(f"insert into {S}.migrations (id, breaking) values (21, false)")
+    await migrate(db)
+    assert "ordinality" not in await _add_jobs_body(db)

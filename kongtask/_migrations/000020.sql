@@ -46,6 +46,9 @@ begin
       and jobs.key = spec.job_key
       and jobs.is_available is not true;
 
+    -- kongtask: rows are inserted (so get their ids, and run within a queue) in the order
+    -- of the specs; without the `order by` the joins' plan decides, and a batch went in
+    -- backwards.
     v_keys := '{}';
     for v_job in
       insert into :GRAPHILE_WORKER_SCHEMA._private_jobs as jobs (
@@ -60,9 +63,10 @@ begin
           spec.job_key,
           coalesce(spec.priority, 0),
           (select jsonb_object_agg(item.flag, true) from unnest(spec.flags) as item(flag))
-        from unnest(v_specs) spec
+        from unnest(v_specs) with ordinality as spec
         inner join :GRAPHILE_WORKER_SCHEMA._private_tasks as tasks on tasks.identifier = spec.identifier
         left join :GRAPHILE_WORKER_SCHEMA._private_job_queues as job_queues on job_queues.queue_name = spec.queue_name
+        order by spec.ordinality
       on conflict (key) do update set
         job_queue_id = excluded.job_queue_id,
         task_id = excluded.task_id,
