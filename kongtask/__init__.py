@@ -1,17 +1,18 @@
 """kongtask: a PostgreSQL job queue for trio that speaks graphile-worker's schema.
 
 The public API is re-exported here; the implementation lives in private modules.
+
+The trio parts (client, worker, cron, CLI) are imported on first use, so that code that
+only adds jobs on its own connection (:func:`add_job_sync`, :mod:`kongtask.aio`) loads
+neither trio nor trio-asyncio.
 """
 
-from ._cli import main as main
-from ._client import Client as Client, add_job as add_job, open_client as open_client
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._config import DEFAULT_SCHEMA as DEFAULT_SCHEMA
-from ._cron import (
-    CronItem as CronItem,
-    CrontabError as CrontabError,
-    crontab as crontab,
-    load_crontab_file as load_crontab_file,
-)
 from ._errors import (
     ConfigError as ConfigError,
     KongtaskError as KongtaskError,
@@ -21,16 +22,47 @@ from ._errors import (
 )
 from ._events import Event as Event
 from ._job import Job as Job, JobSpec as JobSpec
+from ._producers import add_job_sync as add_job_sync, add_jobs_sync as add_jobs_sync
+from ._tasks import TaskDef as TaskDef
 from ._version import __version__ as __version__
-from ._worker import (
-    JobCancelScope as JobCancelScope,
-    JobContext as JobContext,
-    TaskSpec as TaskSpec,
-    Worker as Worker,
-    WorkerStatistics as WorkerStatistics,
-    open_worker as open_worker,
-    task as task,
-)
+
+if TYPE_CHECKING:
+    from ._cli import main as main
+    from ._client import Client as Client, add_job as add_job, open_client as open_client
+    from ._cron import (
+        CronItem as CronItem,
+        CrontabError as CrontabError,
+        crontab as crontab,
+        load_crontab_file as load_crontab_file,
+    )
+    from ._worker import (
+        JobCancelScope as JobCancelScope,
+        JobContext as JobContext,
+        TaskSpec as TaskSpec,
+        Worker as Worker,
+        WorkerStatistics as WorkerStatistics,
+        open_worker as open_worker,
+        task as task,
+    )
+
+# name -> private module, for the names that need trio (imported on first access)
+_LAZY = {
+    "main": "._cli",
+    "Client": "._client",
+    "add_job": "._client",
+    "open_client": "._client",
+    "CronItem": "._cron",
+    "CrontabError": "._cron",
+    "crontab": "._cron",
+    "load_crontab_file": "._cron",
+    "JobCancelScope": "._worker",
+    "JobContext": "._worker",
+    "TaskSpec": "._worker",
+    "Worker": "._worker",
+    "WorkerStatistics": "._worker",
+    "open_worker": "._worker",
+    "task": "._worker",
+}
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -47,11 +79,14 @@ __all__ = [
     "MigrationError",
     "NoPostgresError",
     "SchemaTooNewError",
+    "TaskDef",
     "TaskSpec",
     "Worker",
     "WorkerStatistics",
     "__version__",
     "add_job",
+    "add_job_sync",
+    "add_jobs_sync",
     "crontab",
     "load_crontab_file",
     "main",
@@ -60,8 +95,27 @@ __all__ = [
     "task",
 ]
 
+
+def _public(obj: Any) -> Any:
+    if getattr(obj, "__module__", "").startswith("kongtask._"):
+        obj.__module__ = "kongtask"
+    return obj
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kongtask' has no attribute {name!r}")
+    value = _public(getattr(importlib.import_module(module, __name__), name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("kongtask._"):
-        _obj.__module__ = "kongtask"
-del _name, _obj
+    if _name not in _LAZY:
+        _public(globals()[_name])
+del _name

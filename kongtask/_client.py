@@ -7,39 +7,37 @@ unit of work (one crossing through :meth:`Database.run`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, Literal
 
 import asyncpg
 
 from ._client_sql import ClientQueries, client_queries
 from ._config import resolve_dsn, resolve_schema
+from ._enqueue import (
+    ADD_ATTEMPTS as ADD_ATTEMPTS,
+    JOB_KEY_MODES as JOB_KEY_MODES,
+    JobKeyMode as JobKeyMode,
+    check_aware,
+    check_ids,
+    check_max_attempts,
+    check_smallint,
+    check_text,
+    checked_add_job,
+    checked_specs,
+    dumps_specs,
+    encode_specs,
+)
 from ._errors import ConfigError, KongtaskError, schema_not_installed
 from ._job import Job, JobSpec, JSONValue
 from ._pg import Database, open_database
 
-JobKeyMode = Literal["replace", "preserve_run_at", "unsafe_dedupe"]
 CleanupTask = Literal["DELETE_PERMAFAILED_JOBS", "GC_TASK_IDENTIFIERS", "GC_JOB_QUEUES"]
 
-JOB_KEY_MODES: Final = ("replace", "preserve_run_at", "unsafe_dedupe")
 #: Cleanup tasks in the order they run, whatever order they were asked for in.
 CLEANUP_TASKS: Final = ("DELETE_PERMAFAILED_JOBS", "GC_TASK_IDENTIFIERS", "GC_JOB_QUEUES")
-
-SMALLINT_MIN: Final = -32768
-SMALLINT_MAX: Final = 32767
-BIGINT_MIN: Final = -(2**63)
-BIGINT_MAX: Final = 2**63 - 1
-MAX_NAME_LENGTH: Final = 128  # tasks_identifier_check, job_queues_queue_name_check
-MAX_KEY_LENGTH: Final = 512  # jobs_key_check
-
-# graphile-worker's own add_jobs can drop a keyed spec when the keyed row gets locked
-# between its retire step and its upsert (#580, SCHEMA.md §8). A retry resolves it: the
-# row is now locked, so the retire step takes it. More than a few misses in a row
-# means something else is wrong.
-ADD_ATTEMPTS: Final = 5
 
 # What PostgreSQL answers when the schema, one of its tables or one of its functions
 # (an older graphile-worker schema) is missing.
@@ -112,11 +110,17 @@ class Client:
           ConfigError: an argument is invalid (nothing was sent).
           KongtaskError: the database kept dropping the job (graphile-worker #580).
         """
-        mode = _check_job_key_mode(job_key_mode)
-        spec = JobSpec(
-            identifier, payload, queue_name, run_at, max_attempts, job_key, priority, flags
+        args = checked_add_job(
+            identifier,
+            payload,
+            queue_name,
+            run_at,
+            max_attempts,
+            job_key,
+            job_key_mode,
+            priority,
+            flags,
         )
-        args = _add_job_args(_checked_spec(spec, "add_job"), mode)
         with _needs_schema(self._schema):
             rows, names = await self._db.with_own_connection(
                 _add_job_unit, self._queries, args, self._task_names, self._queue_names
@@ -150,28 +154,10 @@ class Client:
           ConfigError: a spec is invalid or keys repeat (nothing was sent).
           KongtaskError: the database kept dropping keyed jobs (graphile-worker #580).
         """
-        if not isinstance(job_key_preserve_run_at, bool):
-            raise ConfigError("job_key_preserve_run_at must be a bool")
-        checked: list[dict[str, Any]] = []
-        seen_keys: dict[str, int] = {}
-        for index, spec in enumerate(specs):
-            if not isinstance(spec, JobSpec):
-                raise ConfigError(
-                    f"add_jobs: item {index} is a {type(spec).__name__}, expected a JobSpec"
-                )
-            fields = _checked_spec(spec, f"add_jobs: spec {index}")
-            key = fields.get("job_key")
-            if key is not None:
-                if key in seen_keys:
-                    raise ConfigError(
-                        f"add_jobs: specs {seen_keys[key]} and {index} share job_key {key!r}; "
-                        "one batch may hold each key once"
-                    )
-                seen_keys[key] = index
-            checked.append(fields)
+        checked = checked_specs(specs, job_key_preserve_run_at)
         if not checked:
             return []
-        encoded = _encode_specs(checked)
+        encoded = encode_specs(checked)
         with _needs_schema(self._schema):
             rows, names = await self._db.with_own_connection(
                 _add_jobs_unit,
@@ -200,7 +186,7 @@ class Client:
         Raises:
           ConfigError: an id is not an integer in the bigint range.
         """
-        job_ids = _check_ids(ids)
+        job_ids = check_ids(ids)
         if not job_ids:
             return []
         return await self._admin(self._queries.complete_jobs, job_ids)
@@ -217,9 +203,9 @@ class Client:
         Returns:
           The updated jobs (locked ones are skipped).
         """
-        job_ids = _check_ids(ids)
+        job_ids = check_ids(ids)
         if message is not None:
-            _check_text(message, "message")
+            check_text(message, "message")
         if not job_ids:
             return []
         return await self._admin(self._queries.permanently_fail_jobs, job_ids, message)
@@ -252,12 +238,12 @@ class Client:
         Raises:
           ConfigError: an argument is out of range or of the wrong type (nothing was sent).
         """
-        job_ids = _check_ids(ids)
+        job_ids = check_ids(ids)
         if run_at is not None:
-            _check_aware(run_at, "run_at")
-        _check_smallint(priority, "priority")
-        _check_smallint(attempts, "attempts")
-        _check_max_attempts(max_attempts, "max_attempts")
+            check_aware(run_at, "run_at")
+        check_smallint(priority, "priority")
+        check_smallint(attempts, "attempts")
+        check_max_attempts(max_attempts, "max_attempts")
         if not job_ids:
             return []
         return await self._admin(
@@ -276,7 +262,7 @@ class Client:
         Returns:
           The deleted or retired job, or ``None`` when no job has this key.
         """
-        _check_text(key, "key")
+        check_text(key, "key")
         jobs = await self._admin(self._queries.remove_job, key)
         return jobs[0] if jobs else None
 
@@ -295,7 +281,7 @@ class Client:
             raise ConfigError("pool_ids must be a collection of pool ids, not a single string")
         ids = list(pool_ids)
         for pool_id in ids:
-            _check_text(pool_id, "pool id")
+            check_text(pool_id, "pool id")
         if ids:
             with _needs_schema(self._schema):
                 await self._db.execute(self._queries.force_unlock_workers, ids)
@@ -339,7 +325,7 @@ class Client:
             raise ConfigError("keep_task_identifiers must be a collection, not a single string")
         keep = list(keep_task_identifiers)
         for name in keep:
-            _check_text(name, "kept task identifier")
+            check_text(name, "kept task identifier")
         selected = [t for t in CLEANUP_TASKS if t in wanted]
         with _needs_schema(self._schema):
             return await self._db.with_own_connection(_cleanup_unit, self._queries, selected, keep)
@@ -435,14 +421,16 @@ async def add_job(
     :func:`open_client` when adding more than a few.
     """
     # Check before connecting, so a bad argument fails fast and offline.
-    _add_job_args(
-        _checked_spec(
-            JobSpec(
-                identifier, payload, queue_name, run_at, max_attempts, job_key, priority, flags
-            ),
-            "add_job",
-        ),
-        _check_job_key_mode(job_key_mode),
+    checked_add_job(
+        identifier,
+        payload,
+        queue_name,
+        run_at,
+        max_attempts,
+        job_key,
+        job_key_mode,
+        priority,
+        flags,
     )
     async with open_client(dsn, schema=schema, max_connections=1) as client:
         return await client.add_job(
@@ -456,154 +444,6 @@ async def add_job(
             priority=priority,
             flags=flags,
         )
-
-
-# --- validation and encoding ------------------------------------------------------------
-
-
-def _checked_spec(spec: JobSpec, where: str) -> dict[str, Any]:
-    """``spec`` as the JSON object ``json_populate_recordset`` reads, after every check
-    except the payload's (encoded later, once, by :func:`_encode_payload` or
-    :func:`_encode_specs`).
-
-    Options left as ``None`` are omitted, so the database applies its defaults.
-    """
-    fields: dict[str, Any] = {"identifier": _check_name(spec.identifier, f"{where}: identifier")}
-    if spec.payload is not None:
-        fields["payload"] = spec.payload
-    if spec.queue_name is not None:
-        fields["queue_name"] = _check_name(spec.queue_name, f"{where}: queue_name")
-    if spec.run_at is not None:
-        fields["run_at"] = _check_aware(spec.run_at, f"{where}: run_at")
-    if spec.max_attempts is not None:
-        fields["max_attempts"] = _check_max_attempts(spec.max_attempts, f"{where}: max_attempts")
-    if spec.job_key is not None:
-        key = _check_text(spec.job_key, f"{where}: job_key")
-        if not 1 <= len(key) <= MAX_KEY_LENGTH:
-            raise ConfigError(
-                f"{where}: job_key must be 1 to {MAX_KEY_LENGTH} characters long, not {len(key)}"
-            )
-        fields["job_key"] = key
-    if spec.priority is not None:
-        fields["priority"] = _check_smallint(spec.priority, f"{where}: priority")
-    if spec.flags is not None:
-        if isinstance(spec.flags, str):
-            raise ConfigError(f"{where}: flags must be a collection of names, not a single string")
-        fields["flags"] = [_check_text(flag, f"{where}: flag") for flag in spec.flags]
-    return fields
-
-
-def _add_job_args(fields: Mapping[str, Any], mode: str | None) -> tuple[object, ...]:
-    """The bound parameters of the ``add_job`` query, in ``$1..$9`` order."""
-    return (
-        fields["identifier"],
-        _encode_payload(fields["payload"], "add_job") if "payload" in fields else None,
-        fields.get("queue_name"),
-        fields.get("run_at"),
-        fields.get("max_attempts"),
-        fields.get("job_key"),
-        fields.get("priority"),
-        fields.get("flags"),
-        mode,
-    )
-
-
-def _json_default(value: object) -> object:
-    # Only the run_at datetimes that _checked_spec let through reach this; UTC keeps the
-    # text free of odd historical offsets.
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-# allow_nan=False: JSON has no NaN or Infinity, and PostgreSQL's json type rejects them.
-_dumps = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
-_dumps_specs = json.JSONEncoder(
-    allow_nan=False, ensure_ascii=False, separators=(",", ":"), default=_json_default
-).encode
-
-
-def _encode_payload(payload: JSONValue, where: str) -> str:
-    try:
-        # encode(): a lone surrogate passes json.dumps but cannot be sent as UTF-8.
-        text = _dumps(payload)
-        text.encode()
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ConfigError(f"{where}: payload is not JSON-serialisable: {exc}") from None
-    return text
-
-
-def _encode_specs(specs: list[dict[str, Any]]) -> str:
-    """The whole batch as one JSON document; on failure, name the spec at fault."""
-    try:
-        text = _dumps_specs(specs)
-        text.encode()
-    except (TypeError, ValueError, RecursionError):
-        # Slow path, only for bad input: find the culprit for a useful message.
-        for index, spec in enumerate(specs):
-            if "payload" in spec:
-                _encode_payload(spec["payload"], f"add_jobs: spec {index}")
-        raise
-    return text
-
-
-def _check_job_key_mode(mode: object) -> str | None:
-    if mode is None or (isinstance(mode, str) and mode in JOB_KEY_MODES):
-        return mode
-    raise ConfigError(f"job_key_mode must be one of {', '.join(JOB_KEY_MODES)}, not {mode!r}")
-
-
-def _check_text(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{what} must be a string, not {type(value).__name__}")
-    if "\x00" in value:
-        raise ConfigError(
-            f"{what} {value!r} contains a NUL character, which PostgreSQL cannot hold"
-        )
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise ConfigError(f"{what} {value!r} is not valid Unicode (lone surrogate)") from None
-    return value
-
-
-def _check_name(value: object, what: str) -> str:
-    name = _check_text(value, what)
-    if len(name) > MAX_NAME_LENGTH:
-        raise ConfigError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}")
-    return name
-
-
-def _check_int(value: object, what: str, low: int, high: int) -> int:
-    # bool is an int subclass; True as a priority is a bug, not 1.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{what} must be an integer, not {type(value).__name__}")
-    if not low <= value <= high:
-        raise ConfigError(f"{what} must be between {low} and {high}, not {value}")
-    return value
-
-
-def _check_smallint(value: int | None, what: str) -> int | None:
-    return None if value is None else _check_int(value, what, SMALLINT_MIN, SMALLINT_MAX)
-
-
-def _check_max_attempts(value: int | None, what: str) -> int | None:
-    return None if value is None else _check_int(value, what, 1, SMALLINT_MAX)
-
-
-def _check_aware(value: object, what: str) -> datetime:
-    if not isinstance(value, datetime):
-        raise ConfigError(f"{what} must be a datetime, not {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ConfigError(
-            f"{what} must be timezone-aware (e.g. datetime.now(timezone.utc)); "
-            "a naive datetime is ambiguous"
-        )
-    return value
-
-
-def _check_ids(ids: Iterable[int]) -> list[int]:
-    return [_check_int(job_id, "job id", BIGINT_MIN, BIGINT_MAX) for job_id in ids]
 
 
 # --- units of work (asyncio side: each runs on one pooled connection) -------------------
@@ -672,7 +512,7 @@ async def _add_jobs_unit(
                 "because of keyed jobs getting locked; the add_jobs function misbehaves"
             )
         pending = dropped
-        encoded = _dumps_specs(pending)
+        encoded = dumps_specs(pending)
     raise KongtaskError(
         f"add_jobs dropped {len(pending)} keyed job(s) {ADD_ATTEMPTS} times in a row "
         "(graphile-worker bug #580: the keyed jobs kept getting locked mid-update)"

@@ -1,0 +1,440 @@
+"""Turning ``add_job``/``add_jobs`` arguments into checked values, and those into SQL.
+
+One module for every way of adding jobs: the trio client (:mod:`kongtask._client`) and
+the producers that run on the caller's own connection (:mod:`kongtask._producers`) share
+these checks and messages, so a bad argument fails the same way everywhere and always
+before anything is sent.
+
+This module imports no database driver and neither trio nor asyncio.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypeAlias
+
+from ._config import quote_ident
+from ._errors import ConfigError, KongtaskError, schema_not_installed
+from ._job import Job, JobSpec, JSONValue
+
+JobKeyMode = Literal["replace", "preserve_run_at", "unsafe_dedupe"]
+
+JOB_KEY_MODES: Final = ("replace", "preserve_run_at", "unsafe_dedupe")
+
+SMALLINT_MIN: Final = -32768
+SMALLINT_MAX: Final = 32767
+BIGINT_MIN: Final = -(2**63)
+BIGINT_MAX: Final = 2**63 - 1
+MAX_NAME_LENGTH: Final = 128  # tasks_identifier_check, job_queues_queue_name_check
+MAX_KEY_LENGTH: Final = 512  # jobs_key_check
+
+# graphile-worker's own add_jobs can drop a keyed spec when the keyed row gets locked
+# between its retire step and its upsert (graphile-worker #580). A retry resolves it: the
+# row is now locked, so the retire step takes it. More than a few misses in a row
+# means something else is wrong.
+ADD_ATTEMPTS: Final = 5
+
+
+def checked_add_job(
+    identifier: str,
+    payload: JSONValue,
+    queue_name: str | None,
+    run_at: datetime | None,
+    max_attempts: int | None,
+    job_key: str | None,
+    job_key_mode: object,
+    priority: int | None,
+    flags: Iterable[str] | None,
+) -> tuple[object, ...]:
+    """Check one ``add_job`` call; its bound parameters (see :func:`add_job_args`)."""
+    mode = check_job_key_mode(job_key_mode)
+    spec = JobSpec(identifier, payload, queue_name, run_at, max_attempts, job_key, priority, flags)
+    return add_job_args(checked_spec(spec, "add_job"), mode)
+
+
+def checked_specs(specs: Iterable[JobSpec], preserve_run_at: object) -> list[dict[str, Any]]:
+    """Check an ``add_jobs`` batch: every spec (:func:`checked_spec`) and that no two
+    share a ``job_key``. The payloads are checked by :func:`encode_specs`."""
+    if not isinstance(preserve_run_at, bool):
+        raise ConfigError("job_key_preserve_run_at must be a bool")
+    checked: list[dict[str, Any]] = []
+    seen_keys: dict[str, int] = {}
+    for index, spec in enumerate(specs):
+        if not isinstance(spec, JobSpec):
+            raise ConfigError(
+                f"add_jobs: item {index} is a {type(spec).__name__}, expected a JobSpec"
+            )
+        fields = checked_spec(spec, f"add_jobs: spec {index}")
+        key = fields.get("job_key")
+        if key is not None:
+            if key in seen_keys:
+                raise ConfigError(
+                    f"add_jobs: specs {seen_keys[key]} and {index} share job_key {key!r}; "
+                    "one batch may hold each key once"
+                )
+            seen_keys[key] = index
+        checked.append(fields)
+    return checked
+
+
+def checked_spec(spec: JobSpec, where: str) -> dict[str, Any]:
+    """``spec`` as the JSON object ``json_populate_recordset`` reads, after every check
+    except the payload's (encoded later, once, by :func:`encode_payload` or
+    :func:`encode_specs`).
+
+    Options left as ``None`` are omitted, so the database applies its defaults.
+    """
+    fields: dict[str, Any] = {"identifier": check_name(spec.identifier, f"{where}: identifier")}
+    if spec.payload is not None:
+        fields["payload"] = spec.payload
+    if spec.queue_name is not None:
+        fields["queue_name"] = check_name(spec.queue_name, f"{where}: queue_name")
+    if spec.run_at is not None:
+        fields["run_at"] = check_aware(spec.run_at, f"{where}: run_at")
+    if spec.max_attempts is not None:
+        fields["max_attempts"] = check_max_attempts(spec.max_attempts, f"{where}: max_attempts")
+    if spec.job_key is not None:
+        key = check_text(spec.job_key, f"{where}: job_key")
+        if not 1 <= len(key) <= MAX_KEY_LENGTH:
+            raise ConfigError(
+                f"{where}: job_key must be 1 to {MAX_KEY_LENGTH} characters long, not {len(key)}"
+            )
+        fields["job_key"] = key
+    if spec.priority is not None:
+        fields["priority"] = check_smallint(spec.priority, f"{where}: priority")
+    if spec.flags is not None:
+        if isinstance(spec.flags, str):
+            raise ConfigError(f"{where}: flags must be a collection of names, not a single string")
+        fields["flags"] = [check_text(flag, f"{where}: flag") for flag in spec.flags]
+    return fields
+
+
+def add_job_args(fields: Mapping[str, Any], mode: str | None) -> tuple[object, ...]:
+    """The bound parameters of the ``add_job`` query, in ``$1..$9`` order."""
+    return (
+        fields["identifier"],
+        encode_payload(fields["payload"], "add_job") if "payload" in fields else None,
+        fields.get("queue_name"),
+        fields.get("run_at"),
+        fields.get("max_attempts"),
+        fields.get("job_key"),
+        fields.get("priority"),
+        fields.get("flags"),
+        mode,
+    )
+
+
+def json_default(value: object) -> object:
+    # Only the run_at datetimes that checked_spec let through reach this; UTC keeps the
+    # text free of odd historical offsets.
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# allow_nan=False: JSON has no NaN or Infinity, and PostgreSQL's json type rejects them.
+dumps = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
+dumps_specs = json.JSONEncoder(
+    allow_nan=False, ensure_ascii=False, separators=(",", ":"), default=json_default
+).encode
+
+
+def encode_payload(payload: JSONValue, where: str) -> str:
+    try:
+        # encode(): a lone surrogate passes json.dumps but cannot be sent as UTF-8.
+        text = dumps(payload)
+        text.encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{where}: payload is not JSON-serialisable: {exc}") from None
+    return text
+
+
+def encode_specs(specs: list[dict[str, Any]]) -> str:
+    """The whole batch as one JSON document; on failure, name the spec at fault."""
+    try:
+        text = dumps_specs(specs)
+        text.encode()
+    except (TypeError, ValueError, RecursionError):
+        # Slow path, only for bad input: find the culprit for a useful message.
+        for index, spec in enumerate(specs):
+            if "payload" in spec:
+                encode_payload(spec["payload"], f"add_jobs: spec {index}")
+        raise
+    return text
+
+
+def check_job_key_mode(mode: object) -> str | None:
+    if mode is None or (isinstance(mode, str) and mode in JOB_KEY_MODES):
+        return mode
+    raise ConfigError(f"job_key_mode must be one of {', '.join(JOB_KEY_MODES)}, not {mode!r}")
+
+
+def check_text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, not {type(value).__name__}")
+    if "\x00" in value:
+        raise ConfigError(
+            f"{what} {value!r} contains a NUL character, which PostgreSQL cannot hold"
+        )
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} {value!r} is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def check_name(value: object, what: str) -> str:
+    name = check_text(value, what)
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}")
+    return name
+
+
+def check_int(value: object, what: str, low: int, high: int) -> int:
+    # bool is an int subclass; True as a priority is a bug, not 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{what} must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ConfigError(f"{what} must be between {low} and {high}, not {value}")
+    return value
+
+
+def check_smallint(value: int | None, what: str) -> int | None:
+    return None if value is None else check_int(value, what, SMALLINT_MIN, SMALLINT_MAX)
+
+
+def check_max_attempts(value: int | None, what: str) -> int | None:
+    return None if value is None else check_int(value, what, 1, SMALLINT_MAX)
+
+
+def check_aware(value: object, what: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise ConfigError(f"{what} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ConfigError(
+            f"{what} must be timezone-aware (e.g. datetime.now(timezone.utc)); "
+            "a naive datetime is ambiguous"
+        )
+    return value
+
+
+def check_ids(ids: Iterable[int]) -> list[int]:
+    return [check_int(job_id, "job id", BIGINT_MIN, BIGINT_MAX) for job_id in ids]
+
+
+# --- statements for any driver ----------------------------------------------------------
+
+#: How a driver marks bound parameters: PEP 249's ``paramstyle`` names, and ``dollar``
+#: for asyncpg's ``$1``.
+ParamStyle = Literal["dollar", "format", "pyformat", "qmark", "numeric", "named"]
+Params: TypeAlias = Sequence[object] | Mapping[str, object]
+Row: TypeAlias = Sequence[Any]
+
+# The columns every add statement returns, in this order (the indexes below). Casts are
+# written cast(x as t), not x::t: SQLAlchemy's text() would read ":t" as a parameter.
+# payload and flags come back as JSON text whatever the driver's JSON decoding is, so
+# every driver yields the same Job.
+_COLUMNS = (
+    "j.id, t.identifier, q.queue_name, j.task_id, j.job_queue_id, cast(j.payload as text), "
+    "j.priority, j.run_at, j.attempts, j.max_attempts, j.key, cast(j.flags as text), "
+    "j.last_error, j.created_at, j.updated_at, j.locked_at, j.locked_by, j.revision"
+)
+_ID, _TASK, _QUEUE, _TASK_ID, _QUEUE_ID = range(5)
+_KEY = 10
+_RECORD_FIELDS: Final = (
+    "id",
+    "payload",
+    "priority",
+    "run_at",
+    "attempts",
+    "max_attempts",
+    "key",
+    "flags",
+    "last_error",
+    "created_at",
+    "updated_at",
+    "locked_at",
+    "locked_by",
+    "revision",
+)
+_RECORD_INDEXES: Final = (0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+
+# The joins name tasks and queues that existed when the statement began. A task or queue
+# row that add_job creates itself is not in that snapshot: a second statement
+# (names_by_id) looks those up, which happens only for the first job of a new name.
+_JOINS = """
+left join {s}._private_tasks as t on t.id = j.task_id
+left join {s}._private_job_queues as q on q.id = j.job_queue_id"""
+
+_ADD_JOB = (
+    """select {cols} from {s}.add_job(
+  identifier => cast({0} as text), payload => cast({1} as json),
+  queue_name => cast({2} as text), run_at => cast({3} as timestamptz),
+  max_attempts => cast({4} as int), job_key => cast({5} as text),
+  priority => cast({6} as int), flags => cast({7} as text[]),
+  job_key_mode => cast({8} as text)
+) as j"""
+    + _JOINS
+)
+_ADD_JOBS = (
+    """select {cols} from {s}.add_jobs(
+  array(select spec from json_populate_recordset(cast(null as {s}.job_spec), cast({0} as json))
+        as spec),
+  cast({1} as boolean)
+) as j"""
+    + _JOINS
+)
+_NAMES_BY_ID = """
+select false, id, identifier from {s}._private_tasks where id = any(cast({0} as int[]))
+union all
+select true, id, queue_name from {s}._private_job_queues where id = any(cast({1} as int[]))"""
+
+
+def _placeholder(style: ParamStyle, index: int) -> str:
+    if style == "dollar":
+        return f"${index + 1}"
+    if style == "format":
+        return "%s"
+    if style == "pyformat":
+        return f"%(p{index})s"
+    if style == "qmark":
+        return "?"
+    if style == "numeric":
+        return f":{index + 1}"
+    return f":p{index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One SQL statement and its bound parameters, in the driver's parameter style."""
+
+    sql: str
+    params: Params
+
+
+@dataclass(frozen=True, slots=True)
+class _Queries:
+    style: ParamStyle
+    add_job: str
+    add_jobs: str
+    names_by_id: str
+
+    def bind(self, sql: str, values: Sequence[object]) -> Statement:
+        if self.style in ("pyformat", "named"):
+            return Statement(sql, {f"p{i}": value for i, value in enumerate(values)})
+        return Statement(sql, tuple(values))
+
+
+@functools.lru_cache(maxsize=64)
+def queries(schema: str, style: ParamStyle) -> _Queries:
+    """The add statements for ``schema`` (quoted as an identifier) in ``style``."""
+    s = quote_ident(schema)
+    marks = [_placeholder(style, i) for i in range(9)]
+    return _Queries(
+        style,
+        _ADD_JOB.format(*marks, cols=_COLUMNS, s=s),
+        _ADD_JOBS.format(*marks, cols=_COLUMNS, s=s),
+        _NAMES_BY_ID.format(*marks, s=s),
+    )
+
+
+#: What a producer drives: it sends each statement the plan yields, on the caller's
+#: connection, and sends back the rows (sequences in the statement's column order); the
+#: plan's return value is the result.
+Plan: TypeAlias = Generator[Statement, Sequence[Row], list[Job]]
+
+
+def add_job_plan(schema: str, style: ParamStyle, args: Sequence[object]) -> Plan:
+    """One checked ``add_job`` (``args`` from :func:`checked_add_job`) as a plan."""
+    q = queries(schema, style)
+    for _ in range(ADD_ATTEMPTS):
+        rows = yield q.bind(q.add_job, args)
+        if rows and rows[0][_ID] is not None:
+            return (yield from _named_jobs(q, [rows[0]]))
+    raise KongtaskError(
+        f"add_job({args[0]!r}, job_key={args[5]!r}) returned no job {ADD_ATTEMPTS} times in a "
+        "row (graphile-worker bug #580: the keyed job kept getting locked mid-update)"
+    )
+
+
+def add_jobs_plan(
+    schema: str, style: ParamStyle, specs: list[dict[str, Any]], preserve_run_at: bool
+) -> Plan:
+    """One checked ``add_jobs`` batch (from :func:`checked_specs`) as a plan."""
+    if not specs:
+        return []
+    q = queries(schema, style)
+    encoded = encode_specs(specs)
+    found: list[Row] = []
+    pending = specs
+    for _ in range(ADD_ATTEMPTS):
+        got = yield q.bind(q.add_jobs, (encoded, preserve_run_at))
+        found.extend(got)
+        if len(got) == len(pending):
+            return (yield from _named_jobs(q, found))
+        # #580 only ever drops keyed specs: resend those whose key came back nowhere.
+        returned_keys = {row[_KEY] for row in got}
+        dropped = [s for s in pending if s.get("job_key") not in returned_keys]
+        if len(dropped) != len(pending) - len(got) or any("job_key" not in s for s in dropped):
+            raise KongtaskError(
+                f"add_jobs returned {len(got)} jobs for {len(pending)} specs, and not "
+                "because of keyed jobs getting locked; the add_jobs function misbehaves"
+            )
+        pending = dropped
+        encoded = dumps_specs(pending)
+    raise KongtaskError(
+        f"add_jobs dropped {len(pending)} keyed job(s) {ADD_ATTEMPTS} times in a row "
+        "(graphile-worker bug #580: the keyed jobs kept getting locked mid-update)"
+    )
+
+
+def _named_jobs(q: _Queries, rows: Sequence[Row]) -> Plan:
+    task_ids = {row[_TASK_ID] for row in rows if row[_TASK] is None}
+    queue_ids = {row[_QUEUE_ID] for row in rows if row[_QUEUE_ID] is not None} - {
+        row[_QUEUE_ID] for row in rows if row[_QUEUE] is not None
+    }
+    tasks: dict[int, str] = {}
+    queues: dict[int, str] = {}
+    if task_ids or queue_ids:
+        names = yield q.bind(q.names_by_id, (sorted(task_ids), sorted(queue_ids)))
+        for is_queue, id_, name in names:
+            (queues if is_queue else tasks)[id_] = name
+    jobs = []
+    for row in rows:
+        record = dict(zip(_RECORD_FIELDS, [row[i] for i in _RECORD_INDEXES], strict=True))
+        queue_id = row[_QUEUE_ID]
+        jobs.append(
+            Job.from_record(
+                record,
+                # Only a concurrent GC_TASK_IDENTIFIERS can make the lookup miss; show the
+                # id rather than fail an add that may commit.
+                row[_TASK] or tasks.get(row[_TASK_ID], f"<task id {row[_TASK_ID]}>"),
+                None if queue_id is None else (row[_QUEUE] or queues.get(queue_id)),
+            )
+        )
+    return jobs
+
+
+# SQLSTATEs of a missing schema, table or function (an older graphile-worker schema).
+_MISSING_SCHEMA_STATES: Final = frozenset({"3F000", "42P01", "42883"})
+
+
+def missing_schema(exc: BaseException, schema: str) -> KongtaskError | None:
+    """The "run kongtask migrate" error when ``exc`` (from any driver, possibly wrapped
+    by SQLAlchemy or Django) says the schema or its functions are missing."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            break
+        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(state, str):
+            if state in _MISSING_SCHEMA_STATES:
+                return schema_not_installed(schema, maybe_old=True)
+            return None
+        orig = getattr(seen, "orig", None)
+        seen = orig if isinstance(orig, BaseException) else seen.__cause__
+    return None
