@@ -59,6 +59,7 @@ from ._job import Job
 from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new_pool_id
 from ._pg import Database, open_database
 from ._sql import WorkerQueries, claim_jobs, complete_and_fail, register_tasks, return_jobs
+from ._tasks import TaskDef
 
 log = logging.getLogger("kongtask.worker")
 
@@ -219,9 +220,11 @@ def _is_async_callable(fn: object) -> bool:
     )
 
 
-def _runners(tasks: Mapping[str, Handler | TaskSpec]) -> dict[str, _Runner]:
+def _runners(
+    tasks: Mapping[str, Handler | TaskSpec] | Iterable[TaskDef[Any]],
+) -> dict[str, _Runner]:
     if not isinstance(tasks, Mapping):
-        raise ConfigError("tasks must be a mapping of task identifier -> handler")
+        tasks = _handlers_of(tasks)
     runners: dict[str, _Runner] = {}
     for name, value in tasks.items():
         if not isinstance(name, str) or not name or len(name) > 128:
@@ -250,6 +253,27 @@ def _check_signature(name: str, handler: Handler) -> None:
             f"task {name!r}: the handler {getattr(handler, '__qualname__', handler)!r} cannot "
             f"be called as handler(job, ctx): {exc}"
         ) from None
+
+
+def _handlers_of(definitions: object) -> dict[str, TaskSpec]:
+    """``open_worker``'s tasks given as :class:`TaskDef` items with handlers."""
+    if isinstance(definitions, str | bytes) or not isinstance(definitions, Iterable):
+        raise ConfigError("tasks must be a mapping of task identifier -> handler")
+    handlers: dict[str, TaskSpec] = {}
+    for item in definitions:
+        if not isinstance(item, TaskDef):
+            raise ConfigError(
+                "tasks must be a mapping of task identifier -> handler, or TaskDef items, "
+                f"not {type(item).__name__}"
+            )
+        if item.handler is None:
+            raise ConfigError(
+                f"task {item.identifier!r} has no handler: pass def.with_handler(handler)"
+            )
+        if item.identifier in handlers:
+            raise ConfigError(f"task {item.identifier!r} is defined twice")
+        handlers[item.identifier] = task(item.handler, timeout=item.timeout)
+    return handlers
 
 
 class _JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -1599,7 +1623,7 @@ class Worker:
 @asynccontextmanager
 async def open_worker(
     dsn: str | None,
-    tasks: Mapping[str, Handler | TaskSpec],
+    tasks: Mapping[str, Handler | TaskSpec] | Iterable[TaskDef[Any]],
     *,
     schema: str | None = None,
     concurrency: int = 1,
@@ -1622,6 +1646,8 @@ async def open_worker(
         (:class:`~kongtask.Job`, :class:`~kongtask.JobContext`) or a plain function
         (run in a thread), optionally wrapped by :func:`task` for a timeout. Returning
         completes the job; raising fails it (it retries with exponential backoff).
+        Or :class:`~kongtask.TaskDef` items, each with its handler
+        (``definition.with_handler(handler)``).
       schema: default ``$GRAPHILE_WORKER_SCHEMA``, then ``graphile_worker``.
       concurrency: how many jobs run at once (default 1, as graphile-worker).
       poll_interval: seconds between polls when no notification arrives.
