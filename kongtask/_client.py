@@ -7,10 +7,18 @@ unit of work (one crossing through :meth:`Database.run`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, Concatenate, Final, Literal, ParamSpec, TypeVar
 
 import asyncpg
 
@@ -33,6 +41,9 @@ from ._enqueue import (
 from ._errors import ConfigError, KongtaskError, schema_not_installed
 from ._job import Job, JobSpec, JSONValue
 from ._pg import Database, open_database
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 CleanupTask = Literal["DELETE_PERMAFAILED_JOBS", "GC_TASK_IDENTIFIERS", "GC_JOB_QUEUES"]
 
@@ -170,6 +181,32 @@ class Client:
             )
         self._remember(names)
         return [self._job(row) for row in rows]
+
+    async def with_connection(
+        self,
+        fn: Callable[Concatenate[asyncpg.Connection, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run the **asyncio** coroutine function ``fn(conn, *args)`` on a pooled connection.
+
+        The way for trio code to add jobs in the same transaction as its own writes:
+        ``fn`` opens the transaction, writes, and adds the jobs with
+        :func:`kongtask.aio.add_job` on ``conn`` (pass ``schema=client.schema`` for a
+        schema other than the default). As :meth:`kongtask.JobContext.with_connection`,
+        the connection is acquired, used and released on the asyncio side, and gets a
+        full reset afterwards.
+
+        Example::
+
+            async def place_order(conn, number):
+                async with conn.transaction():
+                    await conn.execute("insert into orders values ($1)", number)
+                    await kongtask.aio.add_job(conn, "confirm_order", {"order": number})
+
+            await client.with_connection(place_order, 7)
+        """
+        return await self._db.with_connection(fn, *args, **kwargs)
 
     async def complete_jobs(self, ids: Iterable[int]) -> list[Job]:
         """Delete the given jobs as if they had succeeded (``<schema>.complete_jobs``).

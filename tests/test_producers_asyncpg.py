@@ -89,3 +89,23 @@ async def test_a_handler_adds_a_job_in_its_own_transaction(
     # the failed handler's order and child job were rolled back together
     assert children == [{"order": 2}]
     assert await appdb.fetchval("select array_agg(id) from orders") == [2]
+
+
+async def test_trio_code_adds_jobs_in_its_own_transaction_through_the_client(
+    appdb: Database, kongtask_dsn: str
+) -> None:
+    async def place_order(conn: Any, number: int) -> kongtask.Job:
+        async with conn.transaction():
+            await conn.execute("insert into orders values ($1)", number)
+            job = await kongtask.aio.add_job(conn, "confirm_order", {"order": number})
+            if number < 0:
+                raise ValueError("refused")
+            return job
+
+    async with kongtask.open_client(kongtask_dsn) as client:
+        with pytest.raises(ValueError, match="refused"):
+            await client.with_connection(place_order, -1)
+        job = await client.with_connection(place_order, 7)
+    assert job.payload == {"order": 7}
+    assert await appdb.fetchval("select array_agg(id) from orders") == [7]
+    assert await appdb.fetchval(f"select array_agg(id) from {S}._private_jobs") == [job.id]
