@@ -15,7 +15,7 @@ import json
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, cast
 
 from ._config import quote_ident
 from ._errors import ConfigError, KongtaskError, schema_not_installed
@@ -234,17 +234,17 @@ ParamStyle = Literal["dollar", "format", "pyformat", "qmark", "numeric", "named"
 Params: TypeAlias = Sequence[object] | Mapping[str, object]
 Row: TypeAlias = Sequence[Any]
 
-# The columns every add statement returns, in this order (the indexes below). Casts are
-# written cast(x as t), not x::t: SQLAlchemy's text() would read ":t" as a parameter.
-# payload and flags come back as JSON text whatever the driver's JSON decoding is, so
-# every driver yields the same Job.
+# The columns every add statement returns, in this order: first those Job.from_record
+# reads, named as it reads them, then the names and ids for the task and queue names.
+# Casts are written cast(x as t), not x::t: SQLAlchemy's text() would read ":t" as a
+# parameter. payload and flags come back as JSON text whatever the driver's JSON decoding
+# is, so every driver yields the same Job.
 _COLUMNS = (
-    "j.id, t.identifier, q.queue_name, j.task_id, j.job_queue_id, cast(j.payload as text), "
-    "j.priority, j.run_at, j.attempts, j.max_attempts, j.key, cast(j.flags as text), "
-    "j.last_error, j.created_at, j.updated_at, j.locked_at, j.locked_by, j.revision"
+    "j.id, cast(j.payload as text) as payload, j.priority, j.run_at, j.attempts, "
+    "j.max_attempts, j.key, cast(j.flags as text) as flags, j.last_error, j.created_at, "
+    "j.updated_at, j.locked_at, j.locked_by, j.revision, "
+    "t.identifier, q.queue_name, j.task_id, j.job_queue_id"
 )
-_ID, _TASK, _QUEUE, _TASK_ID, _QUEUE_ID = range(5)
-_KEY = 10
 _RECORD_FIELDS: Final = (
     "id",
     "payload",
@@ -261,7 +261,8 @@ _RECORD_FIELDS: Final = (
     "locked_by",
     "revision",
 )
-_RECORD_INDEXES: Final = (0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+_ID, _KEY = 0, 6
+_TASK, _QUEUE, _TASK_ID, _QUEUE_ID = range(len(_RECORD_FIELDS), len(_RECORD_FIELDS) + 4)
 
 # The joins name tasks and queues that existed when the statement began. A task or queue
 # row that add_job creates itself is not in that snapshot: a second statement
@@ -405,11 +406,13 @@ def _named_jobs(q: _Queries, rows: Sequence[Row]) -> Plan:
             (queues if is_queue else tasks)[id_] = name
     jobs = []
     for row in rows:
-        record = dict(zip(_RECORD_FIELDS, [row[i] for i in _RECORD_INDEXES], strict=True))
         queue_id = row[_QUEUE_ID]
         jobs.append(
             Job.from_record(
-                record,
+                # an asyncpg Record is read by name as it is; tuples get the names
+                cast(Mapping[str, Any], row)
+                if hasattr(row, "keys")
+                else dict(zip(_RECORD_FIELDS, row, strict=False)),
                 # Only a concurrent GC_TASK_IDENTIFIERS can make the lookup miss; show the
                 # id rather than fail an add that may commit.
                 row[_TASK] or tasks.get(row[_TASK_ID], f"<task id {row[_TASK_ID]}>"),
