@@ -89,8 +89,10 @@ def _sync_driver(conn: object) -> tuple[ParamStyle, SyncExecute]:
             return "format", run_psycopg
     elif family == "sqlalchemy":
         from sqlalchemy.engine import Connection
-        from sqlalchemy.orm import Session
+        from sqlalchemy.orm import Session, scoped_session
 
+        if isinstance(conn, scoped_session):  # e.g. Flask-SQLAlchemy's db.session
+            conn = conn()
         if isinstance(conn, Connection | Session):
             executor: Connection | Session = conn
 
@@ -177,8 +179,10 @@ def _async_driver(conn: object) -> tuple[ParamStyle, AsyncExecute] | None:
 
             return "format", run_psycopg
     if family == "sqlalchemy":
-        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
 
+        if isinstance(conn, async_scoped_session):
+            conn = conn()
         if isinstance(conn, AsyncConnection | AsyncSession):
             executor: AsyncConnection | AsyncSession = conn
 

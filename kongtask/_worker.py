@@ -407,6 +407,9 @@ class JobContext:
                 return await conn.fetchval("select count(*) from users where active = $1", active)
 
             n = await ctx.with_connection(count_users, True)
+
+        To add a job that commits with ``fn``'s writes, call the asyncio producer on
+        ``conn`` inside ``fn``: ``await kongtask.aio.add_job(conn, "task", payload)``.
         """
         return await self._worker._db.with_connection(fn, *args, **kwargs)
 

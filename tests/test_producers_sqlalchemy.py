@@ -109,3 +109,30 @@ class AsyncDriver:
 def driver(request: pytest.FixtureRequest) -> object:
     flavour, kind, dbapi = request.param
     return (SyncDriver if flavour == "sync" else AsyncDriver)(kind, dbapi)
+
+
+async def test_a_scoped_session_is_used_through_its_current_session(
+    appdb: Any, kongtask_dsn: str
+) -> None:
+    import trio
+    from producer_scenarios import count
+    from sqlalchemy.orm import scoped_session, sessionmaker
+
+    def add() -> None:
+        engine = sqlalchemy.create_engine(_url(kongtask_dsn, "psycopg"))
+        db_session = scoped_session(sessionmaker(engine))  # what Flask-SQLAlchemy hands out
+        try:
+            db_session.execute(sqlalchemy.text("insert into orders values (1)"))
+            kongtask.add_job_sync(db_session, "t")
+            db_session.rollback()  # the producer used the scoped session's transaction
+            kongtask.add_job_sync(db_session, "t", {"kept": True})
+            db_session.commit()
+        finally:
+            db_session.remove()
+            engine.dispose()
+
+    await trio.to_thread.run_sync(add)
+    assert await count(appdb, "orders") == 0
+    assert await appdb.fetchval("select payload::text from graphile_worker._private_jobs") == (
+        '{"kept":true}'
+    )
