@@ -69,6 +69,20 @@ async def test_producers_need_no_trio_and_load_no_other_driver(kongtask_dsn: str
     ]
 
 
+async def test_import_kongtask_loads_no_driver_and_no_trio() -> None:
+    code = (
+        "import sys, kongtask, kongtask.aio\n"
+        "watched = ['trio', 'trio_asyncio', 'psycopg', 'psycopg2', 'sqlalchemy', 'django']\n"
+        "print([name for name in watched if name in sys.modules])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-c", code], capture_stdout=True, env=env, check=True
+        )
+    assert done.stdout.decode().strip() == "[]"
+
+
 def test_unsupported_connections_are_refused_before_anything_is_sent() -> None:
     with pytest.raises(ConfigError, match=r"add_job_sync cannot use a builtins\.object"):
         kongtask.add_job_sync(object(), "t")
