@@ -9,6 +9,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -114,3 +115,63 @@ async def test_connections_of_the_other_flavour_are_refused(kongtask_dsn: str) -
 def test_a_job_spec_comes_alone() -> None:
     with pytest.raises(ConfigError, match="either a JobSpec or an identifier with options"):
         kongtask.add_job_sync(object(), JobSpec("t"), queue_name="q")  # type: ignore[call-overload]
+
+
+async def test_the_producers_retry_graphile_worker_580_as_the_client_does(
+    kongtask_dsn: str,
+) -> None:
+    """The "flaky" schema of test_client.py drops keyed jobs as #580 does, for the first
+    ``drop_first`` calls; the producers' plans retry exactly as the client."""
+    from test_client import FLAKY
+
+    from kongtask import KongtaskError
+    from kongtask._enqueue import ADD_ATTEMPTS
+
+    def run() -> list[object]:
+        out: list[object] = []
+        with psycopg.connect(kongtask_dsn, autocommit=True) as conn:
+            conn.execute(FLAKY)  # type: ignore[arg-type]
+
+            def calls_after(drop_first: int, drop_unkeyed: bool, add: Any) -> tuple[Any, int]:
+                conn.execute("truncate flaky.settings")
+                conn.execute(
+                    "insert into flaky.settings values (%s, %s)", (drop_first, drop_unkeyed)
+                )
+                conn.execute("select setval('flaky.calls', 1, false)")
+                try:
+                    result = add()
+                except KongtaskError as exc:
+                    result = exc
+                calls = conn.execute("select last_value from flaky.calls").fetchone()
+                assert calls is not None
+                return result, calls[0]
+
+            def one() -> Any:
+                return kongtask.add_job_sync(conn, "t", {"v": 1}, job_key="k", schema="flaky")
+
+            def batch() -> Any:
+                specs = [
+                    JobSpec("t", 1),
+                    JobSpec("t", 2, job_key="a"),
+                    JobSpec("t", 3, job_key="b"),
+                ]
+                return kongtask.add_jobs_sync(conn, specs, schema="flaky")
+
+            out.append(calls_after(2, False, one))
+            out.append(calls_after(1000, False, one))
+            out.append(calls_after(1, False, batch))
+            out.append(calls_after(1000, False, batch))
+            out.append(calls_after(1, True, batch))
+        return out
+
+    retried, gave_up, resent, gave_up_bulk, misbehaved = await trio.to_thread.run_sync(run)
+    job, calls = retried
+    assert (job.key, job.payload, job.task_identifier, calls) == ("k", {"v": 1}, "t", 3)
+    assert isinstance(gave_up[0], KongtaskError)
+    assert "#580" in str(gave_up[0])
+    assert gave_up[1] == ADD_ATTEMPTS
+    jobs, calls = resent
+    assert (sorted(j.payload for j in jobs), calls) == ([1, 2, 3], 2)
+    assert "#580" in str(gave_up_bulk[0])
+    assert gave_up_bulk[1] == ADD_ATTEMPTS
+    assert "misbehaves" in str(misbehaved[0])
