@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     client = kongtask_system("kt-client", "kongtask trio client (reference)", {})
     systems: list[System] = []
     try:
-        systems.append(graphile_worker("defaults"))
+        gw = graphile_worker("defaults")
+        systems.append(dataclasses.replace(gw, label="graphile-worker 0.18 addJob/addJobs"))
     except Unavailable as exc:
         say(f"skipping graphile-worker: {exc}")
     systems += [
