@@ -291,13 +291,16 @@ _ADD_JOB = (
 ) as j"""
     + _JOINS
 )
+# The joins must not reorder the batch: rows come back in the order add_jobs returns them
+# (the specs' order, on a schema kongtask installed), as from the client.
 _ADD_JOBS = (
     """select {cols} from {s}.add_jobs(
   array(select spec from json_populate_recordset(cast(null as {s}.job_spec), cast({0} as json))
         as spec),
   cast({1} as boolean)
-) as j"""
+) with ordinality as j"""
     + _JOINS
+    + "\norder by j.ordinality"
 )
 _NAMES_BY_ID = """
 select false, id, identifier from {s}._private_tasks where id = any(cast({0} as int[]))

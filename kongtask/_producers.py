@@ -374,8 +374,9 @@ def add_jobs_sync(
 ) -> list[Job]:
     """Add a batch of jobs in one statement on ``conn`` (see :func:`add_job_sync`).
 
-    As :meth:`kongtask.Client.add_jobs`: all-or-nothing, jobs returned in no particular
-    order, an empty batch sends nothing.
+    As :meth:`kongtask.Client.add_jobs`: all-or-nothing; the jobs come back in the order
+    of ``specs`` on a schema kongtask installed (in graphile-worker's function's order on
+    one it installed); an empty batch sends nothing.
     """
     checked = checked_specs(specs, job_key_preserve_run_at)
     schema_name = resolve_schema(schema)

@@ -175,3 +175,17 @@ async def test_the_producers_retry_graphile_worker_580_as_the_client_does(
     assert "#580" in str(gave_up_bulk[0])
     assert gave_up_bulk[1] == ADD_ATTEMPTS
     assert "misbehaves" in str(misbehaved[0])
+
+
+async def test_a_batch_comes_back_in_the_order_of_its_specs(kongtask_dsn: str) -> None:
+    specs = [JobSpec(f"task{i % 7}", i, queue_name=f"q{i % 50}") for i in range(500)]
+
+    def run() -> list[kongtask.Job]:
+        with psycopg.connect(kongtask_dsn) as conn:
+            kongtask.add_jobs_sync(conn, specs[:10])  # some names known, most new
+            return kongtask.add_jobs_sync(conn, specs)
+
+    jobs = await trio.to_thread.run_sync(run)
+    assert [(j.payload, j.task_identifier, j.queue_name) for j in jobs] == [
+        (s.payload, s.identifier, s.queue_name) for s in specs
+    ]
