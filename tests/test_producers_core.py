@@ -19,6 +19,7 @@ import trio
 import kongtask
 import kongtask.aio
 from kongtask import ConfigError, JobSpec
+from kongtask._enqueue import ParamStyle, queries
 from kongtask._pg import open_database
 
 SCRIPT = textwrap.dedent(
@@ -189,3 +190,24 @@ async def test_a_batch_comes_back_in_the_order_of_its_specs(kongtask_dsn: str) -
     assert [(j.payload, j.task_identifier, j.queue_name) for j in jobs] == [
         (s.payload, s.identifier, s.queue_name) for s in specs
     ]
+
+
+@pytest.mark.parametrize(
+    ("style", "marks", "params"),
+    [
+        ("dollar", ["$1", "$9"], (1,)),
+        ("format", ["%s"], (1,)),
+        ("pyformat", ["%(p0)s", "%(p8)s"], {"p0": 1}),
+        ("qmark", ["?"], (1,)),
+        ("numeric", [":1", ":9"], (1,)),
+        ("named", [":p0", ":p8"], {"p0": 1}),
+    ],
+)
+def test_statements_in_every_parameter_style(
+    style: ParamStyle, marks: list[str], params: object
+) -> None:
+    q = queries('we"ird', style)
+    assert all(mark in q.add_job for mark in marks)
+    assert q.add_job.count(marks[0]) == (9 if marks[0] in ("%s", "?") else 1)
+    assert '"we""ird".add_job(' in q.add_job  # the schema, quoted
+    assert q.bind(q.add_job, [1]).params == params
