@@ -203,7 +203,9 @@ class Client:
         job_ids = _check_ids(ids)
         if not job_ids:
             return []
-        return await self._admin(self._queries.complete_jobs, job_ids)
+        return await self._admin(
+            self._queries.complete_jobs, job_ids, held=self._queries.complete_held
+        )
 
     async def permanently_fail_jobs(
         self, ids: Iterable[int], message: str | None = None
@@ -222,7 +224,12 @@ class Client:
             _check_text(message, "message")
         if not job_ids:
             return []
-        return await self._admin(self._queries.permanently_fail_jobs, job_ids, message)
+        return await self._admin(
+            self._queries.permanently_fail_jobs,
+            job_ids,
+            message,
+            held=self._queries.permanently_fail_held,
+        )
 
     async def reschedule_jobs(
         self,
@@ -261,7 +268,13 @@ class Client:
         if not job_ids:
             return []
         return await self._admin(
-            self._queries.reschedule_jobs, job_ids, run_at, priority, attempts, max_attempts
+            self._queries.reschedule_jobs,
+            job_ids,
+            run_at,
+            priority,
+            attempts,
+            max_attempts,
+            held=self._queries.reschedule_held,
         )
 
     async def remove_job(self, key: str) -> Job | None:
@@ -344,9 +357,12 @@ class Client:
         with _needs_schema(self._schema):
             return await self._db.with_own_connection(_cleanup_unit, self._queries, selected, keep)
 
-    async def _admin(self, query: str, *args: object) -> list[Job]:
+    async def _admin(self, query: str, *args: object, held: str | None = None) -> list[Job]:
         with _needs_schema(self._schema):
-            rows = await self._db.fetch(query, *args)
+            if held is None:
+                rows = await self._db.fetch(query, *args)
+            else:
+                rows = await self._db.with_own_connection(_admin_unit, query, held, args)
         return [
             Job.from_record(row, row["task_identifier"], row["queue_name"])
             for row in rows
@@ -677,6 +693,16 @@ async def _add_jobs_unit(
         f"add_jobs dropped {len(pending)} keyed job(s) {ADD_ATTEMPTS} times in a row "
         "(graphile-worker bug #580: the keyed jobs kept getting locked mid-update)"
     )
+
+
+async def _admin_unit(
+    conn: asyncpg.Connection, query: str, held: str, args: tuple[object, ...]
+) -> list[asyncpg.Record]:
+    """An admin function, then its counterpart for held jobs, in one transaction."""
+    async with conn.transaction():
+        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        rows += await conn.fetch(held, *args)
+    return rows
 
 
 async def _cleanup_unit(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._config import quote_ident
+from ._liveness_sql import MARKED_ID_RE
 
 # The admin functions do not create task or queue rows, so the statement's own snapshot
 # already holds the names: joining them in costs nothing and survives a concurrent
@@ -18,6 +19,23 @@ from ._config import quote_ident
 _WITH_NAMES = """
 select j.*, t.identifier as task_identifier, q.queue_name
 from {call} as j
+left join {s}._private_tasks as t on t.id = j.task_id
+left join {s}._private_job_queues as q on q.id = j.job_queue_id
+"""
+
+
+# The jobs of ``$1`` that a marked kongtask pool (kongtask._liveness) holds: locked less
+# than 4 hours ago (older locks count as free for graphile-worker's functions).
+_HELD = f"""j.id = any($1::bigint[])
+    and j.locked_at >= now() - interval '4 hours'
+    and j.locked_by ~ '{MARKED_ID_RE}'"""
+
+
+def _held_action(s: str, statement: str) -> str:
+    return f"""
+with done as ({statement})
+select j.*, t.identifier as task_identifier, q.queue_name
+from done as j
 left join {s}._private_tasks as t on t.id = j.task_id
 left join {s}._private_job_queues as q on q.id = j.job_queue_id
 """
@@ -33,6 +51,9 @@ class ClientQueries:
     complete_jobs: str
     permanently_fail_jobs: str
     reschedule_jobs: str
+    complete_held: str
+    permanently_fail_held: str
+    reschedule_held: str
     remove_job: str
     force_unlock_workers: str
     delete_permafailed_jobs: str
@@ -76,6 +97,34 @@ select true, id, queue_name from {s}._private_job_queues where id = any($2::int[
             "priority => $3::int, attempts => $4::int, max_attempts => $5::int)"
         ),
         remove_job=with_names(f"{s}.remove_job($1::text)"),
+        # The same three actions on jobs a kongtask pool holds (claimed, maybe not yet
+        # started), which graphile-worker's functions skip as "running". The pool
+        # rechecks a held job before it starts, sees the change and does not start it;
+        # its hand-back leaves the row as the action left it (docs/reliability.md).
+        # Same arguments as the function each one follows, run after it in the same
+        # transaction: the function takes the unlocked rows, these the held ones.
+        complete_held=_held_action(
+            s, f"delete from {s}._private_jobs as j where {_HELD} returning j.*"
+        ),
+        permanently_fail_held=_held_action(
+            s,
+            f"""update {s}._private_jobs as j
+    set last_error = coalesce($2::text, 'Manually marked as failed'),
+        attempts = j.max_attempts, updated_at = now()
+    where {_HELD} returning j.*""",
+        ),
+        # Without a new `attempts`, the held claim's attempt is given back, as the
+        # hand-back of an unchanged job would.
+        reschedule_held=_held_action(
+            s,
+            f"""update {s}._private_jobs as j
+    set run_at = coalesce($2::timestamptz, j.run_at),
+        priority = coalesce($3::int::smallint, j.priority),
+        attempts = coalesce($4::int::smallint, greatest(0, j.attempts - 1)::smallint),
+        max_attempts = coalesce($5::int::smallint, j.max_attempts),
+        updated_at = now()
+    where {_HELD} returning j.*""",
+        ),
         force_unlock_workers=f"select {s}.force_unlock_workers($1::text[])",
         # SCHEMA.md §8 Q5: `>=` so rows pushed past max_attempts by reschedule_jobs go too.
         delete_permafailed_jobs=f"""
