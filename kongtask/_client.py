@@ -364,7 +364,7 @@ class Client:
             else:
                 rows = await self._db.with_own_connection(_admin_unit, query, held, args)
         return [
-            Job.from_record(row, row["task_identifier"], row["queue_name"])
+            Job.from_claim(row, row["task_identifier"])
             for row in rows
             if row["id"] is not None  # remove_job's "no such key" is a row of NULLs
         ]
@@ -378,13 +378,15 @@ class Client:
 
     def _job(self, row: asyncpg.Record) -> Job:
         queue_id = row["job_queue_id"]
-        return Job.from_record(
-            row,
+        return Job.from_claim(
+            {
+                **row,
+                "queue_name": None if queue_id is None else self._queue_names.get(queue_id),
+            },
             # Only a concurrent GC_TASK_IDENTIFIERS (documented as unsafe while jobs
             # are added) can make the lookup miss; show the id rather than fail an add
             # that has already committed.
             self._task_names.get(row["task_id"], f"<task id {row['task_id']}>"),
-            None if queue_id is None else self._queue_names.get(queue_id),
         )
 
 
@@ -615,6 +617,15 @@ def _check_aware(value: object, what: str) -> datetime:
             f"{what} must be timezone-aware (e.g. datetime.now(timezone.utc)); "
             "a naive datetime is ambiguous"
         )
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        # e.g. 0001-01-01 00:00 at +01:00 is in year 0 in UTC: stored, it could not be
+        # read back as a datetime (it would read as datetime.min)
+        raise ConfigError(
+            f"{what} {value.isoformat()} is outside the range a datetime can hold in UTC "
+            "(years 1 to 9999)"
+        ) from None
     return value
 
 

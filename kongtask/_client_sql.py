@@ -12,12 +12,16 @@ from dataclasses import dataclass
 
 from ._config import quote_ident
 from ._liveness_sql import MARKED_ID_RE
+from ._sql import JOB_COLUMNS_US
 
+# Job rows come back as kongtask.Job.from_claim reads them (JOB_COLUMNS_US): timestamps
+# as int8 microseconds, so that one a Python datetime cannot hold reads as a documented
+# bound instead of failing the whole fetch in asyncpg's decoder.
 # The admin functions do not create task or queue rows, so the statement's own snapshot
 # already holds the names: joining them in costs nothing and survives a concurrent
 # GC_JOB_QUEUES that would empty a queue the moment its last job is deleted.
 _WITH_NAMES = """
-select j.*, t.identifier as task_identifier, q.queue_name
+select {cols}, t.identifier as task_identifier, q.queue_name
 from {call} as j
 left join {s}._private_tasks as t on t.id = j.task_id
 left join {s}._private_job_queues as q on q.id = j.job_queue_id
@@ -34,7 +38,7 @@ _HELD = f"""j.id = any($1::bigint[])
 def _held_action(s: str, statement: str) -> str:
     return f"""
 with done as ({statement})
-select j.*, t.identifier as task_identifier, q.queue_name
+select {JOB_COLUMNS_US}, t.identifier as task_identifier, q.queue_name
 from done as j
 left join {s}._private_tasks as t on t.id = j.task_id
 left join {s}._private_job_queues as q on q.id = j.job_queue_id
@@ -66,26 +70,26 @@ def client_queries(schema: str) -> ClientQueries:
     s = quote_ident(schema)
 
     def with_names(call: str) -> str:
-        return _WITH_NAMES.format(call=call, s=s)
+        return _WITH_NAMES.format(call=call, s=s, cols=JOB_COLUMNS_US)
 
     return ClientQueries(
         # Named arguments: immune to parameter order, and the casts pick the one overload.
         add_job=f"""
-select * from {s}.add_job(
+select {JOB_COLUMNS_US} from {s}.add_job(
   identifier => $1::text, payload => $2::json, queue_name => $3::text,
   run_at => $4::timestamptz, max_attempts => $5::int, job_key => $6::text,
   priority => $7::int, flags => $8::text[], job_key_mode => $9::text
-)""",
+) as j""",
         # One JSON document for the whole batch: a single json.dumps in Python and one
         # parse on the server. For 5,000 specs this took ~46 ms of client CPU against
         # ~72 ms for asyncpg's per-field encoding of a `$1::job_spec[]` array, with
         # the same wall time (the server's upserts dominate). Client CPU is the scarce
         # resource under trio-asyncio (STACK.md P1).
         add_jobs=f"""
-select * from {s}.add_jobs(
+select {JOB_COLUMNS_US} from {s}.add_jobs(
   array(select spec from json_populate_recordset(null::{s}.job_spec, $1::json) as spec),
   $2::boolean
-)""",
+) as j""",
         names_by_id=f"""
 select false as is_queue, id, identifier as name from {s}._private_tasks where id = any($1::int[])
 union all

@@ -33,13 +33,16 @@ def _epoch_us_expr(column: str) -> str:
     asyncpg decodes an int8 several times faster than a timestamptz (~1 us per value);
     :meth:`kongtask.Job.from_claim` turns it back into a datetime when it is read.
     ``extract`` is numeric on PostgreSQL 14+, so the value is exact (on 12 and 13 it is
-    a float8, exact from 1898 to 2041). Infinities become the int8 extremes. The same
-    expression compares a row with what its claim returned (``_UNCHANGED``).
+    a float8, exact from 1898 to 2041). Values a Python datetime cannot hold (before
+    year 1 or after 9999 in UTC, infinities included) become the int8 extremes, which
+    :class:`kongtask.Job` reads as its documented bounds; PostgreSQL's own range
+    reaches past what int8 microseconds since 1970 can hold, so they are never
+    computed. The same expression compares a row with what its claim returned.
     """
-    return f"""case when isfinite(j.{column})
-      then (extract(epoch from j.{column}) * 1000000)::int8
-      when j.{column} > 'epoch' then 9223372036854775807
-      when j.{column} < 'epoch' then -9223372036854775807 - 1 end"""
+    return f"""case when j.{column} >= '10000-01-01 00:00:00+00'::timestamptz
+        then 9223372036854775807
+      when j.{column} < '0001-01-01 00:00:00+00'::timestamptz then -9223372036854775807 - 1
+      else (extract(epoch from j.{column}) * 1000000)::int8 end"""
 
 
 def _epoch_us(column: str) -> str:
@@ -68,14 +71,18 @@ _UNCHANGED = f"""(j.attempts = i.attempts and j.key is not distinct from i.key
 _UNCHANGED_SINCE_LOCKED = "(j.updated_at < j.locked_at)"
 
 
-# Columns a claimed job brings back: what kongtask.Job.from_claim needs and nothing more
-# (decoding `returning *` cost ~11% in the prototype, STACK.md). `queue_name` comes from
-# the queue row the claim locks anyway, so no second lookup is needed.
-_CLAIM_RETURNING = f"""
-    j.id, j.task_id, j.job_queue_id, k.queue_name, j.payload::text as payload, j.priority,
+#: The columns of a jobs row ``j`` as :meth:`kongtask.Job.from_claim` reads them (with a
+#: ``queue_name`` beside): JSON as text, timestamps as ``<column>_us``.
+JOB_COLUMNS_US = f"""
+    j.id, j.task_id, j.job_queue_id, j.payload::text as payload, j.priority,
     {_epoch_us("run_at")}, j.attempts, j.max_attempts, j.key, j.flags::text as flags,
     j.last_error, {_epoch_us("created_at")}, {_epoch_us("updated_at")},
     {_epoch_us("locked_at")}, j.locked_by, j.revision"""
+
+# Columns a claimed job brings back: what kongtask.Job.from_claim needs and nothing more
+# (decoding `returning *` cost ~11% in the prototype, STACK.md). `queue_name` comes from
+# the queue row the claim locks anyway, so no second lookup is needed.
+_CLAIM_RETURNING = f"{JOB_COLUMNS_US}, k.queue_name"
 
 
 class WorkerQueries:
