@@ -82,7 +82,11 @@ NO_MESSAGE: Final = "Non error or error without message thrown."
 
 DEFAULT_GRACE: Final = 5.0
 DEFAULT_BATCH_SIZE: Final = 1000
-DEFAULT_LOCAL_QUEUE_TTL: Final = 300.0  # graphile-worker's 5 min (SCHEMA.md §8 Q6)
+#: A pool holds claimed jobs for at most about a second (docs/reliability.md): the
+#: prefetch keeps PREFETCH_LOOKAHEAD of work at the measured rate, and when the handlers
+#: slow down, jobs still waiting after this are handed back for other pools (and for
+#: operators' functions, which skip locked jobs). graphile-worker's is 5 minutes.
+DEFAULT_LOCAL_QUEUE_TTL: Final = 1.0
 #: Seconds of work the fetcher keeps claimed ahead of the workers, at the measured rate.
 PREFETCH_LOOKAHEAD: Final = 0.1
 #: Seconds the workers together run jobs before they let the other tasks (fetcher,

@@ -398,3 +398,55 @@ async def test_admin_action_on_a_running_job_lets_it_finish(
             await wait_until(lambda: len(runs.ran) == 1)
         assert [job_id for job_id, _, _ in runs.ran] == [after]
         assert await jobs_left(db) == 0
+
+
+# ---------------------------------------------------------------------------
+# hold less
+
+
+async def test_a_slow_job_after_fast_ones_does_not_hold_the_rest(worker_dsn: str) -> None:
+    """3,000 fast jobs, then one slow job, then 20 keyed ones, with one worker: while the
+    slow job runs, the pool soon holds nothing else (the prefetch sized for the fast jobs
+    goes back), so remove_job deletes the keyed jobs outright; the rest run exactly once."""
+    runs = Runs()
+    fast_done = 0
+
+    async def fast(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        nonlocal fast_done
+        fast_done += 1
+
+    async with open_database(worker_dsn) as db, kongtask.open_client(worker_dsn) as client:
+        await client.add_jobs([kongtask.JobSpec("fast", priority=0) for _ in range(3000)])
+        slow = await add_job_row(db, "block", priority=1)
+        keyed = {
+            n: await add_job_row(db, "rec", f'{{"v": {n}}}', key=f"k{n}", priority=2)
+            for n in range(1, 21)
+        }
+        async with kongtask.open_worker(
+            worker_dsn, {**runs.tasks(), "fast": fast}, on_event=runs.on_event
+        ) as worker:
+            with trio.fail_after(60):
+                await runs.blocking.wait()
+            assert fast_done == 3000
+            # the slow job is still running (it waits for `release`)
+            await wait_until(lambda: _only(locked_by(db, worker.pool_id), slow), limit=30)
+            assert worker.statistics().queued_locally == 0
+            for n in range(1, 6):
+                removed = await client.remove_job(f"k{n}")
+                assert removed is not None
+            # unlocked, so deleted (not retired)
+            assert (
+                await db.fetchval(
+                    f"select count(*) from {J} where id = any($1)", [keyed[n] for n in range(1, 6)]
+                )
+                == 0
+            )
+            runs.release.set()
+            await wait_until(lambda: len(runs.ran) == 15)
+        ran = sorted(job_id for job_id, _, _ in runs.ran)
+        assert ran == sorted(keyed[n] for n in range(6, 21))
+        assert await jobs_left(db) == 0
+
+
+async def _only(ids: Any, job_id: int) -> bool:
+    return await ids == {job_id}
