@@ -188,8 +188,10 @@ class Client:
     async def complete_jobs(self, ids: Iterable[int]) -> list[Job]:
         """Delete the given jobs as if they had succeeded (``<schema>.complete_jobs``).
 
-        Jobs locked by a worker less than 4 hours ago are left alone; permanently failed
-        jobs are deleted too.
+        Permanently failed jobs are deleted too. Jobs locked by a worker less than 4 hours
+        ago are left alone, except those a kongtask pool holds (claimed, perhaps not
+        started): they are deleted as well and the pool does not start them; one that
+        had started finishes, and its outcome is dropped (docs/reliability.md).
 
         Args:
           ids: the job ids; an empty collection returns ``[]`` without a round trip.
@@ -210,14 +212,18 @@ class Client:
     async def permanently_fail_jobs(
         self, ids: Iterable[int], message: str | None = None
     ) -> list[Job]:
-        """Mark unlocked jobs as permanently failed (``attempts := max_attempts``).
+        """Mark jobs as permanently failed (``attempts := max_attempts``).
+
+        Locked jobs are skipped, except those a kongtask pool holds (claimed, perhaps
+        not started): the pool does not start them, and one that had started is not
+        retried (docs/reliability.md).
 
         Args:
           ids: the job ids.
           message: stored as ``last_error``; ``None`` stores "Manually marked as failed".
 
         Returns:
-          The updated jobs (locked ones are skipped).
+          The updated jobs.
         """
         job_ids = _check_ids(ids)
         if message is not None:
@@ -240,11 +246,14 @@ class Client:
         attempts: int | None = None,
         max_attempts: int | None = None,
     ) -> list[Job]:
-        """Change when and how unlocked jobs run (``<schema>.reschedule_jobs``).
+        """Change when and how jobs run (``<schema>.reschedule_jobs``).
 
         ``None`` keeps a column as it is; any number, ``0`` included, replaces it
         (graphile-worker's JavaScript helper cannot set 0; SCHEMA.md §8 Q3).
         Setting ``attempts`` below ``max_attempts`` revives a permanently failed job.
+        Locked jobs are skipped, except those a kongtask pool holds (claimed, perhaps
+        not started): the pool does not start them, and without ``attempts`` they get
+        back the attempt their claim counted (docs/reliability.md).
 
         Args:
           ids: the job ids.
@@ -254,7 +263,7 @@ class Client:
           max_attempts: 1 to 32767.
 
         Returns:
-          The updated jobs (locked ones are skipped).
+          The updated jobs.
 
         Raises:
           ConfigError: an argument is out of range or of the wrong type (nothing was sent).
@@ -281,7 +290,8 @@ class Client:
         """Remove the job with ``key`` (``<schema>.remove_job``).
 
         An unlocked job is deleted. A locked (running) job keeps running once more but
-        loses its key and is never retried.
+        loses its key and is never retried; a kongtask pool that holds it unstarted
+        does not start it.
 
         Args:
           key: the job key.
