@@ -38,7 +38,8 @@ async function main() {
     const utils = await gw.makeWorkerUtils({ connectionString: dsn });
     try {
       for (const n of [1, 2, 3]) {
-        await utils.withPgClient((c) => c.query("select graphile_worker.remove_job($1)", [`k${n}`]));
+        const sql = "select graphile_worker.remove_job($1)";
+        await utils.withPgClient((c) => c.query(sql, [`k${n}`]));
       }
       for (const n of [4, 5, 6]) {
         await utils.addJob("rec", { v: `new${n}` }, { jobKey: `k${n}`, priority: 1 });
