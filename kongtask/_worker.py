@@ -410,7 +410,8 @@ class WorkerStatistics:
       queued_locally: claimed jobs waiting for a free worker.
       completed: jobs that succeeded since the pool started.
       failed: jobs that failed (each failed attempt counts).
-      returned: claimed jobs handed back unstarted (TTL or shutdown).
+      returned: claimed jobs handed back unstarted (TTL, shutdown, or changed since
+        their claim).
       pending_writes: outcomes not yet written to the database.
     """
 
@@ -612,7 +613,7 @@ class Worker:
         # claimed, unstarted jobs with their claim time (trio clock), oldest first
         self._local: deque[tuple[Job, float]] = deque()
         # the last recheck of held jobs (kongtask._held): the claim time of the newest
-        # job it covered and when it was sent; one recheck at a time
+        # job it covered and when its answer came; one recheck at a time
         self._covered_up_to = -math.inf
         self._checked_at = -math.inf
         self._recheck_errors = 0

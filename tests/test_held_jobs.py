@@ -450,3 +450,32 @@ async def test_a_slow_job_after_fast_ones_does_not_hold_the_rest(worker_dsn: str
 
 async def _only(ids: Any, job_id: int) -> bool:
     return await ids == {job_id}
+
+
+async def test_lost_claim_reconcile_does_not_resurrect(worker_dsn: str) -> None:
+    """Rows locked by a pool that never saw the claim (its reply was lost) are returned
+    by the pool's reconcile: a removed one keeps attempts = max_attempts."""
+    from kongtask._sql import claim_jobs, register_tasks
+
+    q = WorkerQueries(S)
+    async with open_database(worker_dsn) as db, kongtask.open_client(worker_dsn) as client:
+        gone = await add_job_row(db, "rec", key="gone", max_attempts=2)
+        kept = await add_job_row(db, "rec", max_attempts=2)
+        rec_id = (await db.with_own_connection(register_tasks, q, ["rec"]))["rec"]
+        # the pool runs another task only, so it never claims these itself
+        async with kongtask.open_worker(worker_dsn, {"other": Runs().rec}) as pool:
+            rows = await db.with_own_connection(claim_jobs, q, pool.pool_id, [rec_id], 10)
+            assert {int(r["id"]) for r in rows} == {gone, kept}
+            await client.remove_job("gone")
+            pool._schedule_reconcile()
+            pool._wake_fetcher()
+            await wait_until(lambda: _only_empty(locked_by(db, pool.pool_id)))
+            state = {
+                int(r["id"]): (r["attempts"], r["locked_by"])
+                for r in await db.fetch(f"select id, attempts, locked_by from {J}")
+            }
+        assert state == {gone: (2, None), kept: (0, None)}
+
+
+async def _only_empty(ids: Any) -> bool:
+    return not await ids
