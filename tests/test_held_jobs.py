@@ -479,3 +479,27 @@ async def test_lost_claim_reconcile_does_not_resurrect(worker_dsn: str) -> None:
 
 async def _only_empty(ids: Any) -> bool:
     return not await ids
+
+
+async def test_the_real_threshold_rechecks_jobs_held_longer(
+    worker_dsn: str, pinned_claims: None
+) -> None:
+    """Without a patched threshold: jobs held longer than RECHECK_AFTER are rechecked
+    before they start (the sleep only ages the held jobs; nothing waits on a result)."""
+    runs = Runs()
+    async with open_database(worker_dsn) as db, kongtask.open_client(worker_dsn) as client:
+        old = await add_scenario(db, keys=8)
+        async with kongtask.open_worker(
+            worker_dsn, runs.tasks(), batch_size=CLAIM, local_queue_ttl=60
+        ) as worker:
+            with trio.fail_after(20):
+                await runs.blocking.wait()
+            assert set(old.values()) <= await locked_by(db, worker.pool_id)
+            await trio.sleep(_held.RECHECK_AFTER)
+            await client.remove_job("k1")
+            new = await client.add_job("rec", {"v": "new2"}, job_key="k2", priority=1)
+            runs.release.set()
+            await wait_until(lambda: len(runs.ran) == 7)
+            await wait_until(lambda: worker.statistics().queued_locally == 0)
+        ran = sorted(job_id for job_id, _, _ in runs.ran)
+        assert ran == sorted([new.id, *(old[f"k{n}"] for n in range(3, 9))])
