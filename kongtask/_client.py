@@ -211,8 +211,10 @@ class Client:
     async def complete_jobs(self, ids: Iterable[int]) -> list[Job]:
         """Delete the given jobs as if they had succeeded (``<schema>.complete_jobs``).
 
-        Jobs locked by a worker less than 4 hours ago are left alone; permanently failed
-        jobs are deleted too.
+        Permanently failed jobs are deleted too. Jobs locked by a worker less than 4 hours
+        ago are left alone, except those a kongtask pool holds (claimed, perhaps not
+        started): they are deleted as well and the pool does not start them; one that
+        had started finishes, and its outcome is dropped (docs/reliability.md).
 
         Args:
           ids: the job ids; an empty collection returns ``[]`` without a round trip.
@@ -226,26 +228,37 @@ class Client:
         job_ids = check_ids(ids)
         if not job_ids:
             return []
-        return await self._admin(self._queries.complete_jobs, job_ids)
+        return await self._admin(
+            self._queries.complete_jobs, job_ids, held=self._queries.complete_held
+        )
 
     async def permanently_fail_jobs(
         self, ids: Iterable[int], message: str | None = None
     ) -> list[Job]:
-        """Mark unlocked jobs as permanently failed (``attempts := max_attempts``).
+        """Mark jobs as permanently failed (``attempts := max_attempts``).
+
+        Locked jobs are skipped, except those a kongtask pool holds (claimed, perhaps
+        not started): the pool does not start them, and one that had started is not
+        retried (docs/reliability.md).
 
         Args:
           ids: the job ids.
           message: stored as ``last_error``; ``None`` stores "Manually marked as failed".
 
         Returns:
-          The updated jobs (locked ones are skipped).
+          The updated jobs.
         """
         job_ids = check_ids(ids)
         if message is not None:
             check_text(message, "message")
         if not job_ids:
             return []
-        return await self._admin(self._queries.permanently_fail_jobs, job_ids, message)
+        return await self._admin(
+            self._queries.permanently_fail_jobs,
+            job_ids,
+            message,
+            held=self._queries.permanently_fail_held,
+        )
 
     async def reschedule_jobs(
         self,
@@ -256,11 +269,14 @@ class Client:
         attempts: int | None = None,
         max_attempts: int | None = None,
     ) -> list[Job]:
-        """Change when and how unlocked jobs run (``<schema>.reschedule_jobs``).
+        """Change when and how jobs run (``<schema>.reschedule_jobs``).
 
         ``None`` keeps a column as it is; any number, ``0`` included, replaces it
         (graphile-worker's JavaScript helper cannot set 0; SCHEMA.md §8 Q3).
         Setting ``attempts`` below ``max_attempts`` revives a permanently failed job.
+        Locked jobs are skipped, except those a kongtask pool holds (claimed, perhaps
+        not started): the pool does not start them, and without ``attempts`` they get
+        back the attempt their claim counted (docs/reliability.md).
 
         Args:
           ids: the job ids.
@@ -270,7 +286,7 @@ class Client:
           max_attempts: 1 to 32767.
 
         Returns:
-          The updated jobs (locked ones are skipped).
+          The updated jobs.
 
         Raises:
           ConfigError: an argument is out of range or of the wrong type (nothing was sent).
@@ -284,14 +300,21 @@ class Client:
         if not job_ids:
             return []
         return await self._admin(
-            self._queries.reschedule_jobs, job_ids, run_at, priority, attempts, max_attempts
+            self._queries.reschedule_jobs,
+            job_ids,
+            run_at,
+            priority,
+            attempts,
+            max_attempts,
+            held=self._queries.reschedule_held,
         )
 
     async def remove_job(self, key: str) -> Job | None:
         """Remove the job with ``key`` (``<schema>.remove_job``).
 
         An unlocked job is deleted. A locked (running) job keeps running once more but
-        loses its key and is never retried.
+        loses its key and is never retried; a kongtask pool that holds it unstarted
+        does not start it.
 
         Args:
           key: the job key.
@@ -367,11 +390,14 @@ class Client:
         with _needs_schema(self._schema):
             return await self._db.with_own_connection(_cleanup_unit, self._queries, selected, keep)
 
-    async def _admin(self, query: str, *args: object) -> list[Job]:
+    async def _admin(self, query: str, *args: object, held: str | None = None) -> list[Job]:
         with _needs_schema(self._schema):
-            rows = await self._db.fetch(query, *args)
+            if held is None:
+                rows = await self._db.fetch(query, *args)
+            else:
+                rows = await self._db.with_own_connection(_admin_unit, query, held, args)
         return [
-            Job.from_record(row, row["task_identifier"], row["queue_name"])
+            Job.from_claim(row, row["task_identifier"])
             for row in rows
             if row["id"] is not None  # remove_job's "no such key" is a row of NULLs
         ]
@@ -385,13 +411,15 @@ class Client:
 
     def _job(self, row: asyncpg.Record) -> Job:
         queue_id = row["job_queue_id"]
-        return Job.from_record(
-            row,
+        return Job.from_claim(
+            {
+                **row,
+                "queue_name": None if queue_id is None else self._queue_names.get(queue_id),
+            },
             # Only a concurrent GC_TASK_IDENTIFIERS (documented as unsafe while jobs
             # are added) can make the lookup miss; show the id rather than fail an add
             # that has already committed.
             self._task_names.get(row["task_id"], f"<task id {row['task_id']}>"),
-            None if queue_id is None else self._queue_names.get(queue_id),
         )
 
 
@@ -554,6 +582,16 @@ async def _add_jobs_unit(
         f"add_jobs dropped {len(pending)} keyed job(s) {ADD_ATTEMPTS} times in a row "
         "(graphile-worker bug #580: the keyed jobs kept getting locked mid-update)"
     )
+
+
+async def _admin_unit(
+    conn: asyncpg.Connection, query: str, held: str, args: tuple[object, ...]
+) -> list[asyncpg.Record]:
+    """An admin function, then its counterpart for held jobs, in one transaction."""
+    async with conn.transaction():
+        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        rows += await conn.fetch(held, *args)
+    return rows
 
 
 async def _cleanup_unit(

@@ -11,13 +11,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._config import quote_ident
+from ._liveness_sql import MARKED_ID_RE
+from ._sql import JOB_COLUMNS_US
 
+# Job rows come back as kongtask.Job.from_claim reads them (JOB_COLUMNS_US): timestamps
+# as int8 microseconds, so that one a Python datetime cannot hold reads as a documented
+# bound instead of failing the whole fetch in asyncpg's decoder.
 # The admin functions do not create task or queue rows, so the statement's own snapshot
 # already holds the names: joining them in costs nothing and survives a concurrent
 # GC_JOB_QUEUES that would empty a queue the moment its last job is deleted.
 _WITH_NAMES = """
-select j.*, t.identifier as task_identifier, q.queue_name
+select {cols}, t.identifier as task_identifier, q.queue_name
 from {call} as j
+left join {s}._private_tasks as t on t.id = j.task_id
+left join {s}._private_job_queues as q on q.id = j.job_queue_id
+"""
+
+
+# The jobs of ``$1`` that a marked kongtask pool (kongtask._liveness) holds: locked less
+# than 4 hours ago (older locks count as free for graphile-worker's functions).
+_HELD = f"""j.id = any($1::bigint[])
+    and j.locked_at >= now() - interval '4 hours'
+    and j.locked_by ~ '{MARKED_ID_RE}'"""
+
+
+def _held_action(s: str, statement: str) -> str:
+    return f"""
+with done as ({statement})
+select {JOB_COLUMNS_US}, t.identifier as task_identifier, q.queue_name
+from done as j
 left join {s}._private_tasks as t on t.id = j.task_id
 left join {s}._private_job_queues as q on q.id = j.job_queue_id
 """
@@ -33,6 +55,9 @@ class ClientQueries:
     complete_jobs: str
     permanently_fail_jobs: str
     reschedule_jobs: str
+    complete_held: str
+    permanently_fail_held: str
+    reschedule_held: str
     remove_job: str
     force_unlock_workers: str
     delete_permafailed_jobs: str
@@ -45,26 +70,26 @@ def client_queries(schema: str) -> ClientQueries:
     s = quote_ident(schema)
 
     def with_names(call: str) -> str:
-        return _WITH_NAMES.format(call=call, s=s)
+        return _WITH_NAMES.format(call=call, s=s, cols=JOB_COLUMNS_US)
 
     return ClientQueries(
         # Named arguments: immune to parameter order, and the casts pick the one overload.
         add_job=f"""
-select * from {s}.add_job(
+select {JOB_COLUMNS_US} from {s}.add_job(
   identifier => $1::text, payload => $2::json, queue_name => $3::text,
   run_at => $4::timestamptz, max_attempts => $5::int, job_key => $6::text,
   priority => $7::int, flags => $8::text[], job_key_mode => $9::text
-)""",
+) as j""",
         # One JSON document for the whole batch: a single json.dumps in Python and one
         # parse on the server. For 5,000 specs this took ~46 ms of client CPU against
         # ~72 ms for asyncpg's per-field encoding of a `$1::job_spec[]` array, with
         # the same wall time (the server's upserts dominate). Client CPU is the scarce
         # resource under trio-asyncio (STACK.md P1).
         add_jobs=f"""
-select * from {s}.add_jobs(
+select {JOB_COLUMNS_US} from {s}.add_jobs(
   array(select spec from json_populate_recordset(null::{s}.job_spec, $1::json) as spec),
   $2::boolean
-)""",
+) as j""",
         names_by_id=f"""
 select false as is_queue, id, identifier as name from {s}._private_tasks where id = any($1::int[])
 union all
@@ -76,6 +101,34 @@ select true, id, queue_name from {s}._private_job_queues where id = any($2::int[
             "priority => $3::int, attempts => $4::int, max_attempts => $5::int)"
         ),
         remove_job=with_names(f"{s}.remove_job($1::text)"),
+        # The same three actions on jobs a kongtask pool holds (claimed, maybe not yet
+        # started), which graphile-worker's functions skip as "running". The pool
+        # rechecks a held job before it starts, sees the change and does not start it;
+        # its hand-back leaves the row as the action left it (docs/reliability.md).
+        # Same arguments as the function each one follows, run after it in the same
+        # transaction: the function takes the unlocked rows, these the held ones.
+        complete_held=_held_action(
+            s, f"delete from {s}._private_jobs as j where {_HELD} returning j.*"
+        ),
+        permanently_fail_held=_held_action(
+            s,
+            f"""update {s}._private_jobs as j
+    set last_error = coalesce($2::text, 'Manually marked as failed'),
+        attempts = j.max_attempts, updated_at = now()
+    where {_HELD} returning j.*""",
+        ),
+        # Without a new `attempts`, the held claim's attempt is given back, as the
+        # hand-back of an unchanged job would.
+        reschedule_held=_held_action(
+            s,
+            f"""update {s}._private_jobs as j
+    set run_at = coalesce($2::timestamptz, j.run_at),
+        priority = coalesce($3::int::smallint, j.priority),
+        attempts = coalesce($4::int::smallint, greatest(0, j.attempts - 1)::smallint),
+        max_attempts = coalesce($5::int::smallint, j.max_attempts),
+        updated_at = now()
+    where {_HELD} returning j.*""",
+        ),
         force_unlock_workers=f"select {s}.force_unlock_workers($1::text[])",
         # SCHEMA.md §8 Q5: `>=` so rows pushed past max_attempts by reschedule_jobs go too.
         delete_permafailed_jobs=f"""

@@ -219,6 +219,15 @@ def check_aware(value: object, what: str) -> datetime:
             f"{what} must be timezone-aware (e.g. datetime.now(timezone.utc)); "
             "a naive datetime is ambiguous"
         )
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        # e.g. 0001-01-01 00:00 at +01:00 is in year 0 in UTC: stored, it could not be
+        # read back as a datetime (it would read as datetime.min)
+        raise ConfigError(
+            f"{what} {value.isoformat()} is outside the range a datetime can hold in UTC "
+            "(years 1 to 9999)"
+        ) from None
     return value
 
 

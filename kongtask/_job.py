@@ -35,9 +35,13 @@ _FIELDS: Final = (
 )
 
 _UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-# What the claim sends for +-infinity (kongtask._sql._epoch_us), and what asyncpg's own
-# timestamptz decoder returns for them (naive datetimes), so that a claimed job and the
-# same row read with from_record agree.
+#: How a job reads a timestamp later than a Python datetime can hold (after year 9999 in
+#: UTC, ``infinity`` included): 9999-12-31 23:59:59.999999 UTC.
+TIMESTAMP_MAX: Final = datetime.max.replace(tzinfo=UTC)
+#: How a job reads a timestamp earlier than a Python datetime can hold (before year 1 in
+#: UTC, BC dates and ``-infinity`` included): 0001-01-01 00:00:00 UTC.
+TIMESTAMP_MIN: Final = datetime.min.replace(tzinfo=UTC)
+# What the SQL sends for such values (kongtask._sql._epoch_us_expr).
 _INT8_MAX: Final = 2**63 - 1
 _INT8_MIN: Final = -(2**63)
 
@@ -49,12 +53,25 @@ _UNSET: Final[Any] = object()
 def _from_epoch_us(us: int) -> datetime:
     """The timestamptz behind microseconds since the Unix epoch (exact integer arithmetic)."""
     if us == _INT8_MAX:
-        return datetime.max
+        return TIMESTAMP_MAX
     if us == _INT8_MIN:
-        return datetime.min
+        return TIMESTAMP_MIN
     seconds, micros = divmod(us, 1_000_000)  # small arguments: a cheaper timedelta
-    # OverflowError outside Python's years 1-9999, as asyncpg's decoder raises
-    return _UNIX_EPOCH + timedelta(0, seconds, micros)
+    try:
+        return _UNIX_EPOCH + timedelta(0, seconds, micros)
+    except OverflowError:  # not from kongtask's SQL, which sends the extremes instead
+        return TIMESTAMP_MAX if us > 0 else TIMESTAMP_MIN
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """asyncpg decodes ``±infinity`` as naive ``datetime.max``/``min``: the job's bounds."""
+    if value is None or value.tzinfo is not None:
+        return value
+    if value == datetime.max:
+        return TIMESTAMP_MAX
+    if value == datetime.min:
+        return TIMESTAMP_MIN
+    return value.replace(tzinfo=UTC)
 
 
 class Job:
@@ -73,7 +90,7 @@ class Job:
       payload: the decoded JSON payload (any JSON value; ``{}`` when added without one).
       queue_name: the named queue the job runs in serially, or ``None``.
       priority: lower numbers run first; may be negative.
-      run_at: the earliest time the job may run (timezone-aware).
+      run_at: the earliest time the job may run.
       attempts: how many times the job has been claimed (``attempts >= max_attempts``
         means permanently failed).
       max_attempts: the attempt limit.
@@ -85,6 +102,11 @@ class Job:
       locked_at: when a worker claimed it, or ``None``.
       locked_by: the pool id holding the lock, or ``None``.
       revision: how many times an add with the same key has hit this row.
+
+    Timestamps are timezone-aware. One that a Python datetime cannot hold (after year
+    9999 or before year 1 in UTC, such as ``infinity``, ``-infinity`` or a BC date,
+    which graphile-worker and SQL can store) reads as ``datetime.max`` or
+    ``datetime.min`` with ``tzinfo=UTC``; reading never raises.
     """
 
     # The worker builds thousands of jobs a second, most of which never look at their
@@ -179,16 +201,16 @@ class Job:
             [
                 _UNSET,
                 _UNSET,
-                row["run_at"],
-                row["created_at"],
-                row["updated_at"],
-                row["locked_at"],
+                _aware(row["run_at"]),
+                _aware(row["created_at"]),
+                _aware(row["updated_at"]),
+                _aware(row["locked_at"]),
             ],
         )
         return job
 
     @classmethod
-    def from_claim(cls, row: asyncpg.Record, task_identifier: str) -> Job:
+    def from_claim(cls, row: asyncpg.Record | Mapping[str, Any], task_identifier: str) -> Job:
         """Build a job from a row returned by the worker's claim (``WorkerQueries.claim``).
 
         Such a row carries ``queue_name``, ``payload`` and ``flags`` as JSON text, and

@@ -20,6 +20,8 @@ LOCK_CLASS = int(MARKER, 16)  # 1802464871
 # A marked pool id in full: the marker, then 40 random bits. Anchored, so a Node id that
 # merely contains the marker somewhere does not match.
 _MARKED_ID_RE = f"^(ot)?pool-{MARKER}[0-9a-f]{{10}}$"
+#: The same pattern for other modules' SQL (a POSIX regex, no quote in it).
+MARKED_ID_RE = _MARKED_ID_RE
 
 # The second key of the lock, computed from the id text: its last 8 hex digits as a signed
 # int4 (bit(32) -> int reinterprets the bits). :func:`kongtask._liveness.liveness_lock_key`

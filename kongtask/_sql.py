@@ -21,33 +21,68 @@ from datetime import datetime
 import asyncpg
 
 from ._config import quote_ident
+from ._held import Snapshot
 
 #: Locks older than this are stale (hard-coded upstream, SCHEMA.md §5.7).
 STALE_LOCK_INTERVAL = "4 hours"
 
 
-def _epoch_us(column: str) -> str:
-    """``column`` (timestamptz) as int8 microseconds since the Unix epoch, named ``<column>_us``.
+def _epoch_us_expr(column: str) -> str:
+    """``j.<column>`` (timestamptz) as int8 microseconds since the Unix epoch.
 
     asyncpg decodes an int8 several times faster than a timestamptz (~1 us per value);
     :meth:`kongtask.Job.from_claim` turns it back into a datetime when it is read.
     ``extract`` is numeric on PostgreSQL 14+, so the value is exact (on 12 and 13 it is
-    a float8, exact from 1898 to 2041). Infinities become the int8 extremes.
+    a float8, exact from 1898 to 2041). Values a Python datetime cannot hold (before
+    year 1 or after 9999 in UTC, infinities included) become the int8 extremes, which
+    :class:`kongtask.Job` reads as its documented bounds; PostgreSQL's own range
+    reaches past what int8 microseconds since 1970 can hold, so they are never
+    computed. The same expression compares a row with what its claim returned.
     """
-    return f"""case when isfinite(j.{column})
-      then (extract(epoch from j.{column}) * 1000000)::int8
-      when j.{column} > 'epoch' then 9223372036854775807
-      when j.{column} < 'epoch' then -9223372036854775807 - 1 end as {column}_us"""
+    return f"""case when j.{column} >= '10000-01-01 00:00:00+00'::timestamptz
+        then 9223372036854775807
+      when j.{column} < '0001-01-01 00:00:00+00'::timestamptz then -9223372036854775807 - 1
+      else (extract(epoch from j.{column}) * 1000000)::int8 end"""
 
+
+def _epoch_us(column: str) -> str:
+    """:func:`_epoch_us_expr` named ``<column>_us``."""
+    return f"{_epoch_us_expr(column)} as {column}_us"
+
+
+# The claim snapshot of held jobs (kongtask._held.claim_snapshot), as the rows `i` of an
+# unnest: what the claim returned of each job's row.
+_SNAPSHOT = """unnest($2::bigint[], $3::int[], $4::int[], $5::int8[], $6::text[], $7::int[])
+    as i(id, attempts, revision, updated_us, key, job_queue_id)"""
+
+# "The row `j` is as our claim left it": nobody removed, replaced or administered it since.
+# remove_job and a replacing add_job clear the key and set attempts to max_attempts; the
+# add and admin functions set updated_at; the claim itself changes none of these but
+# attempts, whose claimed value is in the snapshot. An unsafe_dedupe hit (revision + 1,
+# updated_at) changes nothing that runs, so a changed updated_at with a new revision
+# still counts as unchanged.
+_UNCHANGED = f"""(j.attempts = i.attempts and j.key is not distinct from i.key
+      and ({_epoch_us_expr("updated_at")} = i.updated_us or j.revision <> i.revision))"""
+
+# The same question without a snapshot (a claim whose reply was lost, the shutdown's
+# safety net): add and admin functions set updated_at to their transaction's start, which
+# is later than the claim's locked_at when they ran after it. (One that started before
+# the claim and waited for its row lock is missed; see docs/reliability.md.)
+_UNCHANGED_SINCE_LOCKED = "(j.updated_at < j.locked_at)"
+
+
+#: The columns of a jobs row ``j`` as :meth:`kongtask.Job.from_claim` reads them (with a
+#: ``queue_name`` beside): JSON as text, timestamps as ``<column>_us``.
+JOB_COLUMNS_US = f"""
+    j.id, j.task_id, j.job_queue_id, j.payload::text as payload, j.priority,
+    {_epoch_us("run_at")}, j.attempts, j.max_attempts, j.key, j.flags::text as flags,
+    j.last_error, {_epoch_us("created_at")}, {_epoch_us("updated_at")},
+    {_epoch_us("locked_at")}, j.locked_by, j.revision"""
 
 # Columns a claimed job brings back: what kongtask.Job.from_claim needs and nothing more
 # (decoding `returning *` cost ~11% in the prototype, STACK.md). `queue_name` comes from
 # the queue row the claim locks anyway, so no second lookup is needed.
-_CLAIM_RETURNING = f"""
-    j.id, j.task_id, j.job_queue_id, k.queue_name, j.payload::text as payload, j.priority,
-    {_epoch_us("run_at")}, j.attempts, j.max_attempts, j.key, j.flags::text as flags,
-    j.last_error, {_epoch_us("created_at")}, {_epoch_us("updated_at")},
-    {_epoch_us("locked_at")}, j.locked_by, j.revision"""
+_CLAIM_RETURNING = f"{JOB_COLUMNS_US}, k.queue_name"
 
 
 class WorkerQueries:
@@ -66,7 +101,10 @@ class WorkerQueries:
       complete_and_fail: ``complete`` and ``fail`` in one statement: ``$1 pool_id, $2
         completed ids, $3 failed ids, $4 messages, $5 replacement payloads``. Returns
         ``kind ('complete'|'fail'), id, attempts, max_attempts``.
-      return_jobs: ``$1 pool_id, $2 job_ids bigint[]``. Returns the returned ids.
+      recheck: ``$1 pool_id, $2..$7`` the claim snapshot of held jobs
+        (:func:`kongtask._held.claim_snapshot`). Returns the ids still ours and unchanged.
+      return_jobs: ``$1 pool_id, $2..$7`` the claim snapshot. Returns the returned ids.
+      return_unknown: ``$1 pool_id, $2 job_ids bigint[]``. Returns the returned ids.
       release_pool: ``$1 pool_id``: return every job still locked by the pool and unlock
         its queues (the safety net at the end of a shutdown).
       locked_by_pool: ``$1 pool_id``; the ids of the jobs the pool has locked.
@@ -86,9 +124,11 @@ class WorkerQueries:
         "complete_and_fail",
         "fail",
         "locked_by_pool",
+        "recheck",
         "register_tasks",
         "release_pool",
         "return_jobs",
+        "return_unknown",
         "schema",
         "sweep_stale",
         "unsupported_tasks",
@@ -248,11 +288,57 @@ union all
 select 'fail', f.id, f.attempts, f.max_attempts from failed f
 """
 
-        # Return unused claimed jobs (§5.6): undo the claim's attempts + 1.
+        # Recheck held jobs before they start: the ids of those still locked by us and
+        # unchanged since their claim (``$2..$7``: the claim snapshot, _SNAPSHOT).
+        self.recheck = f"""
+select i.id from {_SNAPSHOT}
+join {jobs} j on j.id = i.id
+where j.locked_by = $1::text and {_UNCHANGED}
+"""
+
+        # Hand back claimed, unstarted jobs (§5.6): ``$1`` pool id, ``$2..$7`` their
+        # claim snapshot. A row unchanged since the claim gets its attempt back; a row
+        # changed meanwhile (removed, replaced, administered) is only unlocked: giving
+        # the attempt back would undo remove_job's `attempts = max_attempts` and run it.
+        # The test is in the UPDATE itself, so a concurrent change is judged on the row
+        # version the update locks.
+        # Queue rows: those of the jobs returned, and those of jobs deleted while held
+        # (complete_jobs), unless another job of ours in that queue holds it now.
         self.return_jobs = f"""
 with returned as (
   update {jobs} j
-  set attempts = greatest(0, j.attempts - 1), locked_at = null, locked_by = null
+  set attempts = case when {_UNCHANGED} then greatest(0, j.attempts - 1) else j.attempts end,
+      locked_at = null, locked_by = null
+  from {_SNAPSHOT}
+  where j.id = i.id and j.locked_by = $1::text
+  returning j.id, j.job_queue_id
+),
+vanished as (
+  select i.job_queue_id from {_SNAPSHOT}
+  where i.job_queue_id is not null
+    and not exists (select 1 from {jobs} j where j.id = i.id)
+),
+unlocked as (
+  update {queues} q set locked_at = null, locked_by = null
+  where q.locked_by = $1::text
+    and (q.id in (select r.job_queue_id from returned r)
+         or (q.id in (select v.job_queue_id from vanished v)
+             and not exists (select 1 from {jobs} j
+                             where j.job_queue_id = q.id and j.locked_by = $1::text
+                               and j.id <> all($2::bigint[]))))
+  returning q.id
+)
+select r.id from returned r
+"""
+
+        # Hand back jobs this pool holds without knowing their claim (a claim whose reply
+        # was lost): ``$1`` pool id, ``$2`` job ids. As return_jobs, judged by the row.
+        self.return_unknown = f"""
+with returned as (
+  update {jobs} j
+  set attempts = case when {_UNCHANGED_SINCE_LOCKED} then greatest(0, j.attempts - 1)
+                 else j.attempts end,
+      locked_at = null, locked_by = null
   where j.id = any($2::bigint[]) and j.locked_by = $1::text
   returning j.id, j.job_queue_id
 ),
@@ -267,11 +353,14 @@ select r.id from returned r
 
         # Safety net for shutdown: anything still locked by this pool after every
         # handler has finished and every result was written was claimed but never
-        # started (e.g. a claim whose reply raced a cancellation), so it is returned.
+        # started (e.g. a claim whose reply raced a cancellation), so it is returned,
+        # judged by the row as return_unknown.
         self.release_pool = f"""
 with returned as (
   update {jobs} j
-  set attempts = greatest(0, j.attempts - 1), locked_at = null, locked_by = null
+  set attempts = case when {_UNCHANGED_SINCE_LOCKED} then greatest(0, j.attempts - 1)
+                 else j.attempts end,
+      locked_at = null, locked_by = null
   where j.locked_by = $1::text
   returning j.id
 ),
@@ -397,12 +486,33 @@ async def complete_and_fail(
 
 
 async def return_jobs(
+    conn: asyncpg.Connection, q: WorkerQueries, pool_id: str, snapshot: Snapshot
+) -> list[int]:
+    """Hand back held jobs (given by their claim snapshot); the returned ids."""
+    if not snapshot[0]:
+        return []
+    rows = await conn.fetch(q.return_jobs, pool_id, *snapshot)
+    return [int(r["id"]) for r in rows]
+
+
+async def return_unknown(
     conn: asyncpg.Connection, q: WorkerQueries, pool_id: str, job_ids: Sequence[int]
 ) -> list[int]:
+    """Hand back jobs locked by ``pool_id`` whose claim it never saw; the returned ids."""
     if not job_ids:
         return []
-    rows = await conn.fetch(q.return_jobs, pool_id, list(job_ids))
+    rows = await conn.fetch(q.return_unknown, pool_id, list(job_ids))
     return [int(r["id"]) for r in rows]
+
+
+async def recheck(
+    conn: asyncpg.Connection, q: WorkerQueries, pool_id: str, snapshot: Snapshot
+) -> set[int]:
+    """The ids of held jobs still locked by ``pool_id`` and unchanged since their claim."""
+    if not snapshot[0]:
+        return set()
+    rows = await conn.fetch(q.recheck, pool_id, *snapshot)
+    return {int(r["id"]) for r in rows}
 
 
 async def register_tasks(

@@ -55,10 +55,20 @@ from ._client import Client
 from ._config import resolve_dsn, resolve_schema
 from ._errors import ConfigError
 from ._events import EventCallback, EventEmitter
+from ._held import RECHECK_AFTER, claim_snapshot, needs_recheck
 from ._job import Job
 from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new_pool_id
 from ._pg import Database, open_database
-from ._sql import WorkerQueries, claim_jobs, complete_and_fail, register_tasks, return_jobs
+from ._sql import (
+    Outcome,
+    WorkerQueries,
+    claim_jobs,
+    complete_and_fail,
+    recheck,
+    register_tasks,
+    return_jobs,
+    return_unknown,
+)
 from ._tasks import TaskDef
 
 log = logging.getLogger("kongtask.worker")
@@ -73,7 +83,11 @@ NO_MESSAGE: Final = "Non error or error without message thrown."
 
 DEFAULT_GRACE: Final = 5.0
 DEFAULT_BATCH_SIZE: Final = 1000
-DEFAULT_LOCAL_QUEUE_TTL: Final = 300.0  # graphile-worker's 5 min (SCHEMA.md §8 Q6)
+#: A pool holds claimed jobs for at most about a second (docs/reliability.md): the
+#: prefetch keeps PREFETCH_LOOKAHEAD of work at the measured rate, and when the handlers
+#: slow down, jobs still waiting after this are handed back for other pools (and for
+#: operators' functions, which skip locked jobs). graphile-worker's is 5 minutes.
+DEFAULT_LOCAL_QUEUE_TTL: Final = 1.0
 #: Seconds of work the fetcher keeps claimed ahead of the workers, at the measured rate.
 PREFETCH_LOOKAHEAD: Final = 0.1
 #: Seconds the workers together run jobs before they let the other tasks (fetcher,
@@ -423,7 +437,8 @@ class WorkerStatistics:
       queued_locally: claimed jobs waiting for a free worker.
       completed: jobs that succeeded since the pool started.
       failed: jobs that failed (each failed attempt counts).
-      returned: claimed jobs handed back unstarted (TTL or shutdown).
+      returned: claimed jobs handed back unstarted (TTL, shutdown, or changed since
+        their claim).
       pending_writes: outcomes not yet written to the database.
     """
 
@@ -446,9 +461,11 @@ class _Outcome:
 
 @dataclass(frozen=True, slots=True)
 class _Returns:
-    """Claimed jobs to hand back unstarted (the local-queue TTL)."""
+    """Claimed jobs to hand back unstarted: ``reason`` "ttl" (the local-queue TTL),
+    "changed" (a recheck found their rows changed since the claim)."""
 
     jobs: list[Job]
+    reason: str = "ttl"
 
 
 _Write: TypeAlias = _Outcome | _Returns
@@ -622,6 +639,12 @@ class Worker:
         self._task_names: dict[int, str] = {}
         # claimed, unstarted jobs with their claim time (trio clock), oldest first
         self._local: deque[tuple[Job, float]] = deque()
+        # the last recheck of held jobs (kongtask._held): the claim time of the newest
+        # job it covered and when its answer came; one recheck at a time
+        self._covered_up_to = -math.inf
+        self._checked_at = -math.inf
+        self._recheck_errors = 0
+        self._recheck_lock = trio.Lock()
         self._parked = trio.lowlevel.ParkingLot()
         self._idle_workers = 0
         self._running: dict[int, _JobSlot] = {}
@@ -657,7 +680,7 @@ class Worker:
         # the completer's current batch: successes; (job, message, payload) failures
         self._ok: list[Job] = []
         self._fail: list[tuple[Job, str, str | None]] = []
-        self._returns: list[list[Job]] = []
+        self._returns: list[tuple[list[Job], str]] = []
         self._thread_limiter = trio.CapacityLimiter(concurrency)
         self._completer_done = trio.Event()
         self._completed = 0
@@ -994,7 +1017,7 @@ class Worker:
         with trio.CancelScope(shield=True), trio.move_on_after(STATEMENT_TIMEOUT):
             try:
                 returned = await self._db.with_own_connection(
-                    return_jobs, self._q, self.pool_id, unknown
+                    return_unknown, self._q, self.pool_id, unknown
                 )
             except Exception as exc:
                 log.warning("pool %s: returning them failed (will retry): %s", self.pool_id, exc)
@@ -1092,11 +1115,12 @@ class Worker:
         await self._return_jobs(jobs, why)
 
     async def _return_jobs(self, jobs: list[Job], why: str) -> None:
-        ids = [job.id for job in jobs]
+        snapshot = claim_snapshot(jobs)
+        ids = snapshot[0]
         with trio.CancelScope(shield=True), trio.move_on_after(STATEMENT_TIMEOUT):
             try:
                 returned = await self._db.with_own_connection(
-                    return_jobs, self._q, self.pool_id, ids
+                    return_jobs, self._q, self.pool_id, snapshot
                 )
             except Exception as exc:
                 log.error("pool %s: returning %d job(s) failed: %s", self.pool_id, len(ids), exc)
@@ -1105,7 +1129,8 @@ class Worker:
                 # returned, or left for the lost-claim check and the final release
                 self._unwritten.difference_update(ids)
             self._returned += len(returned)
-            self._events.emit("job:returned", job_ids=tuple(returned), reason=why)
+            if returned:
+                self._events.emit("job:returned", job_ids=tuple(returned), reason=why)
             if any(job.queue_name is not None for job in jobs):
                 self._wake_fetcher()
 
@@ -1134,7 +1159,13 @@ class Worker:
         scope = slot.scope
         while not self._stopping:  # start nothing new; the shutdown returns what is queued
             if local:
-                job, _ = local.popleft()
+                job, claimed_at = local.popleft()
+                if current_time() - claimed_at >= RECHECK_AFTER and needs_recheck(
+                    current_time(), claimed_at, self._covered_up_to, self._checked_at
+                ):
+                    local.appendleft((job, claimed_at))
+                    await self._recheck_held()
+                    continue
                 await self._run_job(job, slot)
                 if scope.cancel_called:
                     return  # cancelled, but the handler returned before noticing
@@ -1161,6 +1192,55 @@ class Worker:
                 await self._parked.park()
             finally:
                 self._idle_workers -= 1
+
+    async def _recheck_held(self) -> None:
+        """Look at every held job's row again (one statement); drop and hand back those
+        changed since their claim (``kongtask._held``). Other workers wait for it."""
+        async with self._recheck_lock:
+            local = self._local
+            now = trio.current_time()
+            if self._stopping or not local:
+                return
+            if not needs_recheck(now, local[0][1], self._covered_up_to, self._checked_at):
+                return  # the recheck this worker waited for covered it
+            held = list(local)
+            snapshot = claim_snapshot(job for job, _ in held)
+            try:
+                with trio.fail_after(STATEMENT_TIMEOUT):
+                    valid = await self._db.with_own_connection(
+                        recheck, self._q, self.pool_id, snapshot
+                    )
+            except Exception as exc:
+                # an unchecked job must not start: try again later (the TTL still
+                # hands them back, and the shutdown too)
+                self._recheck_errors += 1
+                log.warning("pool %s: rechecking held jobs failed: %s", self.pool_id, exc)
+                with trio.move_on_after(retry_delay(self._recheck_errors)):
+                    await self._stop_requested.wait()
+                return
+            self._recheck_errors = 0
+            self._covered_up_to = held[-1][1]
+            # counted from the answer, so that a recheck slower than RECHECK_AFTER still
+            # lets the jobs it covered start (the window grows by its round trip)
+            self._checked_at = trio.current_time()
+            checked = set(snapshot[0])
+            changed = {i for i in checked if i not in valid}
+            if not changed:
+                return
+            # the fetcher may have added jobs and the TTL taken some meanwhile: keep
+            # whatever is held now except the changed ones, in order (same deque)
+            kept = [entry for entry in local if entry[0].id not in changed]
+            dropped = [job for job, _ in local if job.id in changed]
+            local.clear()
+            local.extend(kept)
+            if dropped:
+                log.info(
+                    "pool %s: not starting %d held job(s) changed since their claim "
+                    "(removed, replaced or administered)",
+                    self.pool_id,
+                    len(dropped),
+                )
+                self._send_write(_Returns(dropped, "changed"))
 
     async def _run_job(self, job: Job, slot: _JobSlot) -> None:
         """Run one job in ``slot``'s scope and send its outcome to the completer.
@@ -1343,7 +1423,7 @@ class Worker:
     def _take(self, write: _Write) -> None:
         """Add a received write to the completer's batch."""
         if isinstance(write, _Returns):
-            self._returns.append(write.jobs)
+            self._returns.append((write.jobs, write.reason))
         elif write.error is None:
             self._ok.append(write.job)
         else:
@@ -1370,8 +1450,8 @@ class Worker:
                 self._take_writes()
                 if self._returns:
                     batches, self._returns = self._returns, []
-                    for jobs in batches:
-                        await self._return_jobs(jobs, "ttl")
+                    for jobs, reason in batches:
+                        await self._return_jobs(jobs, reason)
                 if not self._ok and not self._fail:
                     continue
                 try:
@@ -1429,9 +1509,9 @@ class Worker:
                     [p for _, _, p in fail],
                 )
                 if conn is None:
-                    await self._db.with_own_connection(complete_and_fail, *args)
+                    written = await self._db.with_own_connection(complete_and_fail, *args)
                 else:
-                    await self._db.run(complete_and_fail, conn, *args)
+                    written = await self._db.run(complete_and_fail, conn, *args)
         except BaseException:
             # keep every outcome (the statement is all-or-nothing and idempotent)
             self._ok = ok + self._ok
@@ -1439,6 +1519,7 @@ class Worker:
             raise
         self._unwritten.difference_update(j.id for j in ok)
         self._unwritten.difference_update(j.id for j, _, _ in fail)
+        self._release_vanished_queues(ok, fail, written)
         self._completed += len(ok)
         self._failed += len(fail)
         if (
@@ -1448,6 +1529,19 @@ class Worker:
         ):
             # a named queue was unlocked: its next job is ready (and `once` re-checks)
             self._wake_fetcher()
+
+    def _release_vanished_queues(
+        self, ok: list[Job], fail: list[tuple[Job, str, str | None]], written: list[Outcome]
+    ) -> None:
+        """Named-queue jobs whose row was gone (deleted by an operator while they ran)
+        still hold their queue row: the hand-back statement unlocks it."""
+        if len(written) == len(ok) + len(fail):
+            return
+        done = {outcome[1] for outcome in written}
+        vanished = [j for j in ok if j.queue_name is not None and j.id not in done]
+        vanished += [j for j, _, _ in fail if j.queue_name is not None and j.id not in done]
+        if vanished:
+            self._returns.append((vanished, "vanished"))
 
     # -- notifier -------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from _worker_helpers import add_job_row
 
+import kongtask
 from kongtask import Job
 from kongtask._pg import Database
 from kongtask._sql import _CLAIM_RETURNING, WorkerQueries, claim_jobs, register_tasks
@@ -185,7 +186,7 @@ async def test_claimed_timestamps_are_exact_to_the_microsecond(db: Database) -> 
     assert [j.run_at for j in claimed] == sorted(j.run_at for j in claimed)
 
 
-async def test_claimed_infinite_timestamps_decode_as_asyncpg_does(db: Database) -> None:
+async def test_claimed_infinite_timestamps_read_as_aware_bounds(db: Database) -> None:
     tasks = await db.with_connection(register_tasks, Q, ["t"])
     a = await add_job_row(db, "t", "{}")
     b = await add_job_row(db, "t", "{}")
@@ -194,28 +195,46 @@ async def test_claimed_infinite_timestamps_decode_as_asyncpg_does(db: Database) 
     )
     await db.execute(f"update {J} set updated_at = 'infinity' where id = $1", b)
     claimed = {j.id: j for j in await claim(db, [tasks["t"]])}
-    want = await stored(db, [a, b])
+    want = await stored(db, [a, b])  # asyncpg's naive datetime.min/max, normalised
     assert_same(claimed[a], want[a])
     assert_same(claimed[b], want[b])
-    assert claimed[a].run_at == datetime.min
-    assert claimed[b].updated_at == datetime.max
+    assert claimed[a].run_at == datetime.min.replace(tzinfo=UTC)
+    assert claimed[a].run_at.tzinfo is UTC
+    assert claimed[b].updated_at == datetime.max.replace(tzinfo=UTC)
     # -infinity sorts first
     assert list(claimed) == [a, b]
 
 
-async def test_claimed_timestamp_beyond_python_raises_on_access_as_asyncpg_did(
-    db: Database,
+@pytest.mark.parametrize(
+    ("value", "bound"),
+    [
+        ("10000-01-01 00:00:00+00", datetime.max.replace(tzinfo=UTC)),
+        ("294276-12-31 23:59:59+00", datetime.max.replace(tzinfo=UTC)),
+        ("0100-01-01 BC", datetime.min.replace(tzinfo=UTC)),
+        ("0001-01-01 00:00:00+01", datetime.min.replace(tzinfo=UTC)),
+        ("4713-01-01 00:00:00+00 BC", datetime.min.replace(tzinfo=UTC)),
+    ],
+)
+async def test_claimed_timestamp_beyond_python_reads_as_a_bound(
+    db: Database, value: str, bound: datetime
 ) -> None:
     tasks = await db.with_connection(register_tasks, Q, ["t"])
     job_id = await add_job_row(db, "t", '{"x": 1}')
-    await db.execute(f"update {J} set created_at = '10000-01-01 00:00:00+00' where id = $1", job_id)
+    await db.execute(
+        f"update {J} set created_at = $2::text::timestamptz where id = $1", job_id, value
+    )
     with pytest.raises(OverflowError):
-        await db.fetch(stored_query(), [job_id])  # asyncpg's decoder
-    [job] = await claim(db, [tasks["t"]])  # the claim itself still works
+        await db.fetch(stored_query(), [job_id])  # asyncpg's own decoder
+    [job] = await claim(db, [tasks["t"]])  # the claim itself works
     assert job.id == job_id
     assert job.payload == {"x": 1}
-    with pytest.raises(OverflowError):
-        _ = job.created_at
+    assert job.created_at == bound
+    assert job.created_at.tzinfo is UTC
+    # and so do the client's admin functions, which read the same columns
+    client = kongtask.Client(db, "graphile_worker")
+    await client.force_unlock_workers([POOL])
+    [done] = await client.complete_jobs([job_id])
+    assert done.created_at == bound
 
 
 async def test_claim_columns_decode_like_select_star_for_unclaimed_rows(db: Database) -> None:

@@ -155,7 +155,9 @@ failed as (
     return_jobs = f"""
 with returned as (
   update {s}._private_jobs j
-  set attempts = greatest(0, j.attempts - 1), locked_at = null, locked_by = null
+  set attempts = case when j.updated_at < j.locked_at then greatest(0, j.attempts - 1)
+                 else j.attempts end,
+      locked_at = null, locked_by = null
   where j.id = any($2::bigint[]) and j.locked_by = $1::text
   returning j.job_queue_id
 )

@@ -23,7 +23,7 @@ from kongtask._sql import (
     claim_jobs,
     complete_and_fail,
     register_tasks,
-    return_jobs,
+    return_unknown,
 )
 
 Q = WorkerQueries("graphile_worker")
@@ -130,8 +130,8 @@ async def test_return_undoes_attempt_and_unlocks(wdb: Database) -> None:
     ids = await tasks(wdb, "t")
     a = await add(wdb, "t", queue="q")
     assert await claim(wdb, P1, [ids["t"]], 1) == [a]
-    assert await wdb.with_connection(return_jobs, Q, P2, [a]) == []  # not ours
-    assert await wdb.with_connection(return_jobs, Q, P1, [a]) == [a]
+    assert await wdb.with_connection(return_unknown, Q, P2, [a]) == []  # not ours
+    assert await wdb.with_connection(return_unknown, Q, P1, [a]) == [a]
     row = await wdb.fetchrow(f"select attempts, locked_by from {J}")
     assert row is not None
     assert (row["attempts"], row["locked_by"]) == (0, None)

@@ -422,13 +422,18 @@ class Model:
         pool.held = [i for i in pool.held if i not in set(ids)]
 
     def worker_return(self, pool: Pool, ids: Sequence[int]) -> None:
-        """§5.6: rows still ``locked_by = P`` get attempts - 1 (not below 0) and no lock."""
+        """§5.6: rows still ``locked_by = P`` lose the lock and get attempts - 1 (not below
+        0) unless an add or admin function changed them after the claim (their updated_at
+        is not older than locked_at): a removed or replaced job must not run again."""
         hit = []
         for job_id in ids:
             job = self.jobs.get(job_id)
             if job is None or job.locked_by != pool.pool_id:
                 continue
-            job.attempts = max(0, job.attempts - 1)
+            assert job.updated_at is not None
+            assert job.locked_at is not None
+            if job.updated_at < job.locked_at:
+                job.attempts = max(0, job.attempts - 1)
             job.locked_at = job.locked_by = None
             job.updated_at = None  # §5.6 does not say; adopted
             hit.append(job)

@@ -428,7 +428,7 @@ class ProtocolStatements:
             claim=q.claim,
             complete=q.complete,
             fail=q.fail,
-            return_jobs=q.return_jobs,
+            return_jobs=q.return_unknown,
             sweep_stale=q.sweep_stale,
             register_tasks=q.register_tasks,
         )
