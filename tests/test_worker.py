@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import trio
-from _worker_helpers import gw_template as gw_template, worker_dsn as worker_dsn
+from _worker_helpers import worker_dsn as worker_dsn
 
 import kongtask
 from kongtask._pg import Database, open_database
