@@ -24,7 +24,8 @@ from kongtask.testing.lifecycle import (
 
 @pytest.fixture
 def harness(kongtask_dsn: str) -> Iterator[WorkerHarness]:
-    with open_worker_harness(kongtask_dsn) as h:
+    # a scenario of at most 8 jobs reaches its shutdown point in well under a second
+    with open_worker_harness(kongtask_dsn, progress_timeout=15) as h:
         yield h
 
 
