@@ -11,10 +11,12 @@ from ._postgres import (
     provide_postgres as provide_postgres,
     run_sync_sql as run_sync_sql,
 )
+from ._proxy import TcpProxy as TcpProxy
 
 __all__ = [
     "NO_SERVER_MESSAGE",
     "PostgresServer",
+    "TcpProxy",
     "docker_engine_available",
     "find_pg_bindir",
     "provide_postgres",
