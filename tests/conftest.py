@@ -10,8 +10,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Generator
 
 import pytest
+from hypothesis import settings
 
 from kongtask._pg import Database, open_database
+
+# Hypothesis tiers. "fixed" (the default): derandomized, so every run of the suite replays
+# the same examples and a failure reproduces as it is. "ci" (--hypothesis-profile=ci with
+# --hypothesis-seed=N, as .ci/run does): a fresh seed each CI run, printed so a failure can
+# be replayed, at a bounded example count. Health checks stay on in both; a test that
+# must suppress one says why next to it.
+settings.register_profile("fixed", derandomize=True, database=None, deadline=None)
+settings.register_profile(
+    "ci", derandomize=False, database=None, deadline=None, max_examples=60, print_blob=True
+)
+settings.load_profile("fixed")
 
 
 @pytest.fixture

@@ -325,7 +325,10 @@ _CLI = "import sys, trio, kongtask; sys.exit(trio.run(kongtask.main))"
 async def test_killed_worker_jobs_run_elsewhere_within_seconds(
     kongtask_dsn: str, ldb: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """kill -9 a real ``kongtask run`` holding jobs: they run elsewhere within 10 s."""
+    """kill -9 a real ``kongtask run`` holding jobs: the live pool's dead-pool sweep
+    releases them (a ``pool:sweep`` event naming the dead pool) and they run there.
+    The limit below is a safety net; the recovery time is printed, and measured in
+    ``stress/chaos.py``."""
     import os
     import signal
     import subprocess
@@ -379,10 +382,18 @@ async def test_killed_worker_jobs_run_elsewhere_within_seconds(
             if set(jobs) <= set(ran):
                 all_ran.set()
 
-        async with open_worker(kongtask_dsn, {"block": block}, poll_interval=0.2):
+        sweeps: list[object] = []
+
+        def on_event(event: object) -> None:
+            if event.name == "pool:sweep":  # type: ignore[attr-defined]
+                sweeps.append(event)
+
+        async with open_worker(
+            kongtask_dsn, {"block": block}, poll_interval=0.2, on_event=on_event
+        ):
             proc.send_signal(signal.SIGKILL)
             killed_at = trio.current_time()
-            with trio.fail_after(10):
+            with trio.fail_after(30):
                 await all_ran.wait()
         recovery = max(ran[j] for j in jobs) - killed_at
         print(f"\nkill -9 -> all 3 jobs running elsewhere: {recovery:.2f} s")
@@ -392,6 +403,9 @@ async def test_killed_worker_jobs_run_elsewhere_within_seconds(
                 proc.kill()
             await proc.wait()
     assert node_job not in ran
+    # released by the dead-pool sweep (not by the 4-hour rule): the event names the pool
+    assert [e["pools"] for e in sweeps] == [(pool_id,)]  # type: ignore[index]
+    assert sweeps[0]["jobs"] == 3  # type: ignore[index]
     rows = await ldb.fetch(f"select id, locked_by, attempts from {S}._private_jobs order by id")
     # The three ran a second time (attempts 2: the killed attempt counts) and completed;
     # the Node pool's job is still locked by it.

@@ -27,6 +27,7 @@ class TcpProxy:
         self._flowing.set()
         self.refusing = False
         self.counts: Counter[str] = Counter()
+        self._swallowed: set[int] = set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -56,21 +57,38 @@ class TcpProxy:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
+                    nursery.start_soon(
+                        self._pump, server, client, nursery.cancel_scope, self._port_of(server)
+                    )
             finally:
                 self._conns.discard(entry)
         with trio.CancelScope(shield=True):
             await client.aclose()
             await server.aclose()
 
+    @staticmethod
+    def _port_of(server: trio.SocketStream) -> int | None:
+        try:
+            port: int = server.socket.getsockname()[1]
+        except OSError:
+            return None
+        return port
+
     async def _pump(
-        self, src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope
+        self,
+        src: trio.SocketStream,
+        dst: trio.SocketStream,
+        scope: trio.CancelScope,
+        replies_of: int | None = None,
     ) -> None:
         try:
             while True:
                 data = await src.receive_some(65536)
                 if not data:
                     break
+                if replies_of is not None and replies_of in self._swallowed:
+                    self.counts["swallowed bytes"] += len(data)
+                    continue  # the server sent it; the client never sees it
                 await self._flowing.wait()
                 await dst.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -87,6 +105,11 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 ports[entry[1].socket.getsockname()[1]] = entry
         return ports
+
+    def swallow_replies(self, server_port: int) -> None:
+        """From now on, discard what the server sends on that connection (the server's
+        writes succeed, the client receives nothing): a reply lost in the network."""
+        self._swallowed.add(server_port)
 
     def drop(self, server_port: int) -> bool:
         """Reset the one connection whose server side has local port ``server_port``."""

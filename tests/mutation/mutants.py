@@ -131,7 +131,7 @@ MUTANTS = (
         "_liveness.py",
         "            release = await sweeper.check(db)\n",
         "            release = Release((), 0, 0)\n",
-        ("tests/test_chaos.py::test_kill_9_of_kongtask_run_loses_nothing",),
+        ("tests/test_recovery.py::test_killed_worker_jobs_run_elsewhere_within_seconds",),
     ),
     Mutant(
         "a cron tick is doubled",
