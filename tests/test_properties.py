@@ -1,4 +1,4 @@
-"""Property tests of pure parts: crontab patterns, JSON formatting.
+"""Property tests of pure parts: crontab patterns, JSON formatting, claim sizing.
 
 Hypothesis runs in two tiers (profiles registered in conftest.py): derandomized by
 default, with a fresh printed seed under ``--hypothesis-profile=ci``. Health checks are on.
@@ -10,6 +10,8 @@ import json
 import math
 from datetime import UTC, datetime, timedelta
 
+import trio
+import trio.testing
 from hypothesis import given, strategies as st
 
 from kongtask._cron import _parse_pattern, js_json
@@ -89,11 +91,10 @@ json_values = st.recursive(
 def _same(a: object, b: object) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return (
-            (isinstance(a, int | float)
+            isinstance(a, int | float)
             and isinstance(b, int | float)
-            and math.isclose(a, b, rel_tol=0, abs_tol=0))
-            or a == b
-        )
+            and math.isclose(a, b, rel_tol=0, abs_tol=0)
+        ) or a == b
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
@@ -111,3 +112,42 @@ def test_js_json_round_trips_through_a_json_parser(value: object) -> None:
 @given(st.floats(allow_nan=False, allow_infinity=False))
 def test_js_numbers_read_back_exactly(x: float) -> None:
     assert float(js_json(x)) == x or (x == 0 and js_json(x) == "0")
+
+
+@given(
+    concurrency=st.integers(1, 64),
+    batch_size=st.integers(1, 2000),
+    running=st.integers(0, 64),
+    local=st.integers(0, 2000),
+    jobs_per_second=st.integers(0, 10**6),
+)
+def test_claim_size_never_overfills_and_never_starves(
+    concurrency: int, batch_size: int, running: int, local: int, jobs_per_second: int
+) -> None:
+    """Whatever the load: a claim takes at most batch_size, the pool holds at most its
+    concurrency plus 0.1 s of work at the observed rate, and an idle slot with nothing
+    queued locally always gets a claim."""
+    from collections import deque
+
+    from test_worker_timing import make_worker
+
+    from kongtask._worker import PREFETCH_LOOKAHEAD, _JobSlot
+
+    running = min(running, concurrency)
+
+    async def check() -> None:
+        w = make_worker(concurrency=concurrency, batch_size=batch_size)
+        w._started = 0
+        await trio.sleep(1)
+        w._started = jobs_per_second  # a second later: this rate
+        w._running = {i: _JobSlot() for i in range(running)}
+        w._local = deque((object(), 0.0) for _ in range(local))  # type: ignore[misc]
+        w._idle_workers = concurrency - running
+        size = w._claim_size()
+        prefetch = min(batch_size, int(jobs_per_second * PREFETCH_LOOKAHEAD))
+        assert 0 <= size <= batch_size
+        assert size == 0 or running + local + size <= concurrency + prefetch
+        if running < concurrency and local == 0:
+            assert size >= 1
+
+    trio.run(check, clock=trio.testing.MockClock(autojump_threshold=0))
