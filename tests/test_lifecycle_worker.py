@@ -62,9 +62,12 @@ def test_hung_serial_queue_is_failed_and_its_sibling_kept(harness: WorkerHarness
     assert result.starts == 3
     assert result.fates == {0: "cancelled", 1: "never started", 2: "raise", 3: "ok"}
     hung, sibling, raised, done = (result.rows[i] for i in range(4))
-    assert hung is not None and hung["attempts"] == 1
+    assert hung is not None
+    assert hung["attempts"] == 1
     assert hung["last_error"].startswith("Worker pool is shutting down gracefully")
-    assert sibling is not None and (sibling["attempts"], sibling["last_error"]) == (0, None)
-    assert raised is not None and raised["attempts"] == 1
+    assert sibling is not None
+    assert (sibling["attempts"], sibling["last_error"]) == (0, None)
+    assert raised is not None
+    assert raised["attempts"] == 1
     assert raised["last_error"].startswith("boom 2")
     assert done is None

@@ -157,10 +157,13 @@ async def test_only_provably_dead_pools_are_released(ldb: Database) -> None:
         }
         assert queues == {"qa": alive, "qd": None, "qn": node}
         # Released jobs are claimable again: they are available.
-        assert await ldb.fetchval(
-            f"select count(*) from {S}._private_jobs where is_available and id = any($1)",
-            dead_jobs,
-        ) == 3
+        assert (
+            await ldb.fetchval(
+                f"select count(*) from {S}._private_jobs where is_available and id = any($1)",
+                dead_jobs,
+            )
+            == 3
+        )
         # Once the live pool's connection goes, it is dead too (two more checks).
     finally:
         await ldb.close_connection(holder)
@@ -305,7 +308,6 @@ async def _listen(db: Database) -> AsyncIterator[_Notes]:
         await db.close_connection(conn)
 
 
-
 # --- end to end: kill -9 a worker process, its jobs run elsewhere within seconds ----------
 
 # The tasks module of the `kongtask run` process under test: a handler that says it
@@ -357,8 +359,22 @@ async def test_killed_worker_jobs_run_elsewhere_within_seconds(
 
     (tmp_path / "blocker.py").write_text(_BLOCKER)
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-c", _CLI, "--log-level", "WARNING", "run", "-c", kongtask_dsn,
-         "--tasks", "blocker:TASKS", "-j", "4", "--poll-interval", "100"],
+        [
+            sys.executable,
+            "-c",
+            _CLI,
+            "--log-level",
+            "WARNING",
+            "run",
+            "-c",
+            kongtask_dsn,
+            "--tasks",
+            "blocker:TASKS",
+            "-j",
+            "4",
+            "--poll-interval",
+            "100",
+        ],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
@@ -487,10 +503,13 @@ async def test_pgbouncer_mode_pools_are_unmarked_and_keep_the_4_hour_rule(
         kongtask_dsn, {"job": job}, prepared_statements=False, poll_interval=0.2
     ) as worker:
         assert not is_marked_pool_id(worker.pool_id)
-        assert await ldb.fetchval(
-            "select count(*) from pg_locks where locktype = 'advisory' "
-            f"and classid = {LOCK_CLASS}::oid"
-        ) == 0
+        assert (
+            await ldb.fetchval(
+                "select count(*) from pg_locks where locktype = 'advisory' "
+                f"and classid = {LOCK_CLASS}::oid"
+            )
+            == 0
+        )
         # Rows it holds are not released by any sweeper, though it holds no lock.
         jobs = await _add_locked_jobs(ldb, worker.pool_id, 1, "pgb")
         sweeper = DeadPoolSweeper(S, restart_grace=0)

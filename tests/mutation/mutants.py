@@ -29,7 +29,9 @@ PACKAGE = ROOT / "kongtask"
 #: Longest a mutant's tests may run; a hang counts as a survivor (CI would hang too).
 MUTANT_TIMEOUT = 300.0
 
-WORKER_PROPS = "tests/test_lifecycle_worker.py::test_hung_serial_queue_is_failed_and_its_sibling_kept"
+WORKER_PROPS = (
+    "tests/test_lifecycle_worker.py::test_hung_serial_queue_is_failed_and_its_sibling_kept"
+)
 PROMISES = "tests/test_promises.py"
 
 
@@ -187,9 +189,7 @@ def run(mutant: Mutant) -> Outcome:
             text=True,
         ).stdout.strip()
         if not where.startswith(folder):
-            return Outcome(
-                mutant, "ERROR", f"the mutated copy is not imported ({where!r})", 0.0
-            )
+            return Outcome(mutant, "ERROR", f"the mutated copy is not imported ({where!r})", 0.0)
         command = [
             sys.executable,
             "-P",
