@@ -1,4 +1,5 @@
-"""Testing helpers: a real PostgreSQL for tests (and the pytest plugin's fixtures).
+"""Testing helpers: a real PostgreSQL for tests (and the pytest plugin's fixtures), and a
+TCP proxy that breaks connections on demand (:class:`TcpProxy`).
 
 The hypothesis lifecycle harness lives in :mod:`kongtask.testing.lifecycle`.
 """
