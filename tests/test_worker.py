@@ -289,7 +289,7 @@ async def test_notify_wakes_an_idle_worker(tdb: Database, worker_dsn: str) -> No
         # let the first (empty) claim happen, so only the notification can wake the pool
         await wait_until(lambda: w._fetch_idle)  # claimed nothing, waits for news
         await tdb.execute(f"select {S}.add_job('t')")
-        with trio.fail_after(2):
+        with trio.fail_after(20):  # far below the 3600 s poll: only the NOTIFY can do it
             await started.wait()
         await wait_until(lambda: w.statistics().completed == 1)
     await assert_clean(tdb)
