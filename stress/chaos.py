@@ -889,7 +889,6 @@ async def scenario_poison(
         return env.finish(out)
 
 
-
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
