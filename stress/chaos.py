@@ -36,8 +36,6 @@ import os
 import random
 import shutil
 import signal
-import socket
-import struct
 import sys
 import tempfile
 import time
@@ -48,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from kongtask.testing import TcpProxy
 
 HERE = Path(__file__).resolve().parent
 LEDGER_ENV = "KONGTASK_CHAOS_LEDGER"
@@ -499,8 +499,17 @@ async def scenario_restart(restarts: int, jobs: int) -> Outcome:
                 result = await trio.to_thread.run_sync(
                     functools.partial(
                         cluster._run,
-                        "pg_ctl", "-D", str(cluster.data), "-l", str(cluster.logfile),
-                        "-m", mode, "-w", "-t", "60", "restart",
+                        "pg_ctl",
+                        "-D",
+                        str(cluster.data),
+                        "-l",
+                        str(cluster.logfile),
+                        "-m",
+                        mode,
+                        "-w",
+                        "-t",
+                        "60",
+                        "restart",
                     )
                 )
                 if result.returncode != 0:
@@ -517,9 +526,7 @@ async def scenario_restart(restarts: int, jobs: int) -> Outcome:
             if code != 0:
                 print(env.log_tail(w))
         out = analyse("pg restart", added, Ledger.read(env.ledger_path), left, env.killed)
-        out.extra.update(
-            restarts="/".join(modes), workers_alive=all(alive), exit_codes=codes
-        )
+        out.extra.update(restarts="/".join(modes), workers_alive=all(alive), exit_codes=codes)
         if not all(alive) or any(codes):
             out.left = out.left or -1  # a crashed CLI fails the scenario
         return env.finish(out)
@@ -528,103 +535,15 @@ async def scenario_restart(restarts: int, jobs: int) -> Outcome:
 # --- scenario: cut connections through a TCP proxy ------------------------------------
 
 
-class Proxy:
-    """A TCP proxy on 127.0.0.1 that can drop (RST), stall and refuse connections."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._conns: set[tuple[trio.SocketStream, trio.SocketStream, trio.CancelScope]] = set()
-        self._flowing = trio.Event()
-        self._flowing.set()
-        self.refusing = False
-        self.counts: Counter[str] = Counter()
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
-
-    @staticmethod
-    def _rst(stream: trio.SocketStream) -> None:
-        # linger 0: close() sends RST instead of FIN, like a crashed middlebox.
-        with contextlib.suppress(OSError):
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        if self.refusing:
-            self._rst(client)
-            await client.aclose()
-            return
-        try:
-            server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-        except OSError:
-            await client.aclose()
-            return
-        with trio.CancelScope() as scope:
-            entry = (client, server, scope)
-            self._conns.add(entry)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
-            finally:
-                self._conns.discard(entry)
-        with trio.CancelScope(shield=True):
-            await client.aclose()
-            await server.aclose()
-
-    async def _pump(
-        self, src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope
-    ) -> None:
-        try:
-            while True:
-                data = await src.receive_some(65536)
-                if not data:
-                    break
-                await self._flowing.wait()
-                await dst.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        scope.cancel()
-
-    def drop_all(self) -> int:
-        """Reset every open connection at once."""
-        n = len(self._conns)
-        for client, server, scope in list(self._conns):
-            self._rst(client)
-            self._rst(server)
-            scope.cancel()
-        self.counts["drop"] += 1
-        return n
-
-    async def stall(self, seconds: float) -> None:
-        """Stop forwarding bytes (connections stay open), then resume."""
-        self._flowing = trio.Event()
-        self.counts["stall"] += 1
-        await trio.sleep(seconds)
-        self._flowing.set()
-
-    async def refuse(self, seconds: float) -> None:
-        """Reset new connections for a while (the server looks down)."""
-        self.refusing = True
-        self.counts["refuse"] += 1
-        await trio.sleep(seconds)
-        self.refusing = False
-
-
 async def scenario_cut(cuts: int, jobs: int) -> Outcome:
     """Two workers reach Postgres through a proxy that drops, stalls and refuses."""
     async with Env("cut") as env:
         added: set[int] = set()
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(env.port)
+            proxy = TcpProxy(env.port)
             await nursery.start(proxy.serve)
             via_proxy = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
-            workers = [
-                await env.start_worker(dsn=via_proxy, concurrency=4) for _ in range(2)
-            ]
+            workers = [await env.start_worker(dsn=via_proxy, concurrency=4) for _ in range(2)]
             async with open_db(env.dsn) as db:
                 done_adding = trio.Event()
 
@@ -660,9 +579,7 @@ async def scenario_cut(cuts: int, jobs: int) -> Outcome:
             if code != 0:
                 print(env.log_tail(w))
         out = analyse("cut connection", added, Ledger.read(env.ledger_path), left, env.killed)
-        out.extra.update(
-            faults=dict(proxy.counts), workers_alive=all(alive), exit_codes=codes
-        )
+        out.extra.update(faults=dict(proxy.counts), workers_alive=all(alive), exit_codes=codes)
         if not all(alive) or any(codes):
             out.left = out.left or -1
         return env.finish(out)
@@ -777,8 +694,7 @@ async def scenario_faults() -> Outcome:
                     with trio.fail_after(20):
                         while True:
                             if not await db.fetchval(
-                                "select count(*) from graphile_worker._private_jobs "
-                                "where id = $1",
+                                "select count(*) from graphile_worker._private_jobs where id = $1",
                                 ok.id,
                             ):
                                 break
@@ -973,7 +889,6 @@ async def scenario_poison(
         return env.finish(out)
 
 
-
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -1047,9 +962,7 @@ async def scenario_soak(jobs: int, sample_every: float = 10.0) -> Outcome:
         rss = [r for _, _, r in samples]
         after = [r for _, d, r in samples if d >= min(100_000, jobs // 10)]
         base = after[0] if after else rss[0]
-        out = Outcome(
-            "soak", jobs, completed, more, Counter(), lost, len(left_numbers)
-        )
+        out = Outcome("soak", jobs, completed, more, Counter(), lost, len(left_numbers))
         out.extra.update(
             seconds=round(elapsed, 1),
             jobs_per_s=round(jobs / elapsed),

@@ -2,14 +2,13 @@
 
 - ``gw_template``: one database migrated by graphile-worker 0.18.0 per session; each test
   gets a clone (``gw_clone_dsn``), which is much faster than running npm's CLI per test.
-- ``kongtask_migrated_dsn``: kongtask's own migrations, skipped until the migrator exists.
+- ``kongtask_migrated_dsn``: a fresh database migrated by kongtask's own migrations.
 - ``capture_notifications``: LISTEN on a dedicated connection; ``flush()`` waits until
   everything sent before it has arrived (a sentinel NOTIFY, so no sleeps).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -29,10 +28,6 @@ SENTINEL = "kongtask-test-sentinel"
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def kongtask_migrator_available() -> bool:
-    return importlib.util.find_spec("kongtask._migrate") is not None
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +57,9 @@ def gw_clone_dsn(kongtask_server: PostgresServer, gw_template: str) -> Iterator[
 
 
 @pytest.fixture
-def kongtask_migrated_dsn(request: pytest.FixtureRequest) -> str:
-    """kongtask's ``kongtask_dsn``, or a skip while kongtask's migrator is not there yet."""
-    if not kongtask_migrator_available():
-        pytest.skip("kongtask's migrator (kongtask._migrate) has not landed yet")
-    dsn: str = request.getfixturevalue("kongtask_dsn")
-    return dsn
+def kongtask_migrated_dsn(kongtask_dsn: str) -> str:
+    """A fresh database migrated by kongtask's own migrations."""
+    return kongtask_dsn
 
 
 @pytest.fixture(params=["graphile-worker", "kongtask"])

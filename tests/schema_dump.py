@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 import trio
-from oracle import oracle_migrate, require_oracle
+from oracle import oracle_migrate, require_oracle, skip_or_fail
 
 from kongtask._config import quote_ident
 from kongtask._pg import open_database
@@ -35,11 +35,11 @@ def require_pg_dump(server_version_num: int) -> str:
     """The local ``pg_dump``, or skip when it is missing or older than the server."""
     pg_dump = shutil.which("pg_dump")
     if pg_dump is None:
-        pytest.skip("pg_dump is not installed")
+        skip_or_fail("pg_dump is not installed")
     local = _major(subprocess.run([pg_dump, "--version"], capture_output=True, text=True).stdout)
     server = server_version_num // 10000
     if local < server:
-        pytest.skip(f"local pg_dump {local} is older than the server ({server})")
+        skip_or_fail(f"local pg_dump {local} is older than the server ({server})")
     return pg_dump
 
 

@@ -12,6 +12,7 @@ import math
 import sys
 from typing import Any
 
+import asyncpg
 import pytest
 import trio
 
@@ -179,7 +180,7 @@ async def test_length_limits(db: Database, field: str, limit: int) -> None:
     before = await _count(db)
     args = {"identifier": "'t'", "queue_name": "null", "job_key": "null"}
     args[field] = f"repeat('k', {limit + 1})"
-    with pytest.raises(Exception, match="check"):
+    with pytest.raises(asyncpg.CheckViolationError, match="check"):
         await db.execute(
             f"select {S}.add_job({args['identifier']}, '{{}}'::json, "
             f"queue_name => {args['queue_name']}, job_key => {args['job_key']})"
@@ -217,13 +218,14 @@ async def test_odd_schema_names_work(kongtask_blank_dsn: str, schema: str) -> No
     await trio.to_thread.run_sync(migrate_sync, kongtask_blank_dsn, schema)
     async with open_database(kongtask_blank_dsn) as db:
         # The schema exists under its exact name (not folded, not truncated).
-        assert await db.fetchval(
-            "select count(*) from pg_namespace where nspname = $1", schema
-        ) == 1
+        assert (
+            await db.fetchval("select count(*) from pg_namespace where nspname = $1", schema) == 1
+        )
         await kongtask.Client(db, schema).add_job("odd", {"schema": schema})
         recorder = Recorder(1)
-        async with open_worker(kongtask_blank_dsn, {"odd": recorder}, schema=schema,
-                               poll_interval=0.2):
+        async with open_worker(
+            kongtask_blank_dsn, {"odd": recorder}, schema=schema, poll_interval=0.2
+        ):
             with trio.fail_after(20):
                 await recorder.done.wait()
         assert recorder.seen == [("odd", {"schema": schema})]
@@ -386,17 +388,25 @@ async def _with_migration_21(dsn: str, *, breaking: bool) -> None:
 
 
 async def test_schema_newer_and_breaking(kongtask_dsn: str, db: Database) -> None:
+    job = await kongtask.Client(db, S).add_job("t", {"ok": 1})
     await _with_migration_21(kongtask_dsn, breaking=True)
     with pytest.raises(SchemaTooNewError, match="breaking migration 21"):
         await trio.to_thread.run_sync(migrate_sync, kongtask_dsn)
+    recorder = Recorder(1)
     with pytest.raises(SchemaTooNewError, match="breaking migration 21"):
-        async with open_worker(kongtask_dsn, {"t": Recorder(1)}):
+        async with open_worker(kongtask_dsn, {"t": recorder}):
             raise AssertionError("not reached")
     code, _, err = await _cli("migrate", "-c", kongtask_dsn)
     assert code == 57
     assert "breaking migration 21" in _one_clean_line(err)
     # Nothing was touched: the 21 rows are still there and no job was claimed.
     assert await db.fetchval(f"select count(*) from {S}.migrations") == 21
+    assert recorder.seen == []
+    row = await db.fetchrow(
+        f"select attempts, locked_by from {S}._private_jobs where id = $1", job.id
+    )
+    assert row is not None
+    assert (row["attempts"], row["locked_by"]) == (0, None)
 
 
 async def test_schema_newer_but_compatible(kongtask_dsn: str, db: Database) -> None:
@@ -407,7 +417,6 @@ async def test_schema_newer_but_compatible(kongtask_dsn: str, db: Database) -> N
         with trio.fail_after(20):
             await recorder.done.wait()
     assert recorder.seen == [("t", {"ok": 1})]
-
 
 
 # --- roles (docs/security.md) ---------------------------------------------------------
@@ -484,9 +493,7 @@ async def test_roles_and_security_definer_wrapper(kongtask_server: object) -> No
             async with open_worker(as_role(owner), {"send_email": recorder}, poll_interval=0.2):
                 with trio.fail_after(20):
                     await recorder.done.wait()
-            assert recorder.seen == [
-                ("send_email", {"to": "a@example.com", "subject": "Welcome"})
-            ]
+            assert recorder.seen == [("send_email", {"to": "a@example.com", "subject": "Welcome"})]
     finally:
         await trio.to_thread.run_sync(
             run_sync_sql,

@@ -21,8 +21,8 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -395,9 +395,17 @@ async def test_three_pools_share_a_crontab_and_a_backfill_window(
         "* * * * * nofill\n"
         "0 0 1 1 * yearly ?fill=1h\n"
     )
-    clock = boundary_clock(2.5)  # live minute L is 2.5 s away: all pools start before it
-    start = clock()
+    # The wall clock runs at real speed with minute L 2.5 s away, but stays just before L
+    # until every pool has finished its startup and backfill, however slow the machine.
+    real_clock = boundary_clock(2.5)
+    start = real_clock()
     live = start.replace(second=0, microsecond=0) + MINUTE
+    gate_open = False
+
+    def clock() -> datetime:
+        now = real_clock()
+        return now if gate_open else min(now, live - timedelta(milliseconds=1))
+
     last = live - 11 * MINUTE
     long_ago = start - timedelta(hours=2)
     await db.execute(
@@ -407,28 +415,49 @@ async def test_three_pools_share_a_crontab_and_a_backfill_window(
         long_ago,
         last,
     )
-    window = [live - k * MINUTE for k in range(61)]  # fill 1h from L - 2.5 s: L-60 .. L
+    window = [live - k * MINUTE for k in range(61)]  # fill 1h from just before L: L-60 .. L
     expected = {
         "every": window[:31],  # fill 30m
         "five": [t for t in window if t.minute % 5 == 0],
         "recent": window[:11],  # after its last_execution L-11
         "nofill": [live],  # known, but no fill: live minutes only
     }
-    with trio.fail_after(20):
+    ticked: list[set[int]] = [set(), set(), set()]  # pool index -> live minutes it handled
+    changed = trio.Event()
+
+    class Watched:
+        """The real backend, recording when a pool's attempt at a live minute returned."""
+
+        def __init__(self, index: int, pool: Database) -> None:
+            self.index = index
+            self.inner = PgCronBackend(pool, "graphile_worker")
+
+        async def register(self, identifiers: Sequence[str], start: datetime) -> Any:
+            return await self.inner.register(identifiers, start)
+
+        async def schedule(self, ts: datetime, items: Sequence[CronItem], backfilled: bool) -> None:
+            nonlocal changed
+            await self.inner.schedule(ts, items, backfilled)
+            if not backfilled:
+                ticked[self.index].add(int(ts.timestamp()))
+                changed.set()
+                changed = trio.Event()
+
+    schedulers = [
+        CronScheduler(items, Watched(i, pool), wall_clock=clock)
+        for i, pool in enumerate(three_pools)
+    ]
+    with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            for pool in three_pools:
-                await nursery.start(
-                    partial(run_cron_scheduler, pool, "graphile_worker", items, wall_clock=clock)
-                )
-            await wait_for_rows(db, JOBS_SQL, sum(len(v) for v in expected.values()))
-            await wait_for_rows(
-                db,
-                "select 1 from graphile_worker._private_known_crontabs where last_execution = $1",
-                3 + (live.minute % 5 == 0),
-                live,
-            )
-            # Duplicates would come from the other pools' live ticks, within milliseconds.
-            await trio.sleep(0.5)
+            for scheduler in schedulers:
+                nursery.start_soon(scheduler.run)
+            for scheduler in schedulers:
+                await scheduler.live.wait()
+            gate_open = True
+            # Every pool's own attempt at minute L has returned: a duplicate would be in
+            # the table now (the pools that lost the race added nothing, or a duplicate).
+            while not all(int(live.timestamp()) in seen for seen in ticked):
+                await changed.wait()
             nursery.cancel_scope.cancel()
     rows = [dict(r) for r in await db.fetch(JOBS_SQL)]
     by_task: dict[str, list[datetime]] = {}
@@ -627,10 +656,12 @@ async def test_cron_list_shows_next_runs_and_last_execution(
             " ('daily', '2026-01-01T00:00:00Z', '2026-01-30T04:00:00Z'),"
             " ('never', '2026-01-02T00:00:00Z', null)"
         )
+    before = datetime.now(UTC)
     with trio.fail_after(10):
         code = await main(
             ["cron", "list", "-c", kongtask_dsn, "--crontab", str(path), "--next", "2"]
         )
+    after = datetime.now(UTC)
     out = capsys.readouterr().out
     assert code == 0
     today_4am = datetime.now(UTC).replace(hour=4, minute=0, second=0, microsecond=0)
@@ -643,10 +674,16 @@ async def test_cron_list_shows_next_runs_and_last_execution(
         "  next: never",
         "  last execution: never (known since 2026-01-02T00:00:00.000Z)",
         "fresh: */5 * * * * fresh",
-        out.splitlines()[7],
+        out.splitlines()[7],  # checked below: it depends on when the command ran
         "  last execution: never (not registered yet)",
     ]
-    assert out.splitlines()[7].startswith("  next: ")
+
+    def next_fives(t: datetime) -> str:
+        first = t.replace(second=0, microsecond=0) + timedelta(minutes=5 - t.minute % 5)
+        return f"  next: {format_ts(first)}, {format_ts(first + timedelta(minutes=5))}"
+
+    # the command read the clock between `before` and `after`
+    assert out.splitlines()[7] in {next_fives(before), next_fives(after)}
 
 
 async def test_cron_list_reports_a_bad_crontab(

@@ -39,6 +39,7 @@ from client_support import (  # the fixtures are used as test arguments
     kongtask_migrated_dsn,  # noqa: F401
     wait_until_blocked_on_lock,
 )
+from oracle import skip_or_fail
 
 import kongtask
 from kongtask._pg import Database, open_database
@@ -527,7 +528,7 @@ async def test_q5_delete_permafailed_jobs_also_takes_attempts_beyond_max(
     gw_clone_dsn: str, kongtask_migrated_dsn: str, tmp_path: Path
 ) -> None:
     if shutil.which("npm") is None:
-        pytest.skip("npm is needed for graphile-worker's own cleanup")
+        skip_or_fail("npm is needed for graphile-worker's own cleanup")
     await arrange_failed_jobs(gw_clone_dsn)
     await trio.to_thread.run_sync(
         graphile_worker_cleanup, gw_clone_dsn, "DELETE_PERMAFAILED_JOBS", tmp_path

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import trio
-from _worker_helpers import add_job_row, gw_template as gw_template, worker_dsn as worker_dsn
+from _worker_helpers import add_job_row, worker_dsn as worker_dsn
 from test_cli_run import kongtask_argv
 from test_worker import assert_clean, wait_until
 

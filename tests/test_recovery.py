@@ -157,10 +157,13 @@ async def test_only_provably_dead_pools_are_released(ldb: Database) -> None:
         }
         assert queues == {"qa": alive, "qd": None, "qn": node}
         # Released jobs are claimable again: they are available.
-        assert await ldb.fetchval(
-            f"select count(*) from {S}._private_jobs where is_available and id = any($1)",
-            dead_jobs,
-        ) == 3
+        assert (
+            await ldb.fetchval(
+                f"select count(*) from {S}._private_jobs where is_available and id = any($1)",
+                dead_jobs,
+            )
+            == 3
+        )
         # Once the live pool's connection goes, it is dead too (two more checks).
     finally:
         await ldb.close_connection(holder)
@@ -305,7 +308,6 @@ async def _listen(db: Database) -> AsyncIterator[_Notes]:
         await db.close_connection(conn)
 
 
-
 # --- end to end: kill -9 a worker process, its jobs run elsewhere within seconds ----------
 
 # The tasks module of the `kongtask run` process under test: a handler that says it
@@ -325,7 +327,10 @@ _CLI = "import sys, trio, kongtask; sys.exit(trio.run(kongtask.main))"
 async def test_killed_worker_jobs_run_elsewhere_within_seconds(
     kongtask_dsn: str, ldb: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """kill -9 a real ``kongtask run`` holding jobs: they run elsewhere within 10 s."""
+    """kill -9 a real ``kongtask run`` holding jobs: the live pool's dead-pool sweep
+    releases them (a ``pool:sweep`` event naming the dead pool) and they run there.
+    The limit below is a safety net; the recovery time is printed, and measured in
+    ``stress/chaos.py``."""
     import os
     import signal
     import subprocess
@@ -354,8 +359,22 @@ async def test_killed_worker_jobs_run_elsewhere_within_seconds(
 
     (tmp_path / "blocker.py").write_text(_BLOCKER)
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-c", _CLI, "--log-level", "WARNING", "run", "-c", kongtask_dsn,
-         "--tasks", "blocker:TASKS", "-j", "4", "--poll-interval", "100"],
+        [
+            sys.executable,
+            "-c",
+            _CLI,
+            "--log-level",
+            "WARNING",
+            "run",
+            "-c",
+            kongtask_dsn,
+            "--tasks",
+            "blocker:TASKS",
+            "-j",
+            "4",
+            "--poll-interval",
+            "100",
+        ],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
@@ -379,10 +398,18 @@ async def test_killed_worker_jobs_run_elsewhere_within_seconds(
             if set(jobs) <= set(ran):
                 all_ran.set()
 
-        async with open_worker(kongtask_dsn, {"block": block}, poll_interval=0.2):
+        sweeps: list[object] = []
+
+        def on_event(event: object) -> None:
+            if event.name == "pool:sweep":  # type: ignore[attr-defined]
+                sweeps.append(event)
+
+        async with open_worker(
+            kongtask_dsn, {"block": block}, poll_interval=0.2, on_event=on_event
+        ):
             proc.send_signal(signal.SIGKILL)
             killed_at = trio.current_time()
-            with trio.fail_after(10):
+            with trio.fail_after(30):
                 await all_ran.wait()
         recovery = max(ran[j] for j in jobs) - killed_at
         print(f"\nkill -9 -> all 3 jobs running elsewhere: {recovery:.2f} s")
@@ -392,6 +419,9 @@ async def test_killed_worker_jobs_run_elsewhere_within_seconds(
                 proc.kill()
             await proc.wait()
     assert node_job not in ran
+    # released by the dead-pool sweep (not by the 4-hour rule): the event names the pool
+    assert [e["pools"] for e in sweeps] == [(pool_id,)]  # type: ignore[index]
+    assert sweeps[0]["jobs"] == 3  # type: ignore[index]
     rows = await ldb.fetch(f"select id, locked_by, attempts from {S}._private_jobs order by id")
     # The three ran a second time (attempts 2: the killed attempt counts) and completed;
     # the Node pool's job is still locked by it.
@@ -473,10 +503,13 @@ async def test_pgbouncer_mode_pools_are_unmarked_and_keep_the_4_hour_rule(
         kongtask_dsn, {"job": job}, prepared_statements=False, poll_interval=0.2
     ) as worker:
         assert not is_marked_pool_id(worker.pool_id)
-        assert await ldb.fetchval(
-            "select count(*) from pg_locks where locktype = 'advisory' "
-            f"and classid = {LOCK_CLASS}::oid"
-        ) == 0
+        assert (
+            await ldb.fetchval(
+                "select count(*) from pg_locks where locktype = 'advisory' "
+                f"and classid = {LOCK_CLASS}::oid"
+            )
+            == 0
+        )
         # Rows it holds are not released by any sweeper, though it holds no lock.
         jobs = await _add_locked_jobs(ldb, worker.pool_id, 1, "pgb")
         sweeper = DeadPoolSweeper(S, restart_grace=0)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 import trio
-from _worker_helpers import add_job_row, gw_template as gw_template, worker_dsn as worker_dsn
+from _worker_helpers import add_job_row, worker_dsn as worker_dsn
 from test_worker import assert_clean
 
 import kongtask

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import trio
-from _worker_helpers import gw_template as gw_template, worker_dsn as worker_dsn
+from _worker_helpers import worker_dsn as worker_dsn
 
 import kongtask
 from kongtask._pg import Database, open_database
@@ -102,8 +102,23 @@ async def test_sql_jobs_run_exactly_once(tdb: Database, worker_dsn: str) -> None
     await tdb.execute(
         f"select {S}.add_job('t', json_build_object('i', i)) from generate_series(1, 30) i"
     )
+    running = peak = 0
+    four_running = trio.Event()
+
+    async def handler(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        if running == 4:
+            four_running.set()
+        try:
+            await four_running.wait()  # the first four wait for each other: 4 at once
+            await rec.handler(job, ctx)
+        finally:
+            running -= 1
+
     async with kongtask.open_worker(
-        worker_dsn, {"t": rec.handler}, concurrency=4, on_event=rec.on_event
+        worker_dsn, {"t": handler}, concurrency=4, on_event=rec.on_event
     ) as w:
         assert w.pool_id.startswith("pool-")
         assert len(w.pool_id) == 23
@@ -114,15 +129,8 @@ async def test_sql_jobs_run_exactly_once(tdb: Database, worker_dsn: str) -> None
     assert [e.name for e in rec.events][:1] == ["pool:create"]
     assert rec.events[-1].name == "stop"
     assert len(rec.names("job:success")) == 30
-    # concurrency 4 was used, but never more
-    points = sorted(
-        [(s, 1) for _, _, s, _ in rec.intervals] + [(e, -1) for _, _, _, e in rec.intervals]
-    )
-    level = peak = 0
-    for _, d in points:
-        level += d
-        peak = max(peak, level)
-    assert 2 <= peak <= 4
+    # concurrency 4 was used (the first four met), but never more
+    assert peak == 4
     await assert_clean(tdb)
     assert threading.active_count() <= threads_before
 
@@ -281,7 +289,7 @@ async def test_notify_wakes_an_idle_worker(tdb: Database, worker_dsn: str) -> No
         # let the first (empty) claim happen, so only the notification can wake the pool
         await wait_until(lambda: w._fetch_idle)  # claimed nothing, waits for news
         await tdb.execute(f"select {S}.add_job('t')")
-        with trio.fail_after(2):
+        with trio.fail_after(20):  # far below the 3600 s poll: only the NOTIFY can do it
             await started.wait()
         await wait_until(lambda: w.statistics().completed == 1)
     await assert_clean(tdb)
@@ -308,7 +316,9 @@ async def test_shutdown_cancels_running_and_returns_unstarted(
             await running.wait()
         t0 = trio.current_time()
     elapsed = trio.current_time() - t0
-    assert 0.3 <= elapsed < 3  # the grace period, then cancellation
+    # not cancelled before the grace ran out (a lower bound: trio never cancels early);
+    # that a job ending within the grace completes is tested in test_promises.py
+    assert elapsed >= 0.3
     rows = {r["id"]: r for r in await tdb.fetch(f"select * from {J}")}
     assert rows[slow_id]["attempts"] == 1
     assert rows[slow_id]["last_error"] == "Worker pool is shutting down gracefully"

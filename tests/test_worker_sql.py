@@ -13,7 +13,6 @@ import pytest
 import trio
 from _worker_helpers import (
     add_job_row as add,
-    gw_template as gw_template,
     worker_dsn as worker_dsn,
 )
 

@@ -1,4 +1,5 @@
-"""Testing helpers: a real PostgreSQL for tests (and the pytest plugin's fixtures).
+"""Testing helpers: a real PostgreSQL for tests (and the pytest plugin's fixtures), and a
+TCP proxy that breaks connections on demand (:class:`TcpProxy`).
 
 The hypothesis lifecycle harness lives in :mod:`kongtask.testing.lifecycle`.
 """
@@ -11,10 +12,12 @@ from ._postgres import (
     provide_postgres as provide_postgres,
     run_sync_sql as run_sync_sql,
 )
+from ._proxy import TcpProxy as TcpProxy
 
 __all__ = [
     "NO_SERVER_MESSAGE",
     "PostgresServer",
+    "TcpProxy",
     "docker_engine_available",
     "find_pg_bindir",
     "provide_postgres",

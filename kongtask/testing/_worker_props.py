@@ -2,17 +2,26 @@
 
 A :class:`WorkerScenario` is a list of jobs (queue, handler outcome), a concurrency, a
 point at which the pool is shut down, and a grace period. :meth:`WorkerHarness.check`
-adds the jobs, runs a pool until the shutdown point, shuts it down, and checks what must
-hold afterwards:
+adds the jobs (each with ``max_attempts`` 1, so no retry can make a job run twice), runs a
+pool until the shutdown point, shuts it down, and checks what must hold afterwards:
 
+- the shutdown point is reached by the pool's own progress, never by a timeout: either
+  ``stop_after_starts`` handler starts, or, when the scenario asks for as many starts as
+  can happen, the point where every job that can start has started and every one that
+  does not hang has finished (a hung job holds its named queue and its slot);
 - every job ends exactly once in the state its handler's fate predicts: returned ->
   deleted; raised -> kept, attempts 1, its message; cancelled at shutdown -> kept,
-  attempts 1, the shutdown message; never started -> kept, attempts 0, untouched;
+  attempts 1, the shutdown message; never started -> kept, attempts 0, untouched; and
+  in the second kind of shutdown, "never started" is accepted only for the jobs that
+  could not start;
 - no job is lost across the shutdown, none runs twice, no lock is left behind;
 - a named queue never runs two of its jobs at once.
 
-The pool runs in a background trio thread (STACK.md P9); the checks read the database
-from the calling thread.
+:attr:`WorkerHarness.totals` counts handler starts and each kind of end, so a test can
+fail a run that never exercised what it claims to.
+
+The pool runs in a background trio thread; the checks read the database from the
+calling thread.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 from hypothesis import strategies as st
@@ -36,7 +45,7 @@ T = TypeVar("T")
 
 OUTCOMES = ("ok", "raise", "hang")
 TASK = "lifecycle_worker_prop"
-#: What a job cancelled by a shutdown is failed with (SCHEMA.md §3.5).
+#: What a job cancelled by a shutdown is failed with.
 SHUTDOWN_MESSAGE = "Worker pool is shutting down gracefully"
 
 
@@ -63,8 +72,9 @@ class WorkerScenario:
     Attributes:
       jobs: the jobs added before the pool starts.
       concurrency: the pool's concurrency.
-      stop_after_starts: shut down once this many handlers have started (or after
-        ``patience`` seconds, whichever comes first).
+      stop_after_starts: shut down once this many handlers have started; when that is at
+        least as many as can start, shut down once the pool is quiet instead (see
+        :class:`Reachable`).
       grace: the shutdown's grace period (0 cancels running handlers at once).
       batch_size: the pool's claim size.
     """
@@ -98,12 +108,79 @@ def worker_scenarios(max_jobs: int = 8) -> st.SearchStrategy[WorkerScenario]:
     return st.lists(job, min_size=1, max_size=max_jobs).flatmap(build)
 
 
+@dataclass(frozen=True)
+class Reachable:
+    """What a scenario's pool must do before a shutdown, worked out from the scenario.
+
+    Attributes:
+      startable: indexes of the jobs that can start: every job without a queue, and in
+        each named queue the jobs up to and including its first ``"hang"`` (queue order:
+        priority, then id), since a hung job holds its queue until the shutdown.
+      saturated: the startable hangs can fill every slot; which jobs start then depends
+        on timing, but at least ``concurrency`` handlers do.
+      min_starts: the handler starts any correct pool reaches: every startable job, or
+        ``concurrency`` when saturated.
+    """
+
+    startable: frozenset[int]
+    saturated: bool
+    min_starts: int
+
+    @staticmethod
+    def of(scenario: WorkerScenario, ids: dict[int, int]) -> Reachable:
+        """``ids``: job index -> job id (the queue order's tie-break)."""
+        startable: set[int] = set()
+        by_queue: dict[str, list[int]] = {}
+        for i, job in enumerate(scenario.jobs):
+            if job.queue is None:
+                startable.add(i)
+            else:
+                by_queue.setdefault(job.queue, []).append(i)
+        for members in by_queue.values():
+            for i in sorted(members, key=lambda i: (scenario.jobs[i].priority, ids[i])):
+                startable.add(i)
+                if scenario.jobs[i].outcome == "hang":
+                    break
+        hangs = sum(1 for i in startable if scenario.jobs[i].outcome == "hang")
+        saturated = hangs >= scenario.concurrency
+        return Reachable(
+            frozenset(startable),
+            saturated,
+            scenario.concurrency if saturated else len(startable),
+        )
+
+
+@dataclass
+class ScenarioResult:
+    """What happened in one :meth:`WorkerHarness.check`.
+
+    Attributes:
+      fates: job index -> ``"ok"``, ``"raise"``, ``"cancelled"`` or ``"never started"``.
+      rows: job index -> the job's row after the shutdown (``None``: deleted), with
+        ``attempts``, ``last_error``, ``locked_at``, ``locked_by``.
+      starts: handler starts in all.
+      stop: ``"starts"`` (shut down after ``stop_after_starts`` starts) or ``"quiet"``
+        (shut down once every job that can start had started and the others finished).
+    """
+
+    fates: dict[int, str]
+    rows: dict[int, dict[str, Any] | None]
+    starts: int
+    stop: str
+
+
 @dataclass
 class _Record:
     starts: dict[int, int] = field(default_factory=dict)  # job id -> times started
     fates: dict[int, str] = field(default_factory=dict)  # job id -> ok/raise/cancelled
     intervals: list[tuple[str, int, float, float]] = field(default_factory=list)
     started: int = 0
+    hanging: int = 0
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def note(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
 
 class _TrioThread:
@@ -142,16 +219,28 @@ class WorkerHarness:
 
     Each scenario deletes the schema's jobs and queue rows first: use a database made
     for testing.
+
+    Attributes:
+      scenarios: scenarios checked.
+      totals: counts over all scenarios: ``starts`` (handler starts), ``ok``, ``raise``,
+        ``cancelled``, ``never started`` (jobs by fate), ``stop:starts`` and
+        ``stop:quiet`` (scenarios by kind of shutdown point).
     """
 
-    def __init__(self, dsn: str, schema: str, thread: _TrioThread, *, patience: float) -> None:
+    def __init__(
+        self, dsn: str, schema: str, thread: _TrioThread, *, progress_timeout: float
+    ) -> None:
         self.dsn = dsn
         self.schema = schema
-        self.patience = patience
+        self.progress_timeout = progress_timeout
         self._thread = thread
         self.scenarios = 0
+        self.totals: dict[str, int] = dict.fromkeys(
+            ("starts", "ok", "raise", "cancelled", "never started", "stop:starts", "stop:quiet"),
+            0,
+        )
 
-    def check(self, scenario: WorkerScenario) -> None:
+    def check(self, scenario: WorkerScenario) -> ScenarioResult:
         """Run ``scenario`` and check the properties; raise :class:`InvariantViolation`."""
         self.scenarios += 1
         s = quote_ident(self.schema)
@@ -161,6 +250,7 @@ class WorkerHarness:
                 "payload": {"i": i, "outcome": job.outcome},
                 "queue_name": job.queue,
                 "priority": job.priority,
+                "max_attempts": 1,
             }
             for i, job in enumerate(scenario.jobs)
         ]
@@ -173,33 +263,68 @@ class WorkerHarness:
             f"{_literal(json.dumps(specs))}::json) x))",
         )[-1]
         ids = {int(r["i"]): int(r["id"]) for r in added}  # type: ignore[attr-defined]
+        reachable = Reachable.of(scenario, ids)
+        stop = "starts" if scenario.stop_after_starts < reachable.min_starts else "quiet"
         record = _Record()
-        self._thread.run(self._run_pool, scenario, record)
+        reached = self._thread.run(self._run_pool, scenario, reachable, stop, ids, record)
         rows = run_sync_sql(
             self.dsn,
             f"select id, attempts, last_error, locked_at, locked_by from {s}._private_jobs",
             f"select queue_name from {s}._private_job_queues where locked_at is not null",
         )
-        self._verify(scenario, ids, record, rows[0], rows[1])  # type: ignore[arg-type]
+        step = f"worker scenario {scenario}"
+        if not reached:
+            raise InvariantViolation(
+                "worker_progress",
+                step,
+                f"shutdown point ({stop}) not reached in {self.progress_timeout} s: "
+                f"{record.started} handler starts, startable jobs "
+                f"{sorted(reachable.startable)}, fates {record.fates}",
+            )
+        jobs_left, queues_locked = cast("list[list[Any]]", rows)
+        result = self._verify(scenario, reachable, stop, ids, record, jobs_left, queues_locked)
+        self.totals["starts"] += result.starts
+        self.totals[f"stop:{stop}"] += 1
+        for fate in result.fates.values():
+            self.totals[fate] += 1
+        return result
 
-    async def _run_pool(self, scenario: WorkerScenario, record: _Record) -> None:
+    async def _run_pool(
+        self,
+        scenario: WorkerScenario,
+        reachable: Reachable,
+        stop: str,
+        ids: dict[int, int],
+        record: _Record,
+    ) -> bool:
+        """Run a pool to the shutdown point and shut it down; ``False``: never reached."""
         from .._worker import open_worker
 
-        reached = trio.Event()
-        if scenario.stop_after_starts == 0:
-            reached.set()
+        startable_ids = {ids[i] for i in reachable.startable}
+        hangs = {ids[i] for i, job in enumerate(scenario.jobs) if job.outcome == "hang"}
+
+        def at_shutdown_point() -> bool:
+            if stop == "starts":
+                return record.started >= scenario.stop_after_starts
+            if reachable.saturated and record.hanging >= scenario.concurrency:
+                return True  # every slot holds a hung handler: nothing else can start
+            return all(
+                job_id in record.fates or (job_id in hangs and job_id in record.starts)
+                for job_id in startable_ids
+            )
 
         async def handler(job: Any, ctx: Any) -> None:
             record.starts[job.id] = record.starts.get(job.id, 0) + 1
             record.started += 1
-            if record.started >= scenario.stop_after_starts:
-                reached.set()
             begin = trio.current_time()
             outcome = job.payload["outcome"]
             try:
-                await trio.sleep(0.002)
                 if outcome == "hang":
+                    record.hanging += 1
+                    record.note()
                     await trio.sleep_forever()
+                record.note()
+                await trio.sleep(0.002)
                 if outcome == "raise":
                     raise RuntimeError(f"boom {job.payload['i']}")
             except trio.Cancelled:
@@ -207,12 +332,15 @@ class WorkerHarness:
                 raise
             except RuntimeError:
                 record.fates[job.id] = "raise"
+                record.note()
                 raise
             finally:
                 if job.queue_name is not None:
                     record.intervals.append((job.queue_name, job.id, begin, trio.current_time()))
             record.fates[job.id] = "ok"
+            record.note()
 
+        reached = True
         async with open_worker(
             self.dsn,
             {TASK: handler},
@@ -222,18 +350,23 @@ class WorkerHarness:
             poll_interval=0.05,
             grace=scenario.grace,
         ) as worker:
-            with trio.move_on_after(self.patience):
-                await reached.wait()
+            with trio.move_on_after(self.progress_timeout) as waiting:
+                while not at_shutdown_point():
+                    await record.changed.wait()
+            reached = not waiting.cancelled_caught
             await worker.shutdown(scenario.grace)
+        return reached
 
     def _verify(
         self,
         scenario: WorkerScenario,
+        reachable: Reachable,
+        stop: str,
         ids: dict[int, int],
         record: _Record,
         rows: list[Any],
         locked_queues: list[Any],
-    ) -> None:
+    ) -> ScenarioResult:
         step = f"worker scenario {scenario}"
         left = {int(r["id"]): r for r in rows}
         for job_id, count in record.starts.items():
@@ -241,8 +374,34 @@ class WorkerHarness:
                 raise InvariantViolation(
                     "worker_runs_once", step, f"job {job_id} started {count} times"
                 )
+        if stop == "starts" and record.started < scenario.stop_after_starts:
+            raise InvariantViolation(
+                "worker_progress",
+                step,
+                f"shut down after {record.started} starts, wanted {scenario.stop_after_starts}",
+            )
+        fates: dict[int, str] = {}
         for i, job_id in ids.items():
             fate = record.fates.get(job_id)
+            fates[i] = fate or "never started"
+            if job_id in record.starts and i not in reachable.startable:
+                raise InvariantViolation(
+                    "worker_progress",
+                    step,
+                    f"job {job_id} started although a hung job holds its queue "
+                    f"{scenario.jobs[i].queue!r}",
+                )
+            if (
+                fate is None
+                and stop == "quiet"
+                and not reachable.saturated
+                and i in reachable.startable
+            ):
+                raise InvariantViolation(
+                    "worker_progress",
+                    step,
+                    f"job {job_id} ({scenario.jobs[i].outcome}) could start and never did",
+                )
             row = left.get(job_id)
             if fate == "ok":
                 if row is not None:
@@ -287,6 +446,12 @@ class WorkerHarness:
                     raise InvariantViolation(
                         "named_queue_serial", step, f"jobs {a} and {b} of {queue!r} overlapped"
                     )
+        return ScenarioResult(
+            fates=fates,
+            rows={i: (dict(left[j]) if j in left else None) for i, j in ids.items()},
+            starts=record.started,
+            stop=stop,
+        )
 
 
 def _same_error(got: str | None, want: str | None) -> bool:
@@ -302,19 +467,20 @@ def _literal(text: str) -> str:
 
 @contextmanager
 def open_worker_harness(
-    dsn: str, schema: str = "graphile_worker", *, patience: float = 1.0
+    dsn: str, schema: str = "graphile_worker", *, progress_timeout: float = 30.0
 ) -> Iterator[WorkerHarness]:
     """A background trio thread for running worker scenarios against ``schema``.
 
     Args:
       dsn: a database with the schema migrated.
       schema: the schema.
-      patience: the longest a scenario waits for its shutdown point, in seconds (keep it
-        below the first retry delay, 2.7 s, so no failed job can run twice legitimately).
+      progress_timeout: how long a scenario may take to reach its shutdown point, in
+        seconds; not reaching it is a ``worker_progress`` violation (a safety net against
+        a pool that stalls, not a way to end a scenario).
     """
     thread = _TrioThread()
     thread.start()
     try:
-        yield WorkerHarness(dsn, schema, thread, patience=patience)
+        yield WorkerHarness(dsn, schema, thread, progress_timeout=progress_timeout)
     finally:
         thread.close()
