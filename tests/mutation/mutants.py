@@ -88,10 +88,10 @@ MUTANTS = (
     Mutant(
         "unstarted jobs are not handed back at shutdown (attempt kept)",
         "_sql.py",
-        "set attempts = greatest(0, j.attempts - 1)",
-        "set attempts = j.attempts",
+        "then greatest(0, j.attempts - 1)",
+        "then j.attempts",
         ("tests/test_worker.py::test_unstarted_claimed_jobs_are_returned",),
-        count=2,
+        count=3,
     ),
     Mutant(
         "LISTEN is ignored",
