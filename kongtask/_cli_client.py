@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
@@ -144,6 +145,17 @@ async def _unlock_verb(args: argparse.Namespace) -> int:
     async with open_client(
         resolve_dsn(args.connection), schema=args.schema, max_connections=1
     ) as c:
-        await c.force_unlock_workers(args.pool_ids)
-    print(f"Unlocked the jobs and queues of {len(args.pool_ids)} pool id(s)")
+        released = await c.force_unlock_workers(args.pool_ids)
+    jobs = sum(j for j, _ in released.values())
+    queues = sum(q for _, q in released.values())
+    for pool_id, (pool_jobs, pool_queues) in released.items():
+        if pool_jobs or pool_queues:
+            print(f"{pool_id}: released {pool_jobs} job(s) and {pool_queues} queue(s)")
+        else:
+            print(
+                f"kongtask: warning: {pool_id} holds no job and no queue "
+                "(a mistyped id, or released already)",
+                file=sys.stderr,
+            )
+    print(f"Released {jobs} job(s) and {queues} queue(s) of {len(released)} pool id(s)")
     return 0

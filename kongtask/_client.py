@@ -326,7 +326,7 @@ class Client:
         jobs = await self._admin(self._queries.remove_job, key)
         return jobs[0] if jobs else None
 
-    async def force_unlock_workers(self, pool_ids: Iterable[str]) -> None:
+    async def force_unlock_workers(self, pool_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
         """Release every job and queue locked by the given worker pools.
 
         Use it for pools known to be dead (their jobs would otherwise wait 4 hours for
@@ -336,15 +336,21 @@ class Client:
 
         Args:
           pool_ids: the pool ids; an empty collection does nothing.
+
+        Returns:
+          ``pool id -> (jobs, queues)``: how many rows each id held and released, in
+          the order given (an id that held nothing maps to ``(0, 0)``).
         """
         if isinstance(pool_ids, str):
             raise ConfigError("pool_ids must be a collection of pool ids, not a single string")
-        ids = list(pool_ids)
+        ids = list(dict.fromkeys(pool_ids))
         for pool_id in ids:
             check_text(pool_id, "pool id")
-        if ids:
-            with _needs_schema(self._schema):
-                await self._db.execute(self._queries.force_unlock_workers, ids)
+        if not ids:
+            return {}
+        with _needs_schema(self._schema):
+            rows = await self._db.fetch(self._queries.force_unlock_workers, ids)
+        return {r["pool_id"]: (int(r["jobs"]), int(r["queues"])) for r in rows}
 
     async def cleanup(
         self,

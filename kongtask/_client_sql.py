@@ -129,7 +129,24 @@ select true, id, queue_name from {s}._private_job_queues where id = any($2::int[
         updated_at = now()
     where {_HELD} returning j.*""",
         ),
-        force_unlock_workers=f"select {s}.force_unlock_workers($1::text[])",
+        # What graphile-worker's force_unlock_workers() does, with the rows it released
+        # counted per pool id (the function returns nothing).
+        force_unlock_workers=f"""
+with jobs as (
+  update {s}._private_jobs as j set locked_at = null, locked_by = null
+  from (select id, locked_by from {s}._private_jobs where locked_by = any($1::text[])) as old
+  where j.id = old.id and j.locked_by = old.locked_by
+  returning old.locked_by
+), queues as (
+  update {s}._private_job_queues as q set locked_at = null, locked_by = null
+  from (select id, locked_by from {s}._private_job_queues where locked_by = any($1::text[])) as old
+  where q.id = old.id and q.locked_by = old.locked_by
+  returning old.locked_by
+)
+select pool_id,
+  (select count(*) from jobs where jobs.locked_by = pool_id) as jobs,
+  (select count(*) from queues where queues.locked_by = pool_id) as queues
+from unnest($1::text[]) as pool_id""",
         # SCHEMA.md §8 Q5: `>=` so rows pushed past max_attempts by reschedule_jobs go too.
         delete_permafailed_jobs=f"""
 delete from {s}._private_jobs

@@ -727,14 +727,15 @@ async def test_force_unlock_workers(client: Client) -> None:
         f"update {S}._private_job_queues q set locked_at = now(), locked_by = j.locked_by "
         f"from {S}._private_jobs j where j.job_queue_id = q.id"
     )
-    await client.force_unlock_workers(["pool-dead", "pool-unknown"])
+    released = await client.force_unlock_workers(["pool-dead", "pool-unknown", "pool-dead"])
+    assert released == {"pool-dead": (2, 1), "pool-unknown": (0, 0)}
     rows = {r["id"]: r for r in await job_rows(client)}
     assert (rows[a.id]["locked_by"], rows[c.id]["locked_at"]) == (None, None)
     assert rows[b.id]["locked_by"] == "pool-alive"
     assert rows[a.id]["attempts"] == 1  # the interrupted attempt counts
     queues = dict(await db.fetch(f"select queue_name, locked_by from {S}._private_job_queues"))
     assert queues == {"qa": None, "qb": "pool-alive"}
-    await client.force_unlock_workers([])
+    assert await client.force_unlock_workers([]) == {}
     with pytest.raises(ConfigError, match="not a single string"):
         await client.force_unlock_workers("pool-dead")
 
@@ -976,6 +977,12 @@ async def test_cli_cleanup_and_unlock(any_dsn: str, capsys: pytest.CaptureFixtur
         capsys.readouterr().err
     )
     assert await kongtask.main(["unlock", "-c", any_dsn, "pool-gone", "pool-other"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "pool-gone: released 1 job(s) and 0 queue(s)",
+        "Released 1 job(s) and 0 queue(s) of 2 pool id(s)",
+    ]
+    assert "warning: pool-other holds no job and no queue" in err
     async with kongtask.open_client(any_dsn) as c:
         row = next(r for r in await job_rows(c) if r["id"] == locked.id)
     assert (row["locked_at"], row["locked_by"]) == (None, None)
