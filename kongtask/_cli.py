@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -12,6 +11,18 @@ import trio
 
 from ._config import resolve_dsn, resolve_schema
 from ._errors import KongtaskError
+from ._logging import configure_cli_logging
+from ._settings import (
+    COMMON_KEYS,
+    CONNECTION,
+    LOG_KEYS,
+    SCHEMA,
+    SettingsError,
+    add_config_options,
+    add_log_options,
+    add_option,
+    resolve_settings,
+)
 from ._version import __version__
 
 log = logging.getLogger("kongtask")
@@ -20,16 +31,12 @@ Verb = Callable[[argparse.Namespace], Awaitable[int]]
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-c",
-        "--connection",
-        help="PostgreSQL connection string (default: $DATABASE_URL, then libpq's PG* variables)",
-    )
-    parser.add_argument(
-        "-s",
-        "--schema",
-        help="schema name (default: $GRAPHILE_WORKER_SCHEMA, then graphile_worker)",
-    )
+    """-c/-s, --config and the log options, resolved by ``kongtask._settings``."""
+    add_option(parser, CONNECTION)
+    add_option(parser, SCHEMA)
+    add_config_options(parser)
+    add_log_options(parser)
+    parser.set_defaults(settings_keys=COMMON_KEYS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,17 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="A PostgreSQL job queue for trio that speaks graphile-worker's schema.",
     )
     parser.add_argument("--version", action="version", version=f"kongtask {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("KONGTASK_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="how much to log (default: INFO, or $KONGTASK_LOG_LEVEL)",
-    )
+    add_log_options(parser)  # here and after every verb
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     migrate = verbs.add_parser("migrate", help="install or upgrade the schema, then exit")
     _add_connection_options(migrate)
-    migrate.add_argument("--silent", action="store_true", help="print nothing on success")
+    migrate.add_argument("--silent", action="store_true", help="print and log nothing on success")
     migrate.set_defaults(func=_migrate_verb)
 
     from ._cli_client import add_client_verbs
@@ -70,26 +72,18 @@ async def _migrate_verb(args: argparse.Namespace) -> int:
     from ._pg import open_database
 
     schema = resolve_schema(args.schema)
-    async with open_database(resolve_dsn(args.connection), max_size=1) as db:
-        await migrate(db, schema)
+    migrate_log = logging.getLogger("kongtask.migrate")
+    level = migrate_log.level
+    if args.silent:
+        migrate_log.setLevel(logging.WARNING)  # one INFO line per applied migration
+    try:
+        async with open_database(resolve_dsn(args.connection), max_size=1) as db:
+            await migrate(db, schema)
+    finally:
+        migrate_log.setLevel(level)
     if not args.silent:
         print(f"Schema {schema!r} is up to date")
     return 0
-
-
-def _one_line(record: logging.LogRecord) -> bool:
-    """Fold a log record's traceback into its message.
-
-    asyncpg's pool logs a full traceback each time it fails to reconnect (a database
-    restart prints dozens); the exception's type and text say all an operator needs.
-    """
-    if record.exc_info and record.exc_info[1] is not None:
-        exc = record.exc_info[1]
-        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
-        record.args = None
-        record.exc_info = None
-        record.exc_text = None
-    return True
 
 
 async def main(argv: Sequence[str] | None = None) -> int:
@@ -99,10 +93,13 @@ async def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("asyncpg.pool").addFilter(_one_line)
+    try:
+        # flag > environment > config file > default, checked before anything runs
+        resolve_settings(args, getattr(args, "settings_keys", LOG_KEYS))
+    except SettingsError as exc:
+        print(f"kongtask: {exc}", file=sys.stderr)
+        return exc.exit_code
+    configure_cli_logging(args.log_level, args.log_format)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

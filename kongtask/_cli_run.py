@@ -18,6 +18,13 @@ import trio
 
 from ._config import resolve_dsn, resolve_schema
 from ._errors import ConfigError
+from ._settings import (
+    LOG_KEYS,
+    RUN_OPTIONS,
+    add_config_options,
+    add_log_options,
+    add_option,
+)
 
 log = logging.getLogger("kongtask")
 
@@ -37,61 +44,16 @@ def add_run_verbs(
             "breaking migration of the schema is detected."
         ),
     )
-    add_connection_options(run)
+    for option in RUN_OPTIONS:
+        add_option(run, option)
+    add_config_options(run)
     run.add_argument(
-        "--tasks",
-        action="append",
-        default=[],
-        metavar="MODULE[:ATTR]",
-        help="import the mapping identifier -> handler from MODULE (attribute `tasks`, "
-        "or `TASKS`, unless ATTR is given); repeatable",
-    )
-    run.add_argument(
-        "--task-directory",
-        metavar="DIR",
-        help="one Python file per task, exporting `task` or `handler`; the identifier is "
-        "the path without .py (nested folders give a/b/c)",
-    )
-    run.add_argument("-j", "--jobs", type=int, default=1, help="concurrency (default 1)")
-    run.add_argument(
-        "--poll-interval",
-        type=int,
-        default=2000,
-        metavar="MS",
-        help="milliseconds between polls when no notification arrives (default 2000)",
-    )
-    run.add_argument("--once", action="store_true", help="run until no job is ready, then exit 0")
-    run.add_argument("--schema-only", action="store_true", help="migrate, then exit")
-    run.add_argument(
-        "-m", "--max-pool-size", type=int, default=10, help="database connections (default 10)"
-    )
-    run.add_argument(
-        "--no-prepared-statements",
+        "--print-config",
         action="store_true",
-        help="disable prepared statements (for transaction-pooling pgBouncer)",
+        help="print each option's value and where it came from (flag, environment, "
+        "config file or default), then exit 0 without connecting",
     )
-    run.add_argument(
-        "--forbidden-flags",
-        action="append",
-        default=[],
-        metavar="FLAG[,FLAG...]",
-        help="skip jobs carrying any of these flags; repeatable",
-    )
-    run.add_argument(
-        "--crontab",
-        metavar="FILE",
-        help="schedule the crontab in FILE (default: ./crontab if it exists)",
-    )
-    run.add_argument(
-        "--batch-size", type=int, default=None, help="most jobs claimed per statement (1000)"
-    )
-    run.add_argument(
-        "--grace",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long running jobs may finish at shutdown before they are cancelled (5)",
-    )
+    run.set_defaults(settings_keys=tuple(option.key for option in RUN_OPTIONS))
     run.set_defaults(func=_run_verb)
 
     demo = verbs.add_parser(
@@ -105,7 +67,9 @@ def add_run_verbs(
     )
     demo.add_argument("--jobs-count", type=int, default=300, help="sample jobs (default 300)")
     demo.add_argument("-j", "--jobs", type=int, default=8, help="concurrency (default 8)")
-    demo.set_defaults(func=_demo_verb)
+    add_log_options(demo)
+    add_config_options(demo)
+    demo.set_defaults(func=_demo_verb, settings_keys=LOG_KEYS)
 
 
 # ---------------------------------------------------------------------------
@@ -168,26 +132,8 @@ def load_task_directory(directory: str | os.PathLike[str]) -> dict[str, Any]:
 # run
 
 
-def _default_crontab() -> str | None:
-    # graphile-worker reads ./crontab when present
-    return "crontab" if Path("crontab").is_file() else None
-
-
-async def _run_verb(args: argparse.Namespace) -> int:
-    from ._migrate import migrate
-    from ._pg import open_database
-    from ._worker import DEFAULT_BATCH_SIZE, open_worker
-
-    schema = resolve_schema(args.schema)
-    dsn = resolve_dsn(args.connection)
-    async with open_database(
-        dsn, max_size=1, prepared_statements=not args.no_prepared_statements
-    ) as db:
-        await migrate(db, schema)
-    if args.schema_only:
-        print(f"Schema {schema!r} is up to date")
-        return 0
-
+def _load_run_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """Import the tasks and read the crontab (errors name the option, nothing is touched)."""
     tasks: dict[str, Any] = {}
     for spec in args.tasks:
         tasks.update(load_tasks_module(spec))
@@ -201,22 +147,55 @@ async def _run_verb(args: argparse.Namespace) -> int:
         from ._cron import load_crontab_file
 
         crontab = load_crontab_file(crontab_path)
-    flags = [f.strip() for value in args.forbidden_flags for f in value.split(",") if f.strip()]
+    return tasks, crontab
+
+
+def _default_crontab() -> str | None:
+    # graphile-worker reads ./crontab when present
+    return "crontab" if Path("crontab").is_file() else None
+
+
+async def _run_verb(args: argparse.Namespace) -> int:
+    from ._connect_wait import wait_for_database
+    from ._migrate import migrate
+    from ._pg import open_database
+    from ._worker import open_worker
+
+    if args.print_config:
+        print(args.resolved_settings.render(), end="")
+        return 0
+    schema = resolve_schema(args.schema)
+    dsn = resolve_dsn(args.connection)
+    tasks: dict[str, Any] = {}
+    crontab = None
+    if not args.schema_only:
+        # everything the worker will need is checked before the database is touched
+        tasks, crontab = _load_run_inputs(args)
+    await wait_for_database(dsn, args.connect_timeout, prepared_statements=args.prepared_statements)
+    async with open_database(dsn, max_size=1, prepared_statements=args.prepared_statements) as db:
+        await migrate(db, schema)
+    if args.schema_only:
+        print(f"Schema {schema!r} is up to date")
+        return 0
+    flags = args.forbidden_flags
     log.info(
-        "kongtask worker: %d task(s), concurrency %d, schema %r", len(tasks), args.jobs, schema
+        "kongtask worker: %d task(s), concurrency %d, schema %r",
+        len(tasks),
+        args.concurrency,
+        schema,
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_worker(
             dsn,
             tasks,
             schema=schema,
-            concurrency=args.jobs,
-            poll_interval=args.poll_interval / 1000,
-            batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+            concurrency=args.concurrency,
+            poll_interval=args.poll_interval / 1000,  # the CLI's milliseconds
+            batch_size=args.batch_size,
             forbidden_flags=flags or None,
             crontab=crontab,
             max_pool_size=args.max_pool_size,
-            prepared_statements=not args.no_prepared_statements,
+            prepared_statements=args.prepared_statements,
             grace=args.grace,
             once=args.once,
         ) as worker:

@@ -58,6 +58,7 @@ from ._events import EventCallback, EventEmitter
 from ._held import RECHECK_AFTER, claim_snapshot, needs_recheck
 from ._job import Job
 from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new_pool_id
+from ._logging import job_extra
 from ._pg import Database, open_database
 from ._sql import (
     Outcome,
@@ -72,6 +73,11 @@ from ._sql import (
 from ._tasks import TaskDef
 
 log = logging.getLogger("kongtask.worker")
+
+# after the grace period, jobs still running in threads are named after this long, then
+# again every THREAD_REPORT_EVERY seconds until they return
+THREAD_REPORT_FIRST = 0.2
+THREAD_REPORT_EVERY = 10.0
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -295,7 +301,9 @@ class _JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         self, msg: Any, kwargs: MutableMapping[str, Any]
     ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = self.extra or {}
-        return f"[{extra['task_identifier']}#{extra['job_id']}] {msg}", kwargs
+        # the job's fields on every record, as on the worker's own job records
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[{extra['task']}#{extra['job_id']}] {msg}", kwargs
 
 
 class _JobSlot:
@@ -396,7 +404,7 @@ class JobContext:
             job = self.job
             self._logger = _JobLogger(
                 logging.getLogger(f"kongtask.job.{job.task_identifier}"),
-                {"job_id": job.id, "task_identifier": job.task_identifier},
+                job_extra(self._worker.pool_id, job, "job:log"),
             )
         return self._logger
 
@@ -787,6 +795,7 @@ class Worker:
                         )
                         for slot in list(self._running.values()):
                             slot.cancel("pool")
+                        await self._wait_for_threads()
                 # nobody can send any more: the completer writes what it has, then ends
                 self._writes_send.close()
                 with trio.move_on_after(FLUSH_TIMEOUT):
@@ -798,6 +807,28 @@ class Worker:
                 self._events.emit("pool:release")
                 self._events.emit("stop")
                 self._stopped.set()
+
+    async def _wait_for_threads(self) -> None:
+        """Wait for the cancelled jobs to end, naming every few seconds the ones whose
+        handler runs in a thread: those cannot be cancelled, only waited for."""
+        with trio.move_on_after(THREAD_REPORT_FIRST):
+            await self._workers_done.wait()
+        while not self._workers_done.is_set():
+            for slot in list(self._running.values()):
+                job = slot.job
+                if job is None or self._runners[job.task_identifier].is_async:
+                    continue
+                log.warning(
+                    "pool %s: waiting for %s (job %d): its handler runs in thread %r, "
+                    "which cannot be cancelled; the pool stops when it returns",
+                    self.pool_id,
+                    job.task_identifier,
+                    job.id,
+                    f"kongtask {job.task_identifier}#{job.id}",
+                    extra=job_extra(self.pool_id, job, "job:wait"),
+                )
+            with trio.move_on_after(THREAD_REPORT_EVERY):
+                await self._workers_done.wait()
 
     async def _start(self) -> None:
         from ._migrate import check_schema
@@ -1266,6 +1297,7 @@ class Worker:
                 job.id,
                 job.attempts,
                 job.max_attempts,
+                extra=job_extra(self.pool_id, job, "job:start"),
             )
         start = trio.current_time()
         if runner.timeout is not None:
@@ -1336,6 +1368,7 @@ class Worker:
                     job.task_identifier,
                     job.id,
                     (trio.current_time() - start) * 1000,
+                    extra=job_extra(self.pool_id, job, "job:success"),
                 )
         else:
             self._send_write(_Outcome(job, message, replacement))
@@ -1344,32 +1377,48 @@ class Worker:
             if final:
                 events.emit("job:failed", job=job, message=message)
             events.emit("job:complete", job=job)
-            first_line = message.split("\n", 1)[0]
-            if final:
-                log.error(
-                    "pool %s: %s (job %d) failed permanently after %d attempt(s): %s",
-                    self.pool_id,
-                    job.task_identifier,
-                    job.id,
-                    job.attempts,
-                    first_line,
-                )
-            else:
-                log.warning(
-                    "pool %s: %s (job %d) failed (attempt %d of %d, retry in %.0f s): %s",
-                    self.pool_id,
-                    job.task_identifier,
-                    job.id,
-                    job.attempts,
-                    job.max_attempts,
-                    failure_delay(job.attempts),
-                    first_line,
-                )
+            self._log_failure(job, error, message, final)
         # capacity freed: tell a fetcher that waits for it
         if self._fetch_full and len(self._local) + len(self._running) <= self._refill_below:
             self._wake_fetcher()
         if cancelled is not None:
             raise cancelled
+
+    def _log_failure(
+        self, job: Job, error: BaseException | None, message: str, final: bool
+    ) -> None:
+        """One line with the exception's type and message; the traceback too at the
+        job's first failure (later attempts of the same error would only repeat it)."""
+        first_line = message.split("\n", 1)[0]
+        if error is not None and not isinstance(error, JobCancelled | TimeoutError):
+            first_line = f"{type(error).__name__}: {first_line}"
+        exc_info = None
+        if job.attempts == 1 and error is not None and error.__traceback__ is not None:
+            exc_info = error
+        if final:
+            log.error(
+                "pool %s: %s (job %d) failed permanently after %d attempt(s): %s",
+                self.pool_id,
+                job.task_identifier,
+                job.id,
+                job.attempts,
+                first_line,
+                exc_info=exc_info,
+                extra=job_extra(self.pool_id, job, "job:failed"),
+            )
+        else:
+            log.warning(
+                "pool %s: %s (job %d) failed (attempt %d of %d, retry in %.0f s): %s",
+                self.pool_id,
+                job.task_identifier,
+                job.id,
+                job.attempts,
+                job.max_attempts,
+                failure_delay(job.attempts),
+                first_line,
+                exc_info=exc_info,
+                extra=job_extra(self.pool_id, job, "job:error"),
+            )
 
     async def _call(self, runner: _Runner, job: Job, ctx: JobContext) -> object:
         if runner.is_async:
