@@ -314,6 +314,7 @@ async def run_dead_pool_sweeper(
     restart_grace: float = DEFAULT_RESTART_GRACE,
     full_scan_interval: float = DEFAULT_FULL_SCAN_INTERVAL,
     on_release: Callable[[Release], None] | None = None,
+    on_check: Callable[[BaseException | None], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Check for provably dead pools at once, then every ``interval`` s (±20 %), forever.
@@ -330,6 +331,8 @@ async def run_dead_pool_sweeper(
       restart_grace: see :data:`DEFAULT_RESTART_GRACE`.
       full_scan_interval: see :class:`DeadPoolSweeper`.
       on_release: called with each non-empty :class:`Release` (events, logs, tests).
+      on_check: called after each check with the database error it met, or ``None``
+        (the worker's outage log); without it such errors are logged as warnings.
       task_status: started at once.
     """
     sweeper = DeadPoolSweeper(
@@ -340,11 +343,17 @@ async def run_dead_pool_sweeper(
         try:
             release = await sweeper.check(db)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("check for dead pools failed (will retry): %s", exc)
+            if on_check is None:
+                log.warning("check for dead pools failed (will retry): %s", exc)
+            else:
+                on_check(exc)
             release = Release((), 0, 0)
         except Exception:  # a bug here must cost recovery time, never the pool
             log.exception("check for dead pools failed (will retry)")
             release = Release((), 0, 0)
+        else:
+            if on_check is not None:
+                on_check(None)
         if release.pools:
             log.warning(
                 "released %d job(s) and %d queue(s) of dead pool(s) %s",

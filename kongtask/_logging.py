@@ -72,6 +72,28 @@ def one_line(record: logging.LogRecord) -> bool:
     return True
 
 
+def quiet_pool_restores(record: logging.LogRecord) -> bool:
+    """Drop asyncpg's "Failed to restore the pool connection floor" warnings.
+
+    The pool's maintenance task logs one each time it fails to reconnect while the
+    database is away, a traceback each, doubling its delay up to a minute; a worker
+    reports the outage itself (:mod:`kongtask._outage`). They still show when
+    ``kongtask.worker`` logs at DEBUG.
+    """
+    if isinstance(record.msg, str) and record.msg.startswith(
+        "Failed to restore the pool connection floor"
+    ):
+        return logging.getLogger("kongtask.worker").isEnabledFor(logging.DEBUG)
+    return True
+
+
+def install_pool_filters() -> None:
+    """Add :func:`quiet_pool_restores` to the ``asyncpg.pool`` logger (once)."""
+    pool_logger = logging.getLogger("asyncpg.pool")
+    if quiet_pool_restores not in pool_logger.filters:
+        pool_logger.addFilter(quiet_pool_restores)
+
+
 class _CliHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler the CLI installs (told apart from a host program's own)."""
 
@@ -94,6 +116,7 @@ def configure_cli_logging(level: str, log_format: str) -> None:
     if not ours:
         root.addHandler(handler)
     root.setLevel(level)
+    install_pool_filters()
     pool_logger = logging.getLogger("asyncpg.pool")
     if one_line not in pool_logger.filters:
         pool_logger.addFilter(one_line)

@@ -58,7 +58,8 @@ from ._events import EventCallback, EventEmitter
 from ._held import RECHECK_AFTER, claim_snapshot, needs_recheck
 from ._job import Job
 from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new_pool_id
-from ._logging import job_extra
+from ._logging import install_pool_filters, job_extra
+from ._outage import OutageLog
 from ._pg import Database, open_database
 from ._sql import (
     Outcome,
@@ -619,6 +620,7 @@ class Worker:
         self._db = db
         self.schema = schema
         self.pool_id = new_pool_id(once=once, marked=marked)
+        self._outage = OutageLog(log, self.pool_id)
         self._q = WorkerQueries(schema)
         self._client = Client(db, schema)
         # the client's own methods: same signatures, docs and validation
@@ -963,6 +965,8 @@ class Worker:
                         await self._nudge_recv.receive()
                     self._fetch_full = False
                     continue
+                if conn is not None and conn.is_closed():
+                    conn = None  # the server went away meanwhile: no failed claim needed
                 try:
                     if conn is None:
                         conn = await self._connect_fetcher()
@@ -972,7 +976,12 @@ class Worker:
                     # the claim may have committed and only its reply been lost
                     self._schedule_reconcile()
                     self._events.emit("worker:getJob:error", error=exc)
-                    log.warning("pool %s: claiming jobs failed (%s); retrying", self.pool_id, exc)
+                    if is_transient(exc):
+                        self._outage.failed("claiming jobs", exc)
+                    else:
+                        log.warning(
+                            "pool %s: claiming jobs failed (%s); retrying", self.pool_id, exc
+                        )
                     if conn is not None:
                         # whatever broke, a fresh connection is cheap next to a stuck one
                         await self._db.close_connection(conn)
@@ -980,6 +989,7 @@ class Worker:
                     await trio.sleep(retry_delay(errors))
                     continue
                 errors = 0
+                self._outage.ok("claiming jobs")
                 if rows:
                     self._enqueue(rows)
                     # a candidate scan that hit the limit means more may be ready
@@ -1007,6 +1017,11 @@ class Worker:
             if conn is not None:
                 await self._db.close_connection(conn)
 
+    def _db_warning(self, what: str, exc: BaseException) -> None:
+        """A warning, unless the outage it belongs to has been reported already."""
+        level = logging.DEBUG if self._outage.down and is_transient(exc) else logging.WARNING
+        log.log(level, "pool %s: %s: %s", self.pool_id, what, exc)
+
     def _schedule_reconcile(self) -> None:
         """Compare the jobs locked by this pool with the ones it knows: before the next
         claim, and again :data:`RECONCILE_AGAIN_AFTER` later (the lost claim's statement
@@ -1030,7 +1045,7 @@ class Worker:
         try:
             rows = await self._db.fetch(self._q.locked_by_pool, self.pool_id)
         except Exception as exc:
-            log.warning("pool %s: checking its locks failed (will retry): %s", self.pool_id, exc)
+            self._db_warning("checking its locks failed (will retry)", exc)
             return
         known = {job.id for job, _ in self._local}
         known.update(self._running)
@@ -1503,22 +1518,28 @@ class Worker:
                         await self._return_jobs(jobs, reason)
                 if not self._ok and not self._fail:
                     continue
+                if conn is not None and conn.is_closed():
+                    conn = None  # the server went away meanwhile
                 try:
                     if conn is None:
                         conn = await self._db.connect()
                     await self._flush_once(conn)
                     errors = 0
+                    self._outage.ok("writing outcomes")
                 except Exception as exc:
                     errors += 1
                     self._events.emit("worker:completeJob:error", error=exc)
                     transient = is_transient(exc)
-                    log.warning(
-                        "pool %s: writing %d outcome(s) failed (%s%s); retrying",
-                        self.pool_id,
-                        len(self._ok) + len(self._fail),
-                        exc,
-                        "" if transient else ", not a known transient error",
-                    )
+                    if transient:
+                        self._outage.failed("writing outcomes", exc)
+                    else:
+                        log.warning(
+                            "pool %s: writing %d outcome(s) failed (%s, not a known transient "
+                            "error); retrying",
+                            self.pool_id,
+                            len(self._ok) + len(self._fail),
+                            exc,
+                        )
                     if conn is not None:
                         await self._db.close_connection(conn)
                         conn = None
@@ -1634,6 +1655,7 @@ class Worker:
                 await self._db.run(conn.add_listener, "worker:migrate", self._on_migrate)
                 attempt = 0
                 self._listening.set()
+                self._outage.ok("LISTEN connection")
                 self._events.emit("pool:listen:success")
                 self._wake_fetcher()  # notifications may have been missed meanwhile
                 if not started:
@@ -1650,7 +1672,10 @@ class Worker:
                 if self._listening.is_set():
                     self._listening = trio.Event()  # the liveness lock went with it
                 self._events.emit("pool:listen:error", error=exc)
-                log.warning("pool %s: LISTEN connection failed: %s", self.pool_id, exc)
+                if is_transient(exc):
+                    self._outage.failed("LISTEN connection", exc)
+                else:
+                    log.warning("pool %s: LISTEN connection failed: %s", self.pool_id, exc)
                 if not started:
                     started = True
                     task_status.started()
@@ -1678,12 +1703,23 @@ class Worker:
             )
             self._wake_fetcher()
 
+        def on_check(error: BaseException | None) -> None:
+            if error is None:
+                self._outage.ok("checking for dead pools")
+            elif is_transient(error):
+                self._outage.failed("checking for dead pools", error)
+            else:
+                log.warning(
+                    "pool %s: check for dead pools failed (will retry): %s", self.pool_id, error
+                )
+
         await _liveness.run_dead_pool_sweeper(
             self._db,
             self.schema,
             # read at call time, so a changed module default applies
             restart_grace=_liveness.DEFAULT_RESTART_GRACE,
             on_release=on_release,
+            on_check=on_check,
         )
 
     async def _sweeper(self) -> None:
@@ -1745,7 +1781,7 @@ class Worker:
                     register_tasks, self._q, sorted(self._runners)
                 )
             except Exception as exc:
-                log.warning("pool %s: refreshing task ids failed: %s", self.pool_id, exc)
+                self._db_warning("refreshing task ids failed", exc)
             else:
                 self._task_ids = task_ids
                 # keep old ids too: a claim in flight may still return them
@@ -1753,7 +1789,7 @@ class Worker:
         try:
             row = await self._db.fetchrow(self._q.sweep_stale)
         except Exception as exc:
-            log.warning("pool %s: stale-lock sweep failed: %s", self.pool_id, exc)
+            self._db_warning("stale-lock sweep failed", exc)
             return
         if row is not None and (row["jobs"] or row["queues"]):
             log.warning(
@@ -1826,6 +1862,7 @@ async def open_worker(
         raise ConfigError(f"max_pool_size must be a positive integer, not {max_pool_size!r}")
     if not grace >= 0 or not local_queue_ttl > 0:
         raise ConfigError("grace must be >= 0 and local_queue_ttl > 0")
+    install_pool_filters()  # an outage is logged by the pool's OutageLog instead
     async with open_database(
         resolve_dsn(dsn),
         min_size=1,
