@@ -592,3 +592,48 @@ async def _listening(worker: Any) -> bool:
 
 async def _reconnected(logs: Records) -> bool:
     return any("reconnected" in r.getMessage() for r in logs.records)
+
+
+async def test_postgres_restart_logs_one_warning_and_one_reconnected() -> None:
+    """A real ``pg_ctl restart -m fast`` of a throwaway cluster under a working pool."""
+    from kongtask._migrate import migrate
+    from kongtask.testing._postgres import LocalCluster, find_pg_bindir
+
+    bindir = find_pg_bindir()
+    if bindir is None:
+        pytest.skip("no local PostgreSQL binaries to restart")
+    cluster = LocalCluster(bindir)
+    dsn = await trio.to_thread.run_sync(cluster.start)
+    try:
+        async with open_database(dsn, max_size=1) as db:
+            await migrate(db, S)
+        ran: list[int] = []
+
+        async def job(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+            ran.append(job.id)
+
+        async with (
+            open_worker(dsn, {"job": job}, concurrency=4, poll_interval=0.2) as worker,
+        ):
+            await wait_until(lambda: _listening(worker), limit=20)
+            with capture(logging.INFO) as logs:
+                restart = await trio.to_thread.run_sync(
+                    cluster._run,
+                    "pg_ctl", "-D", str(cluster.data), "-l", str(cluster.logfile),
+                    "-m", "fast", "-w", "-t", "60", "restart",
+                )  # fmt: skip
+                assert restart.returncode == 0, restart.stderr
+                async with open_database(dsn, max_size=1) as db:
+                    job_id = await db.fetchval(f"select id from {S}.add_job('job')")
+                await wait_until(lambda: job_id in ran, limit=30)
+                await wait_until(lambda: _reconnected(logs), limit=30)
+                lines = [
+                    f"{r.levelname} {r.name}: {r.getMessage()}"
+                    for r in logs.records
+                    if "started" not in r.getMessage() and "completed" not in r.getMessage()
+                ]
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+    warnings = [line for line in lines if line.startswith(("WARNING", "ERROR"))]
+    assert len(warnings) == 1, "\n".join(lines)
+    assert sum("reconnected" in line for line in lines) == 1, "\n".join(lines)
