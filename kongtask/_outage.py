@@ -12,9 +12,24 @@ from __future__ import annotations
 
 import logging
 
+import asyncpg
 import trio
 
 from ._logging import pool_extra
+
+# 08: connection exceptions; 57P01-57P03: the server is shutting down, crashed, starting
+_LOST_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot be reached (rather than a statement
+    failing on a working connection, such as a serialization failure)."""
+    state = getattr(exc, "sqlstate", None)
+    if isinstance(state, str):
+        return state in _LOST_SQLSTATES or state.startswith("08")
+    return isinstance(
+        exc, OSError | ConnectionError | TimeoutError | asyncpg.InterfaceError | trio.TooSlowError
+    )
 
 
 class OutageLog:

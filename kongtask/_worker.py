@@ -59,7 +59,7 @@ from ._held import RECHECK_AFTER, claim_snapshot, needs_recheck
 from ._job import Job
 from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new_pool_id
 from ._logging import install_pool_filters, job_extra
-from ._outage import OutageLog
+from ._outage import OutageLog, is_connection_lost
 from ._pg import Database, open_database
 from ._sql import (
     Outcome,
@@ -976,7 +976,7 @@ class Worker:
                     # the claim may have committed and only its reply been lost
                     self._schedule_reconcile()
                     self._events.emit("worker:getJob:error", error=exc)
-                    if is_transient(exc):
+                    if is_connection_lost(exc):
                         self._outage.failed("claiming jobs", exc)
                     else:
                         log.warning(
@@ -1019,7 +1019,8 @@ class Worker:
 
     def _db_warning(self, what: str, exc: BaseException) -> None:
         """A warning, unless the outage it belongs to has been reported already."""
-        level = logging.DEBUG if self._outage.down and is_transient(exc) else logging.WARNING
+        lost = self._outage.down and is_connection_lost(exc)
+        level = logging.DEBUG if lost else logging.WARNING
         log.log(level, "pool %s: %s: %s", self.pool_id, what, exc)
 
     def _schedule_reconcile(self) -> None:
@@ -1530,15 +1531,15 @@ class Worker:
                     errors += 1
                     self._events.emit("worker:completeJob:error", error=exc)
                     transient = is_transient(exc)
-                    if transient:
+                    if is_connection_lost(exc):
                         self._outage.failed("writing outcomes", exc)
                     else:
                         log.warning(
-                            "pool %s: writing %d outcome(s) failed (%s, not a known transient "
-                            "error); retrying",
+                            "pool %s: writing %d outcome(s) failed (%s%s); retrying",
                             self.pool_id,
                             len(self._ok) + len(self._fail),
                             exc,
+                            "" if transient else ", not a known transient error",
                         )
                     if conn is not None:
                         await self._db.close_connection(conn)
@@ -1672,7 +1673,7 @@ class Worker:
                 if self._listening.is_set():
                     self._listening = trio.Event()  # the liveness lock went with it
                 self._events.emit("pool:listen:error", error=exc)
-                if is_transient(exc):
+                if is_connection_lost(exc):
                     self._outage.failed("LISTEN connection", exc)
                 else:
                     log.warning("pool %s: LISTEN connection failed: %s", self.pool_id, exc)
@@ -1706,7 +1707,7 @@ class Worker:
         def on_check(error: BaseException | None) -> None:
             if error is None:
                 self._outage.ok("checking for dead pools")
-            elif is_transient(error):
+            elif is_connection_lost(error):
                 self._outage.failed("checking for dead pools", error)
             else:
                 log.warning(

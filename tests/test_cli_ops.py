@@ -637,3 +637,39 @@ async def test_postgres_restart_logs_one_warning_and_one_reconnected() -> None:
     warnings = [line for line in lines if line.startswith(("WARNING", "ERROR"))]
     assert len(warnings) == 1, "\n".join(lines)
     assert sum("reconnected" in line for line in lines) == 1, "\n".join(lines)
+
+
+async def test_outage_log_arithmetic(autojump_clock: trio.testing.MockClock) -> None:
+    from kongtask._outage import OutageLog, is_connection_lost
+
+    class Serialization(Exception):
+        sqlstate = "40001"
+
+    class AdminShutdown(Exception):
+        sqlstate = "57P01"
+
+    assert is_connection_lost(ConnectionResetError())
+    assert is_connection_lost(AdminShutdown())
+    assert not is_connection_lost(Serialization())  # a working connection: not an outage
+    logger = logging.getLogger("kongtask.test_outage")
+    with capture(logging.DEBUG) as logs:
+        outage = OutageLog(logger, "pool-x")
+        outage.ok("listen")  # nothing was failing: nothing to say
+        outage.failed("listen", ConnectionResetError("reset"))
+        await trio.sleep(2)
+        outage.failed("claim", ConnectionRefusedError("refused"))
+        outage.failed("listen", ConnectionRefusedError("refused"))
+        outage.ok("listen")
+        assert outage.down  # the claims still fail
+        await trio.sleep(1.5)
+        outage.ok("claim")
+        assert not outage.down
+    levels = [(r.levelname, r.getMessage()) for r in logs.records if r.levelno >= logging.INFO]
+    assert levels == [
+        (
+            "WARNING",
+            "pool pool-x: lost its database connection (listen: ConnectionResetError: reset); "
+            "retrying quietly until it is back",
+        ),
+        ("INFO", "pool pool-x: reconnected to the database after 3.5 s"),
+    ]
