@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -307,16 +308,14 @@ def _show(key: str, value: Any) -> str:
 
 
 def redact_password(dsn: str) -> str:
-    """``dsn`` with its password replaced by ``***`` (URL and keyword forms)."""
+    """``dsn`` with its passwords replaced by ``***`` (URL, URL query and keyword forms)."""
     if "://" in dsn:
         parts = urlsplit(dsn)
-        if parts.password is None:
-            return dsn
-        user = parts.username or ""
-        host = parts.netloc.rsplit("@", 1)[1]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    import re
-
+        if parts.password is not None:
+            host = parts.netloc.rsplit("@", 1)[1]
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+        query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+        return urlunsplit(parts._replace(query=query))
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
 

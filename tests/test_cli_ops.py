@@ -673,3 +673,21 @@ async def test_outage_log_arithmetic(autojump_clock: trio.testing.MockClock) -> 
         ),
         ("INFO", "pool pool-x: reconnected to the database after 3.5 s"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://u:secret@h:5432/d", "postgresql://u:***@h:5432/d"),
+        (
+            "postgresql://h/d?sslmode=require&password=secret",
+            "postgresql://h/d?sslmode=require&password=***",
+        ),
+        ("host=h password='a secret' user=u", "host=h password=*** user=u"),
+        ("postgresql://u@h/d", "postgresql://u@h/d"),
+    ],
+)
+def test_print_config_hides_passwords(dsn: str, shown: str) -> None:
+    from kongtask._settings import redact_password
+
+    assert redact_password(dsn) == shown
