@@ -155,8 +155,37 @@ def _default_crontab() -> str | None:
     return "crontab" if Path("crontab").is_file() else None
 
 
-async def _run_verb(args: argparse.Namespace) -> int:
+async def _wait_for_database_or_signal(args: argparse.Namespace, dsn: str | None) -> bool:
+    """Wait for the database (``--connect-timeout``); ``False`` if SIGINT/SIGTERM came first."""
     from ._connect_wait import wait_for_database
+
+    stopped_by: list[str] = []
+    failure: Exception | None = None
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    stopped_by.append(signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            try:
+                await wait_for_database(
+                    dsn, args.connect_timeout, prepared_statements=args.prepared_statements
+                )
+            except Exception as exc:  # raised below as it is, not in a nursery's group
+                failure = exc
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if stopped_by:
+        log.info("%s: stopping before the database was reached (nothing was done)", stopped_by[0])
+        return False
+    return True
+
+
+async def _run_verb(args: argparse.Namespace) -> int:
     from ._migrate import migrate
     from ._pg import open_database
     from ._worker import open_worker
@@ -171,7 +200,8 @@ async def _run_verb(args: argparse.Namespace) -> int:
     if not args.schema_only:
         # everything the worker will need is checked before the database is touched
         tasks, crontab = _load_run_inputs(args)
-    await wait_for_database(dsn, args.connect_timeout, prepared_statements=args.prepared_statements)
+    if not await _wait_for_database_or_signal(args, dsn):
+        return 0
     async with open_database(dsn, max_size=1, prepared_statements=args.prepared_statements) as db:
         await migrate(db, schema)
     if args.schema_only:

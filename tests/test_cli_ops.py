@@ -117,6 +117,35 @@ async def test_run_gives_up_on_a_down_database_after_connect_timeout(tmp_path: P
     assert "gave up after" in lines[-1]
 
 
+async def test_sigterm_while_waiting_for_the_database_exits_0(tmp_path: Path) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
+    proc = await trio.lowlevel.open_process(
+        kongtask_argv("run", "-c", dsn, "--tasks", "os:environ", "--connect-timeout", "600"),
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    err = b""
+    try:
+        with trio.fail_after(30):
+            while b"retrying in" not in err:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, err.decode()
+                err += chunk
+            proc.send_signal(signal.SIGTERM)
+            while chunk := await proc.stderr.receive_some(4096):
+                err += chunk
+            assert await proc.wait() == 0, err.decode()
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    assert b"SIGTERM: stopping before the database was reached" in err
+    assert b"Traceback" not in err
+
+
 class Proxy:
     """A TCP proxy to a PostgreSQL port that can refuse, and reset every connection."""
 
