@@ -37,9 +37,11 @@ def add_run_verbs(
 ) -> None:
     run = verbs.add_parser(
         "run",
-        help="migrate, then run a worker until SIGINT/SIGTERM",
+        help="import the tasks, migrate, then run a worker until SIGINT/SIGTERM",
         description=(
-            "Migrate the schema, then run jobs. SIGINT/SIGTERM stop gracefully (running "
+            "Import the tasks, wait for the database (--connect-timeout), migrate the "
+            "schema, then run jobs. Options also come from $KONGTASK_* variables and TOML "
+            "(--print-config shows where each came from). SIGINT/SIGTERM stop gracefully (running "
             "jobs get --grace seconds); a second signal stops at once. Exits 57 when a "
             "breaking migration of the schema is detected."
         ),
