@@ -11,7 +11,7 @@ import trio
 
 from ._config import resolve_dsn, resolve_schema
 from ._errors import KongtaskError
-from ._logging import configure_cli_logging
+from ._logging import configure_cli_logging, print_failure
 from ._settings import (
     COMMON_KEYS,
     CONNECTION,
@@ -107,16 +107,16 @@ async def main(argv: Sequence[str] | None = None) -> int:
         code: int = await args.func(args)
         return code
     except KongtaskError as exc:
-        print(f"kongtask: {exc}", file=sys.stderr)
+        print_failure(str(exc), args.log_format)
         return exc.exit_code
     except (OSError, ConnectionError) as exc:
-        print(f"kongtask: cannot reach the database: {exc}", file=sys.stderr)
+        print_failure(f"cannot reach the database: {exc}", args.log_format)
         return 1
     except Exception as exc:
         import asyncpg
 
         if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
-            print(f"kongtask: database error: {exc}", file=sys.stderr)
+            print_failure(f"database error: {exc}", args.log_format)
             return 1
         raise
 

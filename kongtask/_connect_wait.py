@@ -74,7 +74,7 @@ async def retry_while_unreachable(attempt: Callable[[], Awaitable[T]], give_up_a
             delay = min(delay, remaining)
             log.warning(
                 "cannot reach the database (%s); retrying in %.1f s (attempt %d, giving up "
-                "%.0f s from now)",
+                "in %.1f s)",
                 _describe(exc),
                 delay,
                 number,

@@ -94,6 +94,16 @@ def install_pool_filters() -> None:
         pool_logger.addFilter(quiet_pool_restores)
 
 
+def print_failure(message: str, log_format: str) -> None:
+    """The CLI's last word on stderr: ``kongtask: message``, or with ``--log-format json``
+    one more JSON object (level ``ERROR``), so every line stays machine-readable."""
+    if log_format != "json":
+        print(f"kongtask: {message}", file=sys.stderr)
+        return
+    record = logging.LogRecord("kongtask", logging.ERROR, "", 0, message, None, None)
+    print(JsonFormatter().format(record), file=sys.stderr)
+
+
 class _CliHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler the CLI installs (told apart from a host program's own)."""
 

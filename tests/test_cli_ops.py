@@ -115,6 +115,15 @@ async def test_run_gives_up_on_a_down_database_after_connect_timeout(tmp_path: P
     assert "Traceback" not in err
     assert lines[-1].startswith("kongtask: cannot reach the database (")
     assert "gave up after" in lines[-1]
+    # with --log-format json the last word is a JSON object too
+    code, _, err = await _cli(
+        "run", "-c", dsn, "--tasks", "os:environ", "--connect-timeout", "0",
+        "--log-format", "json", cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 1
+    last = [json.loads(line) for line in err.splitlines()][-1]
+    assert last["level"] == "ERROR"
+    assert last["message"].startswith("cannot reach the database (")
 
 
 async def test_sigterm_while_waiting_for_the_database_exits_0(tmp_path: Path) -> None:
