@@ -342,7 +342,14 @@ async def run_dead_pool_sweeper(
     while True:
         try:
             release = await sweeper.check(db)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            # a pooled connection whose protocol state broke in a server restart
+            asyncpg.InternalClientError,
+            TimeoutError,
+        ) as exc:
             if on_check is None:
                 log.warning("check for dead pools failed (will retry): %s", exc)
             else:

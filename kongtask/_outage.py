@@ -27,8 +27,16 @@ def is_connection_lost(exc: BaseException) -> bool:
     state = getattr(exc, "sqlstate", None)
     if isinstance(state, str):
         return state in _LOST_SQLSTATES or state.startswith("08")
+    # InternalClientError: the connection's protocol state broke with it (an operation
+    # cut off mid-way); only a new connection helps, which is what every part does next
     return isinstance(
-        exc, OSError | ConnectionError | TimeoutError | asyncpg.InterfaceError | trio.TooSlowError
+        exc,
+        OSError
+        | ConnectionError
+        | TimeoutError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | trio.TooSlowError,
     )
 
 
