@@ -484,6 +484,11 @@ class JobCancelled(Exception):
     """The ``error`` of ``job:error`` events for jobs cancelled (shutdown, ``cancel_scope``)."""
 
 
+def _thread_name(job: Job) -> str:
+    """The name of the worker thread that runs a plain-function handler for ``job``."""
+    return f"kongtask {job.task_identifier}#{job.id}"
+
+
 def _error_text(exc: BaseException) -> str:
     """``last_error`` for a handler exception: a first line, then a short traceback.
 
@@ -826,7 +831,7 @@ class Worker:
                     self.pool_id,
                     job.task_identifier,
                     job.id,
-                    f"kongtask {job.task_identifier}#{job.id}",
+                    _thread_name(job),
                     extra=job_extra(self.pool_id, job, "job:wait"),
                 )
             with trio.move_on_after(THREAD_REPORT_EVERY):
@@ -1445,7 +1450,7 @@ class Worker:
             ctx,
             limiter=self._thread_limiter,
             # named while it runs the handler, so a leftover one would be easy to spot
-            thread_name=f"kongtask {job.task_identifier}#{job.id}",
+            thread_name=_thread_name(job),
         )
 
     def _batch_outcome(self, job: Job, result: object) -> tuple[str, str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -273,7 +274,7 @@ def _closed_port() -> int:
     return port  # closed again: nothing listens there
 
 
-async def test_server_down() -> None:
+async def test_server_down(tmp_path: Path) -> None:
     dsn = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
     with trio.fail_after(30), pytest.raises(OSError, match="Connect call failed"):
         async with kongtask.open_client(dsn):
@@ -282,7 +283,11 @@ async def test_server_down() -> None:
         async with open_worker(dsn, {"t": Recorder(1)}):
             raise AssertionError("not reached")
     # (--connect-timeout 0: fail at once instead of waiting for the server to come up)
-    for verb in (["migrate"], ["run", "--tasks", "os:environ", "--connect-timeout", "0"]):
+    tasks = tmp_path / "tasks_here"
+    tasks.mkdir()
+    (tasks / "t.py").write_text("async def task(job, ctx):\n    pass\n")
+    run = ["run", "--task-directory", str(tasks), "--connect-timeout", "0"]
+    for verb in (["migrate"], run):
         code, out, err = await _cli(*verb, "-c", dsn)
         assert code == 1, (verb, out, err)
         assert "cannot reach the database" in _one_clean_line(err)

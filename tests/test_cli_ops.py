@@ -58,6 +58,12 @@ async def _schema_exists(dsn: str) -> bool:
         return bool(await db.fetchval(f"select to_regnamespace('{S}') is not null"))
 
 
+def _ok_tasks(directory: Path) -> str:
+    """A tasks module in ``directory`` (run the command there); its ``--tasks`` value."""
+    (directory / "ok_tasks.py").write_text("async def t(job, ctx):\n    pass\ntasks = {'t': t}\n")
+    return "ok_tasks"
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,6 +101,10 @@ async def test_run_checks_its_tasks_before_it_migrates(
     )
     assert code == 1
     assert "cannot import 'no_such_tasks_module'" in err
+    (tmp_path / "odd_tasks.py").write_text("tasks = {'t': 42}\n")
+    code, _, err = await _cli("run", "-c", kongtask_blank_dsn, "--tasks", "odd_tasks", cwd=tmp_path)
+    assert code == 1
+    assert "task 't': the handler is a int, not a function" in err
     (tmp_path / "crontab").write_text("not a crontab line\n")
     (tmp_path / "ok_tasks.py").write_text("async def t(job, ctx):\n    pass\ntasks = {'t': t}\n")
     code, _, err = await _cli("run", "-c", kongtask_blank_dsn, "--tasks", "ok_tasks", cwd=tmp_path)
@@ -106,7 +116,7 @@ async def test_run_checks_its_tasks_before_it_migrates(
 async def test_run_gives_up_on_a_down_database_after_connect_timeout(tmp_path: Path) -> None:
     dsn = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
     code, _, err = await _cli(
-        "run", "-c", dsn, "--tasks", "os:environ", "--connect-timeout", "1.2", cwd=tmp_path
+        "run", "-c", dsn, "--tasks", _ok_tasks(tmp_path), "--connect-timeout", "1.2", cwd=tmp_path
     )
     assert code == 1
     lines = err.strip().splitlines()
@@ -117,7 +127,7 @@ async def test_run_gives_up_on_a_down_database_after_connect_timeout(tmp_path: P
     assert "gave up after" in lines[-1]
     # with --log-format json the last word is a JSON object too
     code, _, err = await _cli(
-        "run", "-c", dsn, "--tasks", "os:environ", "--connect-timeout", "0",
+        "run", "-c", dsn, "--tasks", _ok_tasks(tmp_path), "--connect-timeout", "0",
         "--log-format", "json", cwd=tmp_path,
     )  # fmt: skip
     assert code == 1
@@ -129,7 +139,7 @@ async def test_run_gives_up_on_a_down_database_after_connect_timeout(tmp_path: P
 async def test_sigterm_while_waiting_for_the_database_exits_0(tmp_path: Path) -> None:
     dsn = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
     proc = await trio.lowlevel.open_process(
-        kongtask_argv("run", "-c", dsn, "--tasks", "os:environ", "--connect-timeout", "600"),
+        kongtask_argv("run", "-c", dsn, "--tasks", _ok_tasks(tmp_path), "--connect-timeout", "600"),
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -453,7 +463,7 @@ async def test_print_config_and_bad_values_in_a_real_process(
     assert "secret" not in out
     # a bad value: exit 2, one line naming the source, the database untouched
     code, out, err = await _cli(
-        "run", "-c", kongtask_blank_dsn, "--tasks", "os:environ", cwd=tmp_path,
+        "run", "-c", kongtask_blank_dsn, "--tasks", _ok_tasks(tmp_path), cwd=tmp_path,
         env={"KONGTASK_MAX_POOL_SIZE": "many"},
     )  # fmt: skip
     assert code == 2
