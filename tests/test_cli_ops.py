@@ -471,6 +471,23 @@ async def test_print_config_and_bad_values_in_a_real_process(
     assert not await _schema_exists(kongtask_blank_dsn)
 
 
+async def test_run_configured_by_environment_and_file_alone(
+    worker_dsn: str, tmp_path: Path
+) -> None:
+    """No flags at all: the values reach the worker (``once`` makes it stop)."""
+    (tmp_path / "pyproject.toml").write_text(
+        f"[tool.kongtask]\ntasks = ['{_ok_tasks(tmp_path)}']\nonce = true\nconcurrency = 2\n"
+    )
+    async with open_database(worker_dsn, max_size=1) as db:
+        await db.execute(f"select {S}.add_job('t') from generate_series(1, 3)")
+        code, _, err = await _cli(
+            "run", cwd=tmp_path, env={"KONGTASK_CONNECTION": worker_dsn, "DATABASE_URL": ""}
+        )
+        assert code == 0, err
+        assert "concurrency 2" in err
+        assert await db.fetchval(f"select count(*) from {J}") == 0
+
+
 def test_every_option_is_documented() -> None:
     """docs/worker.md's table names each option's flag, variable and TOML key."""
     doc = (Path(__file__).parent.parent / "docs" / "worker.md").read_text()
