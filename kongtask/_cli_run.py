@@ -143,14 +143,9 @@ def _load_run_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         tasks.update(load_task_directory(args.task_directory))
     if not tasks:
         raise ConfigError("no tasks: give --tasks MODULE[:ATTR] and/or --task-directory DIR")
-    from ._worker import TaskSpec
+    from ._worker import _runners
 
-    for identifier, value in tasks.items():
-        handler = value.handler if isinstance(value, TaskSpec) else value
-        if not callable(handler):
-            raise ConfigError(
-                f"task {identifier!r}: the handler is a {type(handler).__name__}, not a function"
-            )
+    _runners(tasks)  # the checks open_worker makes: identifiers, callables, signatures
     crontab_path = args.crontab or _default_crontab()
     crontab = None
     if crontab_path:

@@ -1411,7 +1411,9 @@ class Worker:
         """One line with the exception's type and message; the traceback too at the
         job's first failure (later attempts of the same error would only repeat it)."""
         first_line = message.split("\n", 1)[0]
-        if error is not None and not isinstance(error, JobCancelled | TimeoutError):
+        # last_error's first line names the type of anything but an Exception already
+        # (_first_line); kongtask's own cancellation and timeout messages need none
+        if isinstance(error, Exception) and not isinstance(error, JobCancelled | TimeoutError):
             first_line = f"{type(error).__name__}: {first_line}"
         exc_info = None
         if job.attempts == 1 and error is not None and error.__traceback__ is not None:

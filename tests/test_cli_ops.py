@@ -101,10 +101,10 @@ async def test_run_checks_its_tasks_before_it_migrates(
     )
     assert code == 1
     assert "cannot import 'no_such_tasks_module'" in err
-    (tmp_path / "odd_tasks.py").write_text("tasks = {'t': 42}\n")
+    (tmp_path / "odd_tasks.py").write_text("def t(job):\n    pass\ntasks = {'t': t}\n")
     code, _, err = await _cli("run", "-c", kongtask_blank_dsn, "--tasks", "odd_tasks", cwd=tmp_path)
     assert code == 1
-    assert "task 't': the handler is a int, not a function" in err
+    assert "task 't': the handler 't' cannot be called as handler(job, ctx)" in err
     (tmp_path / "crontab").write_text("not a crontab line\n")
     (tmp_path / "ok_tasks.py").write_text("async def t(job, ctx):\n    pass\ntasks = {'t': t}\n")
     code, _, err = await _cli("run", "-c", kongtask_blank_dsn, "--tasks", "ok_tasks", cwd=tmp_path)
