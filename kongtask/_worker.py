@@ -1411,13 +1411,13 @@ class Worker:
         """One line with the exception's type and message; the traceback too at the
         job's first failure (later attempts of the same error would only repeat it)."""
         first_line = message.split("\n", 1)[0]
-        # last_error's first line names the type of anything but an Exception already
-        # (_first_line); kongtask's own cancellation and timeout messages need none
-        if isinstance(error, Exception) and not isinstance(error, JobCancelled | TimeoutError):
+        # Only a raised error has a traceback: kongtask's own cancellation and timeout
+        # messages get neither a type nor a traceback. last_error's first line names the
+        # type of anything but an Exception already (_first_line).
+        raised = error is not None and error.__traceback__ is not None
+        if raised and isinstance(error, Exception):
             first_line = f"{type(error).__name__}: {first_line}"
-        exc_info = None
-        if job.attempts == 1 and error is not None and error.__traceback__ is not None:
-            exc_info = error
+        exc_info = error if raised and job.attempts == 1 else None
         if final:
             log.error(
                 "pool %s: %s (job %d) failed permanently after %d attempt(s): %s",

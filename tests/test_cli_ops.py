@@ -579,6 +579,32 @@ async def test_failures_log_type_message_and_first_traceback(
     assert own[0].task == "flaky"  # type: ignore[attr-defined]
 
 
+async def test_failure_log_names_a_base_exception_once(db: Database, kongtask_dsn: str) -> None:
+    import asyncio
+
+    done = trio.Event()
+
+    async def poison(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        done.set()
+        raise asyncio.CancelledError("from asyncio")
+
+    await db.execute(f"select {S}.add_job('poison', max_attempts => 1)")
+    with capture() as logs:
+        async with open_worker(kongtask_dsn, {"poison": poison}, poll_interval=0.05):
+            with trio.fail_after(20):
+                await done.wait()
+            await wait_until(lambda: any(_event(r) == "job:failed" for r in logs.records))
+    failed = next(r for r in logs.records if _event(r) == "job:failed")
+    assert failed.getMessage().endswith(
+        "failed permanently after 1 attempt(s): CancelledError: from asyncio"
+    )
+    assert failed.exc_info is not None
+
+
+def _event(record: logging.LogRecord) -> object:
+    return getattr(record, "event", None)
+
+
 async def _attempts_seen(seen: list[int], n: int) -> bool:
     return n in seen
 
