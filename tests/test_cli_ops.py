@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _worker_helpers import gw_template as gw_template, worker_dsn as worker_dsn
+from _worker_helpers import worker_dsn as worker_dsn
 from test_cli_run import kongtask_argv
 from test_worker import wait_until
 
