@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import trio
-from _worker_helpers import add_job_row, gw_template as gw_template, worker_dsn as worker_dsn
+from _worker_helpers import add_job_row, worker_dsn as worker_dsn
 
 import kongtask
 from kongtask import _held, _worker
