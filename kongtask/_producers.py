@@ -372,7 +372,7 @@ def add_jobs_sync(
     schema: str | None = None,
     job_key_preserve_run_at: bool = False,
 ) -> list[Job]:
-    """Add a batch of jobs in one statement on ``conn`` (see :func:`add_job_sync`).
+    """Add a batch of jobs in one statement on ``conn`` (see :func:`~kongtask.add_job_sync`).
 
     As :meth:`kongtask.Client.add_jobs`: all-or-nothing; the jobs come back in the order
     of ``specs`` on a schema kongtask installed (in graphile-worker's function's order on
@@ -434,7 +434,7 @@ async def add_job(
     and ``Client.with_connection`` lend) or ``Pool``, a psycopg 3 ``AsyncConnection`` or
     ``AsyncCursor``, or a SQLAlchemy 2 ``AsyncConnection`` or ``AsyncSession``. With a
     pool the job is added and committed on one of its connections; otherwise nothing is
-    committed or rolled back here. Arguments, errors: as :func:`add_job_sync`.
+    committed or rolled back here. Arguments, errors: as :func:`~kongtask.add_job_sync`.
     """
     args = _add_job_args(
         identifier,
@@ -462,7 +462,7 @@ async def add_jobs(
     job_key_preserve_run_at: bool = False,
 ) -> list[Job]:
     """Add a batch of jobs in one statement on an asyncio ``conn`` (see :func:`add_job`
-    and :func:`add_jobs_sync`)."""
+    and :func:`~kongtask.add_jobs_sync`)."""
     checked = checked_specs(specs, job_key_preserve_run_at)
     schema_name = resolve_schema(schema)
     return await _run_async(
