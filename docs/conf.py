@@ -22,6 +22,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "myst_parser",
     "kongtask_cli",
+    "kongtask_sql",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"

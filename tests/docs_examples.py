@@ -37,7 +37,7 @@ RUN_LANGUAGES = frozenset({"python", "bash", "sh", "console", "sql"})
 EXAMPLE_DSNS = ("postgresql:///app", "postgres:///app")
 FENCE = re.compile(
     r"(?:^[ \t]*<!-- (?P<marker>[\w-]+)(?::[ \t]*(?P<note>[^\n]*?))? -->\n)?"
-    r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
+    r"^(?P<indent>[ \t]*)```(?P<lang>\{?[\w-]*\}?)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
     re.MULTILINE | re.DOTALL,
 )
 BLOCK_TIMEOUT = 120.0
