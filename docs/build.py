@@ -45,8 +45,15 @@ def toolchain() -> Path:
     if not ready.exists():
         venv.EnvBuilder(clear=True, with_pip=True).create(env)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             *requirements],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                *requirements,
+            ],
             check=True,
         )
         ready.write_text("\n".join(requirements) + "\n")
@@ -56,8 +63,10 @@ def toolchain() -> Path:
 def build(out: Path) -> int:
     python = toolchain()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(DOCS / "_ext")])}
-    command = [str(python), "-m", "sphinx", "-E", "-a", "-W", "--keep-going", "-q", "-b", "html", "-d",
-               str(out.parent / "doctrees"), str(DOCS), str(out)]
+    # -E -a: read every page afresh, so each build reports every warning
+    sphinx = ["-E", "-a", "-W", "--keep-going", "-q", "-b", "html"]
+    doctrees = str(out.parent / "doctrees")
+    command = [str(python), "-m", "sphinx", *sphinx, "-d", doctrees, str(DOCS), str(out)]
     return subprocess.run(command, env=env, check=False).returncode
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 sys.path[:0] = [str(DOCS.parent), str(DOCS / "_ext")]
 
-import kongtask  # noqa: E402
 from pygments.lexers import PostgresLexer, TextLexer  # noqa: E402
 from sphinx.application import Sphinx  # noqa: E402
+
+import kongtask  # noqa: E402
 
 project = "kongtask"
 author = "the kongtask authors"

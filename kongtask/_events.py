@@ -67,6 +67,7 @@ class Event:
         return self.fields[key]
 
     def get(self, key: str, default: object = None) -> object:
+        """The field ``key``, or ``default`` when this event has no such field."""
         return self.fields.get(key, default)
 
     def __iter__(self) -> Iterator[str]:

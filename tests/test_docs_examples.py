@@ -6,6 +6,7 @@ examples run against a live worker) and README.md too; every other page runs her
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import psycopg
@@ -54,3 +55,12 @@ def test_the_page_runs(page: str, kongtask_dsn: str, tmp_path: Path) -> None:
     run = run_page(page, kongtask_dsn, tmp_path)
     for block, returncode, output in run.background:
         assert returncode == 0, f"{block.where}:\n{output}"
+
+
+def test_the_events_page_lists_every_event() -> None:
+    from kongtask._events import EVENT_NAMES
+
+    table = (DOCS / "events.md").read_text().split("## Names and fields", 1)[1]
+    documented = re.findall(r"^\| `([\w:]+)` \|", table, re.MULTILINE)
+    assert sorted(documented) == sorted(EVENT_NAMES)
+    assert len(documented) == len(set(documented))

@@ -109,6 +109,7 @@ class Spec:
     flags: tuple[str, ...] | None = None
 
     def flag_set(self) -> frozenset[str] | None:
+        """The flags as a set, or ``None`` when the spec has none (as the row stores it)."""
         return frozenset(self.flags) if self.flags else None
 
 
