@@ -30,6 +30,10 @@ class TcpProxy:
         self._swallowed: set[int] = set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on a free port (``self.port`` once started) and relay until cancelled.
+
+        Start it with ``await nursery.start(proxy.serve)``.
+        """
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()
