@@ -3,8 +3,9 @@
 Each system runs in its own process (a "runner"), so its RSS and CPU are its own. A
 runner reports JSON lines on the file descriptor named by ``$BENCH_FD``:
 ``{"event": "ready"}`` once its worker runs, then ``{"event": "result", ...}``.
-Jobs are added by a separate process (``py_side.py`` in the peers' virtualenv), which
-puts its wall-clock add time in the payload (``{"t": epoch}``); handlers record their
+Jobs are added by a separate process (``py_side.py``: in this interpreter for workers on
+graphile-worker's schema, in the peers' virtualenv for the others), which puts its
+wall-clock add time in the payload (``{"t": epoch}``); handlers record their
 own start time, so add-to-start latency is measured the same way for everybody.
 
 Scenarios (``n`` = job count):
@@ -17,7 +18,8 @@ Scenarios (``n`` = job count):
               of 1000 (jobs/s)
 
 Each (system, scenario, rep) gets a fresh database cloned from a per-system template that
-the system's own migrator prepared, all on one server.
+the system's own migrator prepared, all on one server. What the peers need is provisioned
+into a cache on first use (``provision.py``).
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from .provision import ProvisionError, peers_python
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-PEERS_PYTHON = os.environ.get("KONGTASK_PEERS_PYTHON", "/work/peers-venv/bin/python")
 GW_VERSION = "0.18.0"
 CONCURRENCY = 10
 LOG_DIR = Path(os.environ.get("KONGTASK_BENCH_LOGS", tempfile.gettempdir())) / "kongtask-bench"
@@ -216,10 +219,16 @@ def spawn(cmd: Sequence[str], *, env: dict[str, str] | None = None, tag: str) ->
     return Runner(proc, r, log)
 
 
-def py_side(*args: str, timeout: float = 600) -> None:
-    """Run ``py_side.py`` in the peers' virtualenv (adders, installers)."""
+def side_python(family: str) -> str:
+    """The interpreter that adds jobs for ``family``: this one for graphile-worker's schema
+    (``py_side`` needs only asyncpg, a kongtask dependency), the peers' virtualenv else."""
+    return sys.executable if family == "graphile" else peers_python()
+
+
+def py_side(family: str, *args: str, timeout: float = 600) -> None:
+    """Run ``py_side.py COMMAND FAMILY ...`` (adders, installers) for ``family``."""
     proc = subprocess.run(
-        [PEERS_PYTHON, str(HERE / "py_side.py"), *args],
+        [side_python(family), str(HERE / "py_side.py"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -229,24 +238,16 @@ def py_side(*args: str, timeout: float = 600) -> None:
         raise RuntimeError(f"py_side {' '.join(args[:2])} failed:\n{proc.stderr[-2000:]}")
 
 
-def peers_python_has(module: str) -> bool:
-    if not Path(PEERS_PYTHON).exists():
-        return False
+def peers_version(python: str, module: str) -> str | None:
+    """``module``'s installed version in ``python``, or None when it is not installed."""
     proc = subprocess.run(
-        [PEERS_PYTHON, "-c", f"import {module}"], capture_output=True, timeout=60, check=False
-    )
-    return proc.returncode == 0
-
-
-def peers_version(module: str) -> str:
-    proc = subprocess.run(
-        [PEERS_PYTHON, "-c", f"import importlib.metadata as m; print(m.version('{module}'))"],
+        [python, "-c", f"import importlib.metadata as m; print(m.version('{module}'))"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    return proc.stdout.strip() or "?"
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 # ---------------------------------------------------------------------------- systems
@@ -335,17 +336,21 @@ def graphile_worker(settings: str) -> System:
     return System(key, label, "graphile", command, migrate, version=GW_VERSION, max_jobs=cap)
 
 
-def python_peer(name: str) -> System:
+def python_peer(name: str, say: Callable[[str], None]) -> System:
     """pgqueuer or procrastinate from the peers' virtualenv (concurrency 10, else defaults)."""
-    if not peers_python_has(name):
-        raise Unavailable(f"{name} is not installed in {PEERS_PYTHON}")
-    version = peers_version(name)
+    try:
+        python = peers_python(say)
+    except ProvisionError as exc:
+        raise Unavailable(str(exc)) from exc
+    version = peers_version(python, name)
+    if version is None:
+        raise Unavailable(f"{name} is not installed in {python}")
 
     def command(mode: str, dsn: str, n: int) -> tuple[list[str], dict[str, str]]:
-        return [PEERS_PYTHON, str(HERE / "py_side.py"), "run", name, mode, dsn, str(n)], {}
+        return [python, str(HERE / "py_side.py"), "run", name, mode, dsn, str(n)], {}
 
     def migrate(dsn: str) -> None:
-        py_side("install", name, dsn)
+        py_side(name, "install", name, dsn)
 
     cap = {"procrastinate": 2000, "pgqueuer": SLOW_PEER_JOBS}.get(name)
     label = f"{name} {'.'.join(version.split('.')[:2])} defaults"
@@ -368,7 +373,7 @@ def peer_systems(keys: Sequence[str], warn: Callable[[str], None]) -> list[Syste
             elif key == "gw-ht-quiet":
                 out.append(graphile_worker("ht-quiet"))
             elif key in ("pgqueuer", "procrastinate"):
-                out.append(python_peer(key))
+                out.append(python_peer(key, warn))
             else:
                 raise Unavailable(f"unknown peer {key!r}")
         except Unavailable as exc:
@@ -430,9 +435,9 @@ class Bench:
                     raise Unavailable("flat-cost scenarios are for graphile-schema workers")
                 extra, kind = FLAT[scenario]
                 if extra:
-                    py_side(kind, "graphile", dsn, str(extra), timeout=1800)
+                    py_side("graphile", kind, "graphile", dsn, str(extra), timeout=1800)
             if mode == "throughput":
-                py_side("bulk", system.family, dsn, str(n))
+                py_side(system.family, "bulk", system.family, dsn, str(n))
             cmd, env = system.command(mode, dsn, n)
             runner = spawn(cmd, env=env, tag=tag)
             server_cpu = 0.0
@@ -443,7 +448,7 @@ class Bench:
                 if result["event"] == "ready":  # startup and enqueue report only a result
                     if mode == "latency":
                         time.sleep(0.5)  # let every worker settle the same way
-                        py_side("pace", system.family, dsn, str(n), str(interval))
+                        py_side(system.family, "pace", system.family, dsn, str(n), str(interval))
                     server_cpu = -postgres_cpu_seconds()
                     result = runner.event(timeout)
                     server_cpu += postgres_cpu_seconds()

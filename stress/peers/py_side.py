@@ -1,8 +1,9 @@
 """Python side of the peer benchmark: job adders and the pgqueuer / procrastinate runners.
 
-Runs in the peers' own virtualenv (``/work/peers-venv``: asyncpg, pgqueuer, procrastinate,
-psycopg), never in kongtask's, so the project's dependencies stay untouched. It imports
-nothing from kongtask and runs plain asyncio.
+For pgqueuer and procrastinate it runs in the peers' own virtualenv (see ``provision.py``),
+never in kongtask's, so the project's dependencies stay untouched; for graphile-worker's
+schema it needs only asyncpg and runs in the benchmark's interpreter. It imports nothing
+from kongtask and runs plain asyncio.
 
     python py_side.py install SYSTEM DSN
     python py_side.py bulk SYSTEM DSN N            # enqueue N no-op jobs (not timed)
