@@ -2,7 +2,9 @@
 //
 // Run under Node 22 with NODE_PATH pointing at a folder holding graphile-worker 0.18.0.
 // Protocol: one JSON object per line on the file descriptor $BENCH_FD ({"event": "ready"} when the
-// pool runs, {"event": "result", ...} at the end); stdout/stderr carry the library's logs.
+// pool runs, {"event": "result", ...} at the end); stdout/stderr carry the library's logs. In
+// throughput mode it reports {"event": "drained"} when the last job starts and keeps the worker
+// running until a line (or EOF) arrives on stdin, so the harness can watch the last commit.
 //
 //   node gw_runner.cjs MODE DSN N SETTINGS
 //   MODE: throughput | latency | startup | enqueue;  SETTINGS: defaults | ht | ht-quiet
@@ -24,6 +26,12 @@ const cpu = () => {
   return (u.user + u.system) / 1e6;
 };
 const rssMb = () => process.memoryUsage().rss / 1048576;
+const stdinLine = () =>
+  new Promise((resolve) => {
+    process.stdin.once("data", resolve);
+    process.stdin.once("end", resolve);
+    process.stdin.resume();
+  });
 const peakMb = () => process.resourceUsage().maxRSS / 1024;
 
 function options(taskList) {
@@ -51,6 +59,7 @@ async function throughput() {
   let last = 0;
   let resolveDone;
   const done = new Promise((r) => (resolveDone = r));
+  const tStart = now();
   const runner = await run(
     options({
       noop: async () => {
@@ -70,10 +79,16 @@ async function throughput() {
   await done;
   const cpuEnd = cpu();
   const rss = rssMb();
+  emit({ event: "drained", t_start: tStart, first, last });
+  await stdinLine();
+  process.stdin.pause();
   await runner.stop();
   emit({
     event: "result",
     n: count,
+    t_start: tStart,
+    first,
+    last,
     elapsed_s: last - first,
     jobs_per_s: (count - 1) / (last - first),
     cpu_us_per_job: ((cpuEnd - cpuFirst) * 1e6) / count,

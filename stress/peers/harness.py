@@ -11,6 +11,11 @@ own start time, so add-to-start latency is measured the same way for everybody.
 Scenarios (``n`` = job count):
   throughput  n no-op jobs bulk-enqueued first (not timed; ANALYZE after), then drained
               with concurrency 10: (n - 1) / (last handler start - first handler start)
+  drain_N     what a user waits for: N no-op jobs bulk-enqueued (no ANALYZE: a freshly
+              filled table), then drained; N / (worker start -> the commit of the last
+              job's completion). The runner reports ``drained`` when its last job starts
+              and waits on stdin; the harness watches the table on its own connection
+              until no unfinished job is left, then tells the runner to stop
   latency     worker idle; n jobs added ``interval`` apart; add -> handler start
   startup     empty queue: start -> first job (added right after the worker is up) and
               shutdown time with nothing running
@@ -163,7 +168,7 @@ def provide_server(dsn: str | None) -> Iterator[Server]:
 
 @dataclass
 class Runner:
-    """A running runner process and its report pipe."""
+    """A running runner process, its report pipe and its stdin (a line there: stop)."""
 
     proc: subprocess.Popen[bytes]
     fd: int
@@ -191,7 +196,17 @@ class Runner:
         event: dict[str, Any] = json.loads(line)
         return event
 
+    def stop(self) -> None:
+        """Let a runner that reported ``drained`` stop its worker."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.write(b"stop\n")
+                self.proc.stdin.flush()
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+
     def finish(self, timeout: float = 30) -> None:
+        self.stop()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -212,7 +227,7 @@ def spawn(cmd: Sequence[str], *, env: dict[str, str] | None = None, tag: str) ->
             pass_fds=(w,),
             stdout=out,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             cwd=REPO,
         )
     os.close(w)
@@ -422,11 +437,13 @@ class Bench:
         ``flat_1m`` and ``flat_future`` are throughput runs (``n`` jobs drained) on a table
         that also holds 980,000 more ready jobs, or 100,000 jobs scheduled for tomorrow.
         """
-        mode = "throughput" if scenario in ("throughput", *FLAT) else scenario
+        drain = scenario.startswith("drain_")
+        mode = "throughput" if drain or scenario in ("throughput", *FLAT) else scenario
         if mode == "throughput" and system.max_jobs is not None:
             n = min(n, system.max_jobs)
         name, dsn = self.fresh_database(system)
         tag = f"{system.key}-{scenario}-{self.counter}"
+        watch: CommitWatch | None = None
         try:
             if setup is not None:
                 setup(dsn)
@@ -437,10 +454,14 @@ class Bench:
                 if extra:
                     py_side("graphile", kind, "graphile", dsn, str(extra), timeout=1800)
             if mode == "throughput":
-                py_side(system.family, "bulk", system.family, dsn, str(n))
+                raw = ["raw"] if drain else []  # drains see a freshly filled table
+                py_side(system.family, "bulk", system.family, dsn, str(n), *raw, timeout=1800)
+            if mode == "throughput" and scenario not in FLAT:  # the table empties at the end
+                watch = CommitWatch(dsn, ALL_DONE[system.family])
             cmd, env = system.command(mode, dsn, n)
             runner = spawn(cmd, env=env, tag=tag)
             server_cpu = 0.0
+            committed = None
             try:
                 # generous: procrastinate drains ~250 jobs/s
                 timeout = 120 + n / 50
@@ -451,20 +472,89 @@ class Bench:
                         py_side(system.family, "pace", system.family, dsn, str(n), str(interval))
                     server_cpu = -postgres_cpu_seconds()
                     result = runner.event(timeout)
-                    server_cpu += postgres_cpu_seconds()
+                    if result["event"] == "drained":
+                        if watch is not None:
+                            committed = watch.wait(timeout=60)
+                        server_cpu += postgres_cpu_seconds()
+                        runner.stop()
+                        result = runner.event(120)
+                    else:
+                        server_cpu += postgres_cpu_seconds()
                 assert result["event"] == "result", result
             finally:
                 runner.finish()
             if mode == "throughput" and server_cpu > 0:
-                # from "ready" to the result: includes the start-up's few statements
+                # from "ready" to the last commit: includes the start-up's few statements
                 result["server_cpu_us_per_job"] = server_cpu * 1e6 / n
+            if drain and committed is None:
+                raise RuntimeError(f"{system.key} reported no drained event: no commit time")
+            if committed is not None:
+                t_start = result["t_start"]
+                result.update(
+                    start_to_commit_s=committed - t_start,
+                    committed_jobs_per_s=result["n"] / (committed - t_start),
+                    start_to_first_ms=(result["first"] - t_start) * 1000,
+                    last_start_to_commit_ms=(committed - result["last"]) * 1000,
+                )
             if scenario == "throughput" and system.family == "graphile":
                 left = sql(dsn, "select count(*) as c from graphile_worker._private_jobs")[0]
                 result["left_in_table"] = left[0]["c"]
             return summarise(mode, result)
         finally:
+            if watch is not None:
+                watch.close()
             with contextlib.suppress(Exception):
                 self.server.drop_database(name)
+
+
+#: per family: true once no job of the run is left unfinished, i.e. the last completion
+#: is committed (graphile-worker's schema and pgqueuer delete a completed job; procrastinate
+#: keeps it with a final status)
+ALL_DONE = {
+    "graphile": "select not exists (select 1 from graphile_worker._private_jobs)",
+    "pgqueuer": "select not exists (select 1 from pgqueuer)",
+    "procrastinate": "select not exists (select 1 from procrastinate_jobs"
+    " where status in ('todo', 'doing'))",
+}
+
+
+class CommitWatch:
+    """Finds when a drain's last completion is committed, from a connection of its own.
+
+    Connected (and its query prepared) before the worker starts; polled only once the
+    runner reports its last job started, so it costs the server nothing during the drain.
+    """
+
+    def __init__(self, dsn: str, query: str) -> None:
+        import asyncpg
+
+        self._loop = asyncio.Runner(loop_factory=asyncio.SelectorEventLoop)
+        self._conn = self._loop.run(asyncpg.connect(dsn))
+        self._stmt = self._loop.run(self._conn.prepare(query))
+
+    def wait(self, timeout: float) -> float:
+        """Poll until done; the wall time at which the poll that saw it done was sent.
+
+        The commit happened between the previous poll's snapshot and that one's, so the
+        time is late by at most one poll period (~1 ms).
+        """
+
+        async def poll() -> float:
+            deadline = time.monotonic() + timeout
+            while True:
+                sent = time.time()
+                if await self._stmt.fetchval():
+                    return sent
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"jobs left unfinished {timeout:.0f} s after the last start")
+                await asyncio.sleep(0.0005)
+
+        return self._loop.run(poll())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.run(self._conn.close())
+        self._loop.close()
 
 
 #: flat-cost scenarios: extra rows put in first, and how (a ``py_side`` command)
@@ -547,12 +637,14 @@ def kongtask_system(
 
     def command(mode: str, dsn: str, n: int) -> tuple[list[str], dict[str, str]]:
         args = [mode, dsn, str(n), json.dumps(options)]
+        # this interpreter; kongtask from this checkout (the runner's working directory
+        # is REPO, first on sys.path) or from ``src``; the runner itself always this one's
         if src is None:
             return [sys.executable, "-m", "stress.peers.kt_runner", *args], {}
         boot = (
             "import runpy, sys; "
-            f"sys.path[:0] = [{str(Path(src).resolve())!r}, {str(REPO)!r}]; "
-            "runpy.run_module('stress.peers.kt_runner', run_name='__main__')"
+            f"sys.path[:0] = [{str(Path(src).resolve())!r}]; "
+            f"runpy.run_path({str(HERE / 'kt_runner.py')!r}, run_name='__main__')"
         )
         return [sys.executable, "-c", boot, *args], {}
 

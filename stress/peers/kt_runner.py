@@ -3,7 +3,10 @@
     python -m stress.peers.kt_runner MODE DSN N [OPTIONS_JSON]
 
 ``OPTIONS_JSON`` holds extra ``open_worker`` keyword arguments (``{}`` = library defaults
-apart from ``concurrency=10``). Reports JSON lines on the file descriptor ``$BENCH_FD``.
+apart from ``concurrency=10``). Reports JSON lines on the file descriptor ``$BENCH_FD``. In
+``throughput`` mode it reports ``drained`` when the last job starts and keeps the worker
+running until a line (or EOF) arrives on stdin, so that the harness can watch the last
+completion commit.
 Set ``BENCH_PROFILE=path`` to write a pyinstrument profile of the throughput drain.
 """
 
@@ -53,6 +56,7 @@ async def throughput(dsn: str, n: int, options: dict[str, Any]) -> dict[str, Any
             done.set()
 
     profiler = None
+    t_start = time.time()
     async with kongtask.open_worker(dsn, {"noop": noop}, concurrency=CONCURRENCY, **options):
         emit({"event": "ready", "t": time.time()})
         if os.environ.get("BENCH_PROFILE"):
@@ -64,11 +68,16 @@ async def throughput(dsn: str, n: int, options: dict[str, Any]) -> dict[str, Any
         if profiler is not None:
             profiler.stop()
         rss = rss_mb()
+        emit({"event": "drained", "t_start": t_start, "first": first, "last": last})
+        await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
     if profiler is not None:
         text = profiler.output_text(unicode=False, color=False, show_all=False)
         await trio.Path(os.environ["BENCH_PROFILE"]).write_text(text)
     return {
         "n": count,
+        "t_start": t_start,
+        "first": first,
+        "last": last,
         "elapsed_s": last - first,
         "jobs_per_s": (count - 1) / (last - first),
         "cpu_us_per_job": (cpu_last - cpu_first) * 1e6 / count,

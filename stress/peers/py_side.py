@@ -6,7 +6,8 @@ schema it needs only asyncpg and runs in the benchmark's interpreter. It imports
 from kongtask and runs plain asyncio.
 
     python py_side.py install SYSTEM DSN
-    python py_side.py bulk SYSTEM DSN N            # enqueue N no-op jobs (not timed)
+    python py_side.py bulk SYSTEM DSN N [raw]      # enqueue N no-op jobs (not timed);
+                                                   # ANALYZE after unless raw
     python py_side.py bulk-future graphile DSN N   # the same, run_at tomorrow
     python py_side.py pace SYSTEM DSN N INTERVAL   # N jobs, INTERVAL s apart, payload {"t": epoch}
     python py_side.py run SYSTEM MODE DSN N        # pgqueuer|procrastinate; MODE: see gw_runner
@@ -68,7 +69,7 @@ select count(*) from {schema}.add_jobs(array(
 
 
 async def graphile_bulk(
-    dsn: str, n: int, schema: str = "graphile_worker", *, future: bool = False
+    dsn: str, n: int, schema: str = "graphile_worker", *, future: bool = False, analyze: bool = True
 ) -> None:
     import asyncpg
 
@@ -80,7 +81,8 @@ async def graphile_bulk(
             k = min(5000, n - done)
             await conn.fetchval(query, k)
             done += k
-        await conn.execute(f"analyze {schema}._private_jobs")
+        if analyze:
+            await conn.execute(f"analyze {schema}._private_jobs")
     finally:
         await conn.close()
 
@@ -134,9 +136,9 @@ async def pace(system: str, dsn: str, n: int, interval: float) -> None:
             await close()
 
 
-async def bulk(system: str, dsn: str, n: int) -> None:
+async def bulk(system: str, dsn: str, n: int, *, analyze: bool = True) -> None:
     if system == "graphile":
-        await graphile_bulk(dsn, n)
+        await graphile_bulk(dsn, n, analyze=analyze)
     elif system == "pgqueuer":
         import asyncpg
         from pgqueuer import AsyncpgDriver, Queries
@@ -149,7 +151,8 @@ async def bulk(system: str, dsn: str, n: int) -> None:
                 k = min(5000, n - done)
                 await queries.enqueue(["noop"] * k, [b"{}"] * k, [0] * k)
                 done += k
-            await conn.execute("analyze")
+            if analyze:
+                await conn.execute("analyze")
         finally:
             await conn.close()
     elif system == "procrastinate":
@@ -161,7 +164,8 @@ async def bulk(system: str, dsn: str, n: int) -> None:
                 k = min(5000, n - done)
                 await task.batch_defer_async(*([{}] * k))
                 done += k
-            await app.connector.execute_query_async("analyze")
+            if analyze:
+                await app.connector.execute_query_async("analyze")
     else:
         raise SystemExit(f"unknown system {system}")
 
@@ -332,6 +336,9 @@ async def drive(
             raise RuntimeError("the worker stopped before the jobs ran")
         cpu_end = time.process_time()
         rss = rss_mb()
+        if mode == "throughput":  # the harness watches the last commit, then says stop
+            emit({"event": "drained", "t_start": t0, "first": probe.first, "last": probe.last})
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         if mode == "startup":
             await asyncio.sleep(0.3)
         s0 = time.time()
@@ -343,6 +350,9 @@ async def drive(
     if mode == "throughput":
         return {
             "n": probe.count,
+            "t_start": t0,
+            "first": probe.first,
+            "last": probe.last,
             "elapsed_s": probe.last - probe.first,
             "jobs_per_s": (probe.count - 1) / (probe.last - probe.first),
             "cpu_us_per_job": (cpu_end - probe.cpu_first) * 1e6 / probe.count,
@@ -411,7 +421,7 @@ def main(argv: list[str]) -> None:
     if cmd == "install":
         coro = install(system, rest[0])
     elif cmd == "bulk":
-        coro = bulk(system, rest[0], int(rest[1]))
+        coro = bulk(system, rest[0], int(rest[1]), analyze=rest[2:] != ["raw"])
     elif cmd == "bulk-future":  # graphile schema only: run_at tomorrow
         coro = graphile_bulk(rest[0], int(rest[1]), future=True)
     elif cmd == "pace":

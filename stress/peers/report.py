@@ -36,6 +36,13 @@ def run_matrix(
 
 
 def brief(scenario: str, r: Mapping[str, Any]) -> str:
+    if scenario.startswith("drain_"):
+        return (
+            f"{r['committed_jobs_per_s']:>8.0f} jobs/s start -> last commit "
+            f"({r['start_to_commit_s']:.2f} s; first start {r['start_to_first_ms']:.0f} ms, "
+            f"last start -> commit {r['last_start_to_commit_ms']:.1f} ms)  "
+            f"{r['jobs_per_s']:.0f} jobs/s first -> last start"
+        )
     if scenario == "throughput" or scenario.startswith("flat"):
         return (
             f"{r['jobs_per_s']:>8.0f} jobs/s  cpu {r['cpu_us_per_job']:.0f} us/job  "
@@ -89,6 +96,20 @@ def ratio(a: Stat, b: Stat) -> float:
     return a.median / b.median
 
 
+DRAIN_METRICS = (
+    "committed_jobs_per_s",
+    "start_to_commit_s",
+    "start_to_first_ms",
+    "last_start_to_commit_ms",
+    "jobs_per_s",
+    "server_cpu_us_per_job",
+)
+
+
+def drain_scenario(backlog: int) -> str:
+    return f"drain_{backlog}"
+
+
 def summary(results: Results, systems: Sequence[System]) -> dict[str, Any]:
     """The medians as plain data (for JSON)."""
     metrics = {
@@ -106,6 +127,9 @@ def summary(results: Results, systems: Sequence[System]) -> dict[str, Any]:
         "flat_1m": ("jobs_per_s",),
         "flat_future": ("jobs_per_s",),
     }
+    drains = sorted({sc for per in results.values() for sc in per if sc.startswith("drain_")})
+    for scenario in drains:
+        metrics[scenario] = DRAIN_METRICS
     out: dict[str, Any] = {}
     for s in systems:
         per: dict[str, Any] = {"label": s.label, "version": s.version}
@@ -167,6 +191,34 @@ def markdown(
                 f"{stat(results, s.key, 'enqueue', 'add_job_p50_ms').fmt(2)} | "
                 f"{stat(results, s.key, 'enqueue', 'bulk_jobs_per_s').fmt()} |"
             )
+    drains = sorted(
+        {sc for per in results.values() for sc, reps in per.items() if sc.startswith("drain_")},
+        key=lambda sc: int(sc.removeprefix("drain_")),
+    )
+    if drains:
+        lines += [
+            "",
+            "| backlog | system | start -> last commit jobs/s | x "
+            + (baseline or "-")
+            + " | first -> last start jobs/s | start -> first job ms |"
+            " last start -> commit ms | server CPU us/job |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for sc in drains:
+            base = stat(results, baseline, sc, "committed_jobs_per_s") if baseline else None
+            for s in systems:
+                c = stat(results, s.key, sc, "committed_jobs_per_s")
+                if not c.n:
+                    continue
+                x = ratio(c, base) if base else float("nan")
+                xs = "-" if x != x else f"{x:.2f}x"
+                lines.append(
+                    f"| {int(sc.removeprefix('drain_')):,} | {s.label} | {c.fmt()} | {xs} | "
+                    f"{stat(results, s.key, sc, 'jobs_per_s').fmt()} | "
+                    f"{stat(results, s.key, sc, 'start_to_first_ms').fmt()} | "
+                    f"{stat(results, s.key, sc, 'last_start_to_commit_ms').fmt(1)} | "
+                    f"{stat(results, s.key, sc, 'server_cpu_us_per_job').fmt()} |"
+                )
     flat = [s for s in systems if results.get(s.key, {}).get("flat_1m")]
     if flat:
         lines += [

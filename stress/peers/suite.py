@@ -32,13 +32,25 @@ from .harness import (
     peer_systems,
     provide_server,
 )
-from .report import Results, flat_baseline, markdown, ratio, run_matrix, stat, summary
+from .report import (
+    Results,
+    drain_scenario,
+    flat_baseline,
+    markdown,
+    ratio,
+    run_matrix,
+    stat,
+    summary,
+)
 
 #: kongtask's tuned settings: bigger claims (more jobs locked per pool, less fairness
 #: between pools) -- see docs/performance.md
 KONGTASK_TUNED: dict[str, Any] = {"batch_size": 2000}
 
 ALL_SYSTEMS = ("kongtask", "kongtask-tuned", "gw", "gw-ht", "pgqueuer", "procrastinate")
+
+#: issue 17's targets for what a user waits for (start -> last commit), per backlog
+DRAIN_TARGETS = {20_000: 1.5, 100_000: 2.5}
 
 
 def kongtask_systems(
@@ -106,6 +118,24 @@ def checks(results: Results, systems: list[System]) -> list[Check]:
         )
 
     ratio_check("throughput >= 1.5x graphile-worker's best setting", kt_best, gw_best, 1.5)
+    for backlog, want in DRAIN_TARGETS.items():
+        sc = drain_scenario(backlog)
+
+        def committed(key: str, sc: str = sc) -> Any:
+            return stat(results, key, sc, "committed_jobs_per_s")
+
+        name = f"start -> last commit at {backlog:,} jobs >= {want}x graphile-worker ht"
+        kt = [k for k in ("kongtask", "kongtask-tuned") if k in keys and committed(k).n]
+        if not kt or not ("gw-ht" in keys and committed("gw-ht").n):
+            out.append(Check(name, None, "not measured"))
+            continue
+        details = []
+        for k in kt:
+            r = ratio(committed(k), committed("gw-ht"))
+            details.append(f"{k} {r:.2f}x ({committed(k).median:,.0f} jobs/s)")
+        best = max(ratio(committed(k), committed("gw-ht")) for k in kt)
+        details.append(f"gw-ht {committed('gw-ht').median:,.0f} jobs/s")
+        out.append(Check(name, best >= want, "; ".join(details)))
     ratio_check("throughput >= 5x pgqueuer", kt_best, "pgqueuer" if have("pgqueuer") else None, 5)
     ratio_check(
         "defaults >= 3x graphile-worker defaults",
@@ -229,7 +259,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=20_000, help="throughput scenario size")
     p.add_argument("--latency-jobs", type=int, default=500)
     p.add_argument("--interval", type=float, default=0.02, help="seconds between latency adds")
-    p.add_argument("--scenarios", default="throughput,latency,startup,enqueue")
+    p.add_argument(
+        "--scenarios",
+        default="throughput,latency,startup,enqueue,drain",
+        help="comma list of throughput, latency, startup, enqueue, drain (the start -> "
+        "last commit drains, one per --backlogs size)",
+    )
+    p.add_argument(
+        "--backlogs",
+        default="20000,100000",
+        help="comma list of backlog sizes for the drain scenario (default: %(default)s)",
+    )
+    p.add_argument(
+        "--million",
+        action="store_true",
+        help="also drain a 1,000,000-job backlog (slow: minutes per system and rep)",
+    )
     p.add_argument(
         "--flat",
         action="store_true",
@@ -237,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         "100,000 future rows): slow",
     )
     p.add_argument(
-        "--quick", action="store_true", help="smoke run: 2,000 jobs, 100 latency samples, 1 rep"
+        "--quick",
+        action="store_true",
+        help="smoke run: 2,000 jobs (throughput and drain), 100 latency samples, 1 rep",
     )
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     p.add_argument(
@@ -260,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
 
     keys = [k.strip() for k in args.systems.split(",") if k.strip()]
     if args.quick:
-        args.jobs, args.latency_jobs, args.reps = 2000, 100, 1
+        args.jobs, args.latency_jobs, args.reps, args.backlogs = 2000, 100, 1, "2000"
+    backlogs = [int(b) for b in args.backlogs.split(",") if b.strip()]
+    if args.million:
+        backlogs.append(1_000_000)
     systems = kongtask_systems(keys, args.base_src, args.kongtask_src) + peer_systems(
         [k for k in keys if not k.startswith("kongtask")], say
     )
@@ -270,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         "startup": 1,
         "enqueue": min(args.jobs, 5000),  # a rate; 5 chunks of 1,000 are plenty
     }
-    scenarios = {k: sizes[k] for k in args.scenarios.split(",") if k}
+    scenarios: dict[str, int] = {}
+    for k in (k.strip() for k in args.scenarios.split(",")):
+        if k == "drain":
+            scenarios.update((drain_scenario(b), b) for b in backlogs)
+        elif k:
+            scenarios[k] = sizes[k]
     load_before = load_average()
     started = time.time()
     with provide_server(args.dsn) as server:
