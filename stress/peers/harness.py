@@ -102,6 +102,13 @@ class Server:
 
     admin_dsn: str
     source: str
+    #: the postmaster's pid when the benchmark started the server itself
+    postmaster: int | None = None
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this server's processes so far (of every local ``postgres`` process
+        for a server given by ``--dsn``)."""
+        return postgres_cpu_seconds(self.postmaster)
 
     def dsn_for(self, database: str) -> str:
         return dsn_with_database(self.admin_dsn, database)
@@ -158,7 +165,9 @@ def provide_server(dsn: str | None) -> Iterator[Server]:
         settings={"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"},
     )
     try:
-        yield Server(cluster.start(), f"local cluster {bindir.parent.name} (fsync on)")
+        dsn = cluster.start()
+        postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        yield Server(dsn, f"local cluster {bindir.parent.name} (fsync on)", postmaster)
     finally:
         cluster.stop()
 
@@ -459,8 +468,9 @@ class Bench:
             if mode == "throughput" and scenario not in FLAT:  # the table empties at the end
                 watch = CommitWatch(dsn, ALL_DONE[system.family])
             cmd, env = system.command(mode, dsn, n)
+            # from the worker's start (the server is idle while the runner boots)
+            server_cpu = -self.server.cpu_seconds()
             runner = spawn(cmd, env=env, tag=tag)
-            server_cpu = 0.0
             committed = None
             try:
                 # generous: procrastinate drains ~250 jobs/s
@@ -470,21 +480,21 @@ class Bench:
                     if mode == "latency":
                         time.sleep(0.5)  # let every worker settle the same way
                         py_side(system.family, "pace", system.family, dsn, str(n), str(interval))
-                    server_cpu = -postgres_cpu_seconds()
                     result = runner.event(timeout)
                     if result["event"] == "drained":
                         if watch is not None:
                             committed = watch.wait(timeout=60)
-                        server_cpu += postgres_cpu_seconds()
+                        server_cpu += self.server.cpu_seconds()
                         runner.stop()
                         result = runner.event(120)
                     else:
-                        server_cpu += postgres_cpu_seconds()
+                        server_cpu += self.server.cpu_seconds()
                 assert result["event"] == "result", result
             finally:
                 runner.finish()
             if mode == "throughput" and server_cpu > 0:
-                # from "ready" to the last commit: includes the start-up's few statements
+                # from the worker's start to the last commit (or the last start, for the
+                # flat-cost runs): includes the start-up's few statements
                 result["server_cpu_us_per_job"] = server_cpu * 1e6 / n
             if drain and committed is None:
                 raise RuntimeError(f"{system.key} reported no drained event: no commit time")
@@ -567,8 +577,9 @@ FLAT = {
 }
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU time (user + system) of every ``postgres`` process on this machine so far.
+def postgres_cpu_seconds(postmaster: int | None = None) -> float:
+    """CPU time (user + system) so far of ``postmaster`` and its children, or of every
+    ``postgres`` process on this machine when it is None.
 
     Meaningful for a local server only (0.0 elsewhere). Backends that have exited count
     through the postmaster's children's times (it reaps them).
@@ -581,9 +592,12 @@ def postgres_cpu_seconds() -> float:
         except OSError:
             continue
         name_end = text.rfind(")")
-        if text[text.find("(") + 1 : name_end] != "postgres":
+        fields = text[name_end + 2 :].split()  # state, ppid, ...
+        if postmaster is not None:
+            if postmaster not in (int(stat.parent.name), int(fields[1])):
+                continue
+        elif text[text.find("(") + 1 : name_end] != "postgres":
             continue
-        fields = text[name_end + 2 :].split()
         total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return total / tick
 

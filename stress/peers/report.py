@@ -152,28 +152,32 @@ def markdown(
     systems: Sequence[System],
     baseline: str | None,
 ) -> str:
-    """Two markdown tables: the job path, then start/stop and enqueue."""
+    """Markdown tables, each when measured: the job path, start/stop and enqueue, the
+    drains (start -> last commit), the flat cost."""
     base_tp = stat(results, baseline, "throughput", "jobs_per_s") if baseline else None
-    lines = [
-        "| system | throughput jobs/s | x " + (baseline or "-") + " | latency p50 ms | p95 ms |"
-        " p99 ms | worker RSS MB | CPU us/job | server CPU us/job |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for s in systems:
-        tp = stat(results, s.key, "throughput", "jobs_per_s")
-        x = ratio(tp, base_tp) if base_tp else float("nan")
-        xs = "-" if x != x else f"{x:.2f}x"  # NaN: no baseline in this run
-        rss = max_stat(
-            stat(results, s.key, "throughput", "rss_mb"), stat(results, s.key, "latency", "rss_mb")
-        )
-        lines.append(
-            f"| {s.label} | {tp.fmt()} | {xs} | "
-            f"{stat(results, s.key, 'latency', 'latency_p50_ms').fmt(1)} | "
-            f"{stat(results, s.key, 'latency', 'latency_p95_ms').fmt(1)} | "
-            f"{stat(results, s.key, 'latency', 'latency_p99_ms').fmt(1)} | "
-            f"{rss.fmt()} | {stat(results, s.key, 'throughput', 'cpu_us_per_job').fmt()} | "
-            f"{stat(results, s.key, 'throughput', 'server_cpu_us_per_job').fmt()} |"
-        )
+    lines: list[str] = []
+    if any(results.get(s.key, {}).get(sc) for s in systems for sc in ("throughput", "latency")):
+        lines += [
+            "| system | throughput jobs/s | x " + (baseline or "-") + " | latency p50 ms | p95 ms |"
+            " p99 ms | worker RSS MB | CPU us/job | server CPU us/job |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for s in systems:
+            tp = stat(results, s.key, "throughput", "jobs_per_s")
+            x = ratio(tp, base_tp) if base_tp else float("nan")
+            xs = "-" if x != x else f"{x:.2f}x"  # NaN: no baseline in this run
+            rss = max_stat(
+                stat(results, s.key, "throughput", "rss_mb"),
+                stat(results, s.key, "latency", "rss_mb"),
+            )
+            lines.append(
+                f"| {s.label} | {tp.fmt()} | {xs} | "
+                f"{stat(results, s.key, 'latency', 'latency_p50_ms').fmt(1)} | "
+                f"{stat(results, s.key, 'latency', 'latency_p95_ms').fmt(1)} | "
+                f"{stat(results, s.key, 'latency', 'latency_p99_ms').fmt(1)} | "
+                f"{rss.fmt()} | {stat(results, s.key, 'throughput', 'cpu_us_per_job').fmt()} | "
+                f"{stat(results, s.key, 'throughput', 'server_cpu_us_per_job').fmt()} |"
+            )
     has_second = any(
         results.get(s.key, {}).get(sc) for s in systems for sc in ("startup", "enqueue")
     )
@@ -235,7 +239,7 @@ def markdown(
                 f"| {s.label} | {tp.fmt()} | {big.fmt()} | {ratio(big, tp):.2f} | "
                 f"{fut.fmt()} | {ratio(fut, tp):.2f} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines).strip("\n")
 
 
 def flat_baseline(results: Results, key: str) -> Stat:
