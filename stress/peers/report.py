@@ -30,6 +30,7 @@ def run_matrix(
                 except Exception as exc:  # one failing peer must not sink the run
                     say(f"  ! {system.key} {scenario} rep {rep}: {type(exc).__name__}: {exc}")
                     continue
+                r["rep"] = rep
                 results[system.key][scenario].append(r)
                 say(f"  rep {rep} {scenario:<10} {system.key:<16} {brief(scenario, r)}")
     return results
@@ -84,6 +85,22 @@ def stat(results: Results, key: str, scenario: str, metric: str) -> Stat:
         float(r[metric])
         for r in results.get(key, {}).get(scenario, [])
         if r.get(metric) is not None
+    ]
+    if not values:
+        return Stat(float("nan"), float("nan"), float("nan"), 0)
+    return Stat(statistics.median(values), min(values), max(values), len(values))
+
+
+def paired_ratio(results: Results, key: str, base: str, scenario: str, metric: str) -> Stat:
+    """``key``'s metric over ``base``'s, rep by rep (the two ran minutes apart at most, so
+    a slow phase of the machine hits both), as median [min-max]."""
+    by_rep = {
+        r.get("rep"): r[metric] for r in results.get(base, {}).get(scenario, []) if r.get(metric)
+    }
+    values = [
+        float(r[metric]) / float(by_rep[r.get("rep")])
+        for r in results.get(key, {}).get(scenario, [])
+        if r.get(metric) is not None and r.get("rep") in by_rep
     ]
     if not values:
         return Stat(float("nan"), float("nan"), float("nan"), 0)
@@ -204,9 +221,11 @@ def markdown(
             "",
             "| backlog | system | start -> last commit jobs/s | x "
             + (baseline or "-")
-            + " | first -> last start jobs/s | start -> first job ms |"
+            + " | x "
+            + (baseline or "-")
+            + " per rep | first -> last start jobs/s | start -> first job ms |"
             " last start -> commit ms | server CPU us/job |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for sc in drains:
             base = stat(results, baseline, sc, "committed_jobs_per_s") if baseline else None
@@ -216,8 +235,14 @@ def markdown(
                     continue
                 x = ratio(c, base) if base else float("nan")
                 xs = "-" if x != x else f"{x:.2f}x"
+                per_rep = (
+                    paired_ratio(results, s.key, baseline, sc, "committed_jobs_per_s")
+                    if baseline
+                    else Stat(float("nan"), float("nan"), float("nan"), 0)
+                )
                 lines.append(
                     f"| {int(sc.removeprefix('drain_')):,} | {s.label} | {c.fmt()} | {xs} | "
+                    f"{per_rep.fmt(2)} | "
                     f"{stat(results, s.key, sc, 'jobs_per_s').fmt()} | "
                     f"{stat(results, s.key, sc, 'start_to_first_ms').fmt()} | "
                     f"{stat(results, s.key, sc, 'last_start_to_commit_ms').fmt(1)} | "
