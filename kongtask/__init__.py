@@ -28,7 +28,12 @@ from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from ._cli import main as main
-    from ._client import Client as Client, add_job as add_job, open_client as open_client
+    from ._client import (
+        Client as Client,
+        add_job as add_job,
+        migrate as migrate,
+        open_client as open_client,
+    )
     from ._cron import (
         CronItem as CronItem,
         CrontabError as CrontabError,
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
         load_crontab_file as load_crontab_file,
     )
     from ._worker import (
+        JobCancelled as JobCancelled,
         JobCancelScope as JobCancelScope,
         JobContext as JobContext,
         TaskSpec as TaskSpec,
@@ -50,11 +56,13 @@ _LAZY = {
     "main": "._cli",
     "Client": "._client",
     "add_job": "._client",
+    "migrate": "._client",
     "open_client": "._client",
     "CronItem": "._cron",
     "CrontabError": "._cron",
     "crontab": "._cron",
     "load_crontab_file": "._cron",
+    "JobCancelled": "._worker",
     "JobCancelScope": "._worker",
     "JobContext": "._worker",
     "TaskSpec": "._worker",
@@ -73,6 +81,7 @@ __all__ = [
     "Event",
     "Job",
     "JobCancelScope",
+    "JobCancelled",
     "JobContext",
     "JobSpec",
     "KongtaskError",
@@ -90,6 +99,7 @@ __all__ = [
     "crontab",
     "load_crontab_file",
     "main",
+    "migrate",
     "open_client",
     "open_worker",
     "task",

@@ -11,6 +11,7 @@ import trio
 
 from ._config import resolve_dsn, resolve_schema
 from ._errors import KongtaskError
+from ._log_fallback import host_handles_kongtask_logs
 from ._logging import configure_cli_logging, print_failure
 from ._settings import (
     COMMON_KEYS,
@@ -86,11 +87,21 @@ async def _migrate_verb(args: argparse.Namespace) -> int:
     return 0
 
 
-async def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+async def main(argv: Sequence[str] | None = None) -> None:
+    """The ``kongtask`` command, run with ``argv`` (default: ``sys.argv[1:]``).
 
-    ``trio.run(kongtask.main)`` works. Expected failures print one line on stderr.
+    ``trio.run(kongtask.main)`` is the whole command: it returns when the command
+    succeeds and raises :class:`SystemExit` with the command's exit status otherwise
+    (2 for bad usage, 1 for an error, 57 for a too-new schema). Expected failures print
+    one line on stderr. When the program has not configured logging, logs go to stderr
+    at ``--log-level``; a program that configured logging keeps its configuration.
     """
+    status = await _run_command(argv)
+    if status:
+        raise SystemExit(status)
+
+
+async def _run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
@@ -99,7 +110,10 @@ async def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"kongtask: {exc}", file=sys.stderr)
         return exc.exit_code
-    configure_cli_logging(args.log_level, args.log_format)
+    # a host program that gave kongtask's logger a handler keeps its configuration
+    # (configure_cli_logging leaves a host's own root handlers alone by itself)
+    if not host_handles_kongtask_logs():
+        configure_cli_logging(args.log_level, args.log_format)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -123,4 +137,4 @@ async def main(argv: Sequence[str] | None = None) -> int:
 
 def run_cli() -> None:
     """Console-script entry point."""
-    sys.exit(trio.run(main))
+    trio.run(main)

@@ -219,47 +219,32 @@ async def _run_verb(args: argparse.Namespace) -> int:
         args.concurrency,
         schema,
     )
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_worker(
-            dsn,
-            tasks,
-            schema=schema,
-            concurrency=args.concurrency,
-            poll_interval=args.poll_interval / 1000,  # the CLI's milliseconds
-            batch_size=args.batch_size,
-            forbidden_flags=flags or None,
-            crontab=crontab,
-            max_pool_size=args.max_pool_size,
-            prepared_statements=args.prepared_statements,
-            grace=args.grace,
-            once=args.once,
-        ) as worker:
-            log.info("pool %s ready", worker.pool_id)
-
-            async def watch_signals() -> None:
-                received = 0
-                async for signum in signals:
-                    received += 1
-                    name = signal.Signals(signum).name
-                    if received == 1:
-                        log.info("%s: stopping gracefully (again to stop at once)", name)
-                        worker.shutdown_nowait()
-                    else:
-                        log.warning("%s: stopping at once", name)
-                        worker.shutdown_nowait(grace=0)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_signals)
-                await worker.wait_stopped()
-                nursery.cancel_scope.cancel()
-        stats = worker.statistics()
-        log.info(
-            "pool %s stopped: %d completed, %d failed",
-            worker.pool_id,
-            stats.completed,
-            stats.failed,
-        )
-        return worker.exit_code or 0
+    # open_worker stops gracefully on SIGINT/SIGTERM (a second one stops at once)
+    async with open_worker(
+        dsn,
+        tasks,
+        schema=schema,
+        concurrency=args.concurrency,
+        poll_interval=args.poll_interval / 1000,  # the CLI's milliseconds
+        batch_size=args.batch_size,
+        forbidden_flags=flags or None,
+        crontab=crontab,
+        max_pool_size=args.max_pool_size,
+        prepared_statements=args.prepared_statements,
+        grace=args.grace,
+        once=args.once,
+        migrate=False,  # done above
+    ) as worker:
+        log.info("pool %s ready", worker.pool_id)
+        await worker.wait_stopped()
+    stats = worker.statistics()
+    log.info(
+        "pool %s stopped: %d completed, %d failed",
+        worker.pool_id,
+        stats.completed,
+        stats.failed,
+    )
+    return worker.exit_code or 0
 
 
 # ---------------------------------------------------------------------------

@@ -472,6 +472,30 @@ async def open_client(
         yield Client(db, schema_name)
 
 
+async def migrate(dsn: str | None = None, *, schema: str | None = None) -> None:
+    """Install or upgrade graphile-worker's schema (migrations 1..20): ``kongtask migrate``.
+
+    Safe to run from many processes at once, Node graphile-worker's included; running it
+    again changes nothing. :func:`open_worker` does it by itself unless told not to.
+
+    Args:
+      dsn: a libpq connection string or URL; default ``$DATABASE_URL``, then libpq's
+        ``PG*`` variables.
+      schema: default ``$GRAPHILE_WORKER_SCHEMA``, then ``graphile_worker``.
+
+    Raises:
+      ConfigError: the schema name is unusable.
+      SchemaTooNewError: the database holds a breaking migration newer than kongtask
+        knows (a newer graphile-worker ran); nothing is changed.
+      MigrationError: PostgreSQL is older than 12, or a migration failed (rolled back).
+    """
+    from ._migrate import migrate as migrate_db
+
+    schema_name = resolve_schema(schema)
+    async with open_database(resolve_dsn(dsn), max_size=1) as db:
+        await migrate_db(db, schema_name)
+
+
 async def add_job(
     identifier: str,
     payload: JSONValue = None,

@@ -44,7 +44,7 @@ from collections.abc import (
     MutableMapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Concatenate, Final, ParamSpec, TypeAlias, TypeVar
 
@@ -58,9 +58,12 @@ from ._events import EventCallback, EventEmitter
 from ._held import RECHECK_AFTER, claim_snapshot, needs_recheck
 from ._job import Job
 from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new_pool_id
+from ._log_fallback import log_to_stderr_unless_configured
 from ._logging import install_pool_filters, job_extra
+from ._migrate import migrate as migrate_schema
 from ._outage import OutageLog, is_connection_lost
 from ._pg import Database, open_database
+from ._signals import StopOnSignals, receive_stop_signals
 from ._sql import (
     Outcome,
     WorkerQueries,
@@ -768,8 +771,10 @@ class Worker:
     async def _serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        started = False
         try:
             await self._start()
+            started = True
             self._events.emit("pool:create", concurrency=self._concurrency)
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._completer)
@@ -810,7 +815,9 @@ class Worker:
                 outer.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await self._final_release()
+                # nothing is claimed before the start is done: nothing to release
+                if started:
+                    await self._final_release()
                 self._events.emit("pool:release")
                 self._events.emit("stop")
                 self._stopped.set()
@@ -1827,6 +1834,8 @@ async def open_worker(
     grace: float = DEFAULT_GRACE,
     local_queue_ttl: float = DEFAULT_LOCAL_QUEUE_TTL,
     once: bool = False,
+    migrate: bool = True,
+    handle_signals: bool = True,
 ) -> AsyncIterator[Worker]:
     """Run a worker pool for the duration of the ``async with`` block.
 
@@ -1853,10 +1862,19 @@ async def open_worker(
       grace: seconds running jobs get to finish at shutdown before they are cancelled.
       local_queue_ttl: claimed jobs not started within this many seconds are returned.
       once: stop as soon as no job is ready (``kongtask run --once``).
+      migrate: install or upgrade the schema before starting, as ``kongtask migrate``
+        does (safe when many processes start at once). ``False``: the schema must be
+        installed already (a missing one raises :class:`~kongtask.KongtaskError`).
+      handle_signals: while the pool runs, SIGINT and SIGTERM stop it gracefully and end
+        the ``async with`` block (a second signal cancels running jobs at once). Only in
+        the main thread; ``False`` leaves signals to the application.
 
     Leaving the block shuts the pool down gracefully (see :meth:`Worker.shutdown`). If the
     block raises or is cancelled, the shutdown is immediate (grace 0) but still returns
     jobs and writes outcomes. Afterwards no task, thread or connection of the pool remains.
+
+    If nothing in the program configured logging, kongtask logs INFO and above to stderr
+    while the pool runs (docs/worker.md, "Logging").
     """
     schema_name = resolve_schema(schema)
     runners = _runners(tasks)
@@ -1871,38 +1889,53 @@ async def open_worker(
     if not grace >= 0 or not local_queue_ttl > 0:
         raise ConfigError("grace must be >= 0 and local_queue_ttl > 0")
     install_pool_filters()  # an outage is logged by the pool's OutageLog instead
-    async with open_database(
-        resolve_dsn(dsn),
-        min_size=1,
-        max_size=max_pool_size,
-        prepared_statements=prepared_statements,
-    ) as db:
-        worker = Worker(
-            db,
-            schema_name,
-            runners,
-            concurrency=concurrency,
-            poll_interval=float(poll_interval),
-            batch_size=batch_size,
-            forbidden_flags=forbidden_flags,
-            on_event=on_event,
-            crontab=crontab,
-            grace=float(grace),
-            local_queue_ttl=float(local_queue_ttl),
-            once=once,
-            # a session lock needs a session: not behind a transaction-pooling pgBouncer
-            marked=prepared_statements,
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(worker._serve)
-            try:
-                yield worker
-            except BaseException:
-                # the block failed or was cancelled: stop now, but still hand jobs back
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(FLUSH_TIMEOUT + STATEMENT_TIMEOUT),
-                ):
-                    await worker.shutdown(grace=0)
-                raise
-            await worker.shutdown()
+    with log_to_stderr_unless_configured():
+        async with open_database(
+            resolve_dsn(dsn),
+            min_size=1,
+            max_size=max_pool_size,
+            prepared_statements=prepared_statements,
+        ) as db:
+            if migrate:
+                await migrate_schema(db, schema_name)
+            worker = Worker(
+                db,
+                schema_name,
+                runners,
+                concurrency=concurrency,
+                poll_interval=float(poll_interval),
+                batch_size=batch_size,
+                forbidden_flags=forbidden_flags,
+                on_event=on_event,
+                crontab=crontab,
+                grace=float(grace),
+                local_queue_ttl=float(local_queue_ttl),
+                once=once,
+                # a session lock needs a session: not behind a transaction-pooling pgBouncer
+                marked=prepared_statements,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(worker._serve)
+                # The first stop signal cancels the block's body: it ends where it waits
+                # (often `trio.sleep_forever()`), while the pool shuts down gracefully.
+                body = trio.CancelScope()
+                on_signal = StopOnSignals(worker.shutdown_nowait, body.cancel)
+                with receive_stop_signals(on_signal) if handle_signals else nullcontext(False):
+                    with body:
+                        try:
+                            yield worker
+                        except BaseException:
+                            if body.cancel_called:
+                                # a signal: the graceful shutdown it started goes on
+                                with trio.CancelScope(shield=True):
+                                    await worker.shutdown()
+                                raise
+                            # the block failed or was cancelled: stop now, but still hand
+                            # jobs back
+                            with (
+                                trio.CancelScope(shield=True),
+                                trio.move_on_after(FLUSH_TIMEOUT + STATEMENT_TIMEOUT),
+                            ):
+                                await worker.shutdown(grace=0)
+                            raise
+                    await worker.shutdown()

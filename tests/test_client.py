@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+from _cli_helpers import cli_status
 from client_support import (  # the fixtures are used as test arguments
     any_dsn,  # noqa: F401
     capture_notifications,
@@ -855,7 +856,7 @@ async def test_custom_schema_is_quoted(any_dsn: str) -> None:
 
 
 async def test_cli_add(any_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code = await kongtask.main(
+    code = await cli_status(
         [
             "add",
             "-c",
@@ -893,7 +894,7 @@ async def test_cli_add(any_dsn: str, capsys: pytest.CaptureFixture[str]) -> None
         4,
     )
     assert row["run_at"] == FUTURE
-    code = await kongtask.main(
+    code = await cli_status(
         ["add", "-c", any_dsn, "mail", "[1]", "--job-key", "m1", "--job-key-mode", "unsafe_dedupe"]
     )
     assert json.loads(capsys.readouterr().out)["revision"] == 1
@@ -916,7 +917,7 @@ async def test_cli_add_bad_input_is_one_line(
     argv_tail: list[str],
     message: str,
 ) -> None:
-    code = await kongtask.main(["add", "-c", kongtask_migrated_dsn, *argv_tail])
+    code = await cli_status(["add", "-c", kongtask_migrated_dsn, *argv_tail])
     out, err = capsys.readouterr()
     assert code == 1
     assert out == ""
@@ -938,7 +939,7 @@ async def test_cli_connection_failures_are_one_line(
     capsys: pytest.CaptureFixture[str], dsn: str, message: str
 ) -> None:
     for verb in (["add", "t"], ["cleanup"], ["unlock", "pool-x"]):
-        code = await kongtask.main([verb[0], "-c", dsn, *verb[1:]])
+        code = await cli_status([verb[0], "-c", dsn, *verb[1:]])
         _, err = capsys.readouterr()
         assert code == 1
         assert message in err
@@ -951,7 +952,7 @@ async def test_cli_cleanup_and_unlock(any_dsn: str, capsys: pytest.CaptureFixtur
         await arrange_cleanup(c)
         locked = await c.add_job("tz", queue_name="qz")
         await lock(c, locked.id, by="pool-gone")
-    code = await kongtask.main(
+    code = await cli_status(
         [
             "cleanup",
             "-c",
@@ -970,13 +971,13 @@ async def test_cli_cleanup_and_unlock(any_dsn: str, capsys: pytest.CaptureFixtur
         "DELETE_PERMAFAILED_JOBS: deleted 2",
         "GC_TASK_IDENTIFIERS: deleted 3",
     ]
-    assert await kongtask.main(["cleanup", "-c", any_dsn]) == 0
+    assert await cli_status(["cleanup", "-c", any_dsn]) == 0
     assert capsys.readouterr().out == "GC_JOB_QUEUES: deleted 2\n"
-    assert await kongtask.main(["cleanup", "-c", any_dsn, "--task", "GC_ALL"]) == 1
+    assert await cli_status(["cleanup", "-c", any_dsn, "--task", "GC_ALL"]) == 1
     assert "allowed: DELETE_PERMAFAILED_JOBS, GC_TASK_IDENTIFIERS, GC_JOB_QUEUES" in (
         capsys.readouterr().err
     )
-    assert await kongtask.main(["unlock", "-c", any_dsn, "pool-gone", "pool-other"]) == 0
+    assert await cli_status(["unlock", "-c", any_dsn, "pool-gone", "pool-other"]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == [
         "pool-gone: released 1 job(s) and 0 queue(s)",

@@ -646,7 +646,7 @@ async def test_open_worker_runs_the_crontab(kongtask_dsn: str) -> None:
 async def test_cron_list_shows_next_runs_and_last_execution(
     kongtask_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kongtask import main
+    from _cli_helpers import cli_status
 
     path = tmp_path / "crontab"
     path.write_text("0 4 * * * daily ?fill=1h&max=3\n0 0 31 2 * never\n*/5 * * * * fresh\n")
@@ -658,7 +658,7 @@ async def test_cron_list_shows_next_runs_and_last_execution(
         )
     before = datetime.now(UTC)
     with trio.fail_after(10):
-        code = await main(
+        code = await cli_status(
             ["cron", "list", "-c", kongtask_dsn, "--crontab", str(path), "--next", "2"]
         )
     after = datetime.now(UTC)
@@ -689,11 +689,11 @@ async def test_cron_list_shows_next_runs_and_last_execution(
 async def test_cron_list_reports_a_bad_crontab(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kongtask import main
+    from _cli_helpers import cli_status
 
     path = tmp_path / "crontab"
     path.write_text("* * * * * ok\n* * * * MON bad\n")
-    code = await main(
+    code = await cli_status(
         ["cron", "list", "-c", "postgresql://unused.invalid/x", "--crontab", str(path)]
     )
     assert code == 1

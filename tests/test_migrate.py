@@ -14,8 +14,8 @@ from typing import Any
 import asyncpg
 import pytest
 import trio
+from _cli_helpers import cli_status
 
-import kongtask
 from kongtask._config import quote_ident
 from kongtask._errors import ConfigError, MigrationError, SchemaTooNewError
 from kongtask._migrate import (
@@ -131,7 +131,7 @@ async def test_newer_breaking_migration_refuses_with_exit_57(
         )
         with pytest.raises(SchemaTooNewError):
             await check_schema(db)
-    assert await kongtask.main(["migrate", "-c", kongtask_dsn]) == 57
+    assert await cli_status(["migrate", "-c", kongtask_dsn]) == 57
     assert "breaking migration 21" in capsys.readouterr().err
 
 
@@ -153,7 +153,7 @@ async def test_newer_non_breaking_migration_warns_and_continues(
         and m.endswith("Attempting to continue regardless.")
         for m in warnings
     ), warnings
-    assert await kongtask.main(["migrate", "-c", kongtask_dsn, "--silent"]) == 0
+    assert await cli_status(["migrate", "-c", kongtask_dsn, "--silent"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -285,7 +285,7 @@ async def test_migration_11_refuses_recently_locked_jobs(kongtask_blank_dsn: str
         assert [r[0] for r in await migration_rows(db)] == list(range(1, 11))
         assert await db.fetch("select * from graphile_worker.jobs order by id") == before
         assert await db.fetchval("select to_regclass('graphile_worker.tasks')") is None
-        assert await kongtask.main(["migrate", "-c", kongtask_blank_dsn]) == 1
+        assert await cli_status(["migrate", "-c", kongtask_blank_dsn]) == 1
 
 
 async def test_add_job_inserts_only_missing_task_and_queue_names(db: Database) -> None:
@@ -411,7 +411,7 @@ async def test_schema_from_environment(
     kongtask_blank_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GRAPHILE_WORKER_SCHEMA", "From Env")
-    assert await kongtask.main(["migrate", "-c", kongtask_blank_dsn, "--silent"]) == 0
+    assert await cli_status(["migrate", "-c", kongtask_blank_dsn, "--silent"]) == 0
     async with open_database(kongtask_blank_dsn) as db:
         assert len(await migration_rows(db, "From Env")) == 20
         assert await db.fetchval("select to_regnamespace('graphile_worker')") is None
