@@ -1,0 +1,229 @@
+"""kongtask inside an application: open_worker installs the schema and handles stop
+signals, ``trio.run(kongtask.main)`` is the whole command, ``kongtask.migrate`` is public.
+
+Rules: a real PostgreSQL; signals go to real child processes; waits are bounded by
+``trio.fail_after`` and follow what the child prints, never a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+import kongtask
+from kongtask._pg import Database, open_database
+
+S = "graphile_worker"
+J = f"{S}.jobs"  # the view: it names the task
+
+# A program that embeds a pool the way the README does. `slow` jobs either finish soon
+# after the pool starts stopping (the work a graceful shutdown waits for) or never.
+EMBEDDED_PROGRAM = """
+import sys
+import trio
+import kongtask
+
+dsn, grace = sys.argv[1], float(sys.argv[2])
+pools = []
+
+async def slow(job, ctx):
+    print("RUNNING", job.id, flush=True)
+    if job.payload.get("finish_when_stopping"):
+        while not pools[0].stopping:
+            await trio.sleep(0.01)
+        await trio.sleep(0.1)  # the rest of its work, inside the grace period
+        print("FINISHED", job.id, flush=True)
+    else:
+        await trio.sleep_forever()
+
+async def other(job, ctx):
+    print("OTHER RAN", job.id, flush=True)
+
+async def main():
+    async with kongtask.open_worker(dsn, {"slow": slow, "other": other}, grace=grace) as w:
+        pools.append(w)
+        print("READY", flush=True)
+        await trio.sleep_forever()
+    print("BLOCK ENDED", flush=True)
+
+trio.run(main)
+"""
+
+
+async def _rows(db: Database) -> dict[int, tuple[str, int, str | None, str | None]]:
+    rows = await db.fetch(f"select id, task_identifier, attempts, locked_by, last_error from {J}")
+    return {
+        r["id"]: (r["task_identifier"], r["attempts"], r["locked_by"], r["last_error"])
+        for r in rows
+    }
+
+
+class Child:
+    """A child process whose stdout and stderr are read line by line as they come."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.out: list[str] = []
+        self.err = ""
+        self._new_out = trio.Event()
+
+    async def read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        buffer = b""
+        async for chunk in self.proc.stdout:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            self.out.extend(line.decode() for line in lines)
+            self._new_out.set()
+            self._new_out = trio.Event()
+
+    async def read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        async for chunk in self.proc.stderr:
+            self.err += chunk.decode()
+            self._new_out.set()
+            self._new_out = trio.Event()
+
+    async def wait_for(self, text: str, *, in_stderr: bool = False) -> None:
+        while not (text in self.err if in_stderr else any(text in line for line in self.out)):
+            if self.proc.poll() is not None:
+                pytest.fail(f"the child exited before {text!r}: {self.out} {self.err}")
+            await self._new_out.wait()
+
+
+@asynccontextmanager
+async def open_embedded(tmp_path: Path, dsn: str, grace: float) -> AsyncIterator[Child]:
+    """Run EMBEDDED_PROGRAM; a child still running at the end is killed."""
+    program = tmp_path / "embedded.py"
+    program.write_text(EMBEDDED_PROGRAM)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, str(program), dsn, str(grace)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    child = Child(proc)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child.read_stdout)
+            nursery.start_soon(child.read_stderr)
+            yield child
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+# --- signals ---------------------------------------------------------------------------
+
+
+async def _add(db: Database, task: str, payload: str = "{}", priority: int = 0) -> int:
+    job_id: int = await db.fetchval(
+        f"select id from {S}.add_job($1, $2::json, priority => $3)", task, payload, priority
+    )
+    return job_id
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_signal_lets_the_running_job_finish_and_returns_the_rest(
+    kongtask_blank_dsn: str, tmp_path: Path, signum: signal.Signals
+) -> None:
+    with trio.fail_after(90):
+        # a blank database: the embedded pool installs the schema itself
+        async with open_embedded(tmp_path, kongtask_blank_dsn, grace=60) as child:
+            await child.wait_for("READY")
+            async with open_database(kongtask_blank_dsn) as db:
+                slow = await _add(db, "slow", '{"finish_when_stopping": true}', priority=-1)
+                others = [await _add(db, "other") for _ in range(3)]
+                await child.wait_for(f"RUNNING {slow}")
+                child.proc.send_signal(signum)
+                code = await child.proc.wait()
+                rows = await _rows(db)
+    assert code == 0, child.err
+    assert "Traceback" not in child.err
+    assert f"{signum.name}: stopping gracefully" in child.err
+    # the running job finished within the grace period, and the block ended
+    assert child.out[-2:] == [f"FINISHED {slow}", "BLOCK ENDED"]
+    assert slow not in rows
+    # nothing else started; every other job is back, unlocked, its attempt given back
+    assert not [line for line in child.out if line.startswith("OTHER RAN")]
+    assert rows == {job_id: ("other", 0, None, None) for job_id in others}
+
+
+async def test_a_second_signal_cancels_the_running_job_at_once(
+    kongtask_blank_dsn: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(90):  # far less than the 600 s grace the first signal gives
+        async with open_embedded(tmp_path, kongtask_blank_dsn, grace=600) as child:
+            await child.wait_for("READY")
+            async with open_database(kongtask_blank_dsn) as db:
+                forever = await _add(db, "slow")
+                await child.wait_for(f"RUNNING {forever}")
+                child.proc.send_signal(signal.SIGINT)
+                await child.wait_for("SIGINT: stopping gracefully", in_stderr=True)
+                child.proc.send_signal(signal.SIGTERM)
+                code = await child.proc.wait()
+                rows = await _rows(db)
+    assert code == 0, child.err
+    assert "SIGTERM: stopping at once" in child.err
+    assert "Traceback" not in child.err
+    assert child.out[-1] == "BLOCK ENDED"
+    # cancelled, failed with the shutdown message (it retries later), unlocked
+    assert rows == {forever: ("slow", 1, None, "Worker pool is shutting down gracefully")}
+
+
+async def test_handle_signals_false_leaves_signals_to_the_application(
+    kongtask_dsn: str,
+) -> None:
+    async def noop(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    async with kongtask.open_worker(kongtask_dsn, {"t": noop}, handle_signals=False):
+        assert signal.getsignal(signal.SIGTERM) is before
+        async with kongtask.open_worker(kongtask_dsn, {"t": noop}) as inner:
+            assert signal.getsignal(signal.SIGTERM) is not before
+        assert signal.getsignal(signal.SIGTERM) is before
+    assert inner.statistics().completed == 0
+
+
+async def test_overlapping_pools_keep_signals_until_the_last_one_stops(
+    kongtask_dsn: str,
+) -> None:
+    # pools that start and stop in any order: one handler, put back after the last
+    async def noop(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        pass
+
+    before = signal.getsignal(signal.SIGINT)
+    started = [trio.Event(), trio.Event()]
+    leave = [trio.Event(), trio.Event()]
+    left = [trio.Event(), trio.Event()]
+
+    async def pool(n: int) -> None:
+        async with kongtask.open_worker(kongtask_dsn, {"t": noop}):
+            started[n].set()
+            await leave[n].wait()
+        left[n].set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool, 0)
+            await started[0].wait()
+            nursery.start_soon(pool, 1)
+            await started[1].wait()
+            handler = signal.getsignal(signal.SIGINT)
+            assert handler is not before
+            leave[0].set()  # the first pool stops first
+            await left[0].wait()
+            assert signal.getsignal(signal.SIGINT) is handler  # the second still listens
+            leave[1].set()
+    assert signal.getsignal(signal.SIGINT) is before
