@@ -13,12 +13,14 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
 import kongtask
+from kongtask._migrate import latest_known_migration
 from kongtask._pg import Database, open_database
 
 S = "graphile_worker"
@@ -227,3 +229,155 @@ async def test_overlapping_pools_keep_signals_until_the_last_one_stops(
             assert signal.getsignal(signal.SIGINT) is handler  # the second still listens
             leave[1].set()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# --- open_worker installs the schema; kongtask.migrate; JobCancelled ------------------------
+
+
+async def test_pools_starting_together_install_the_schema_once(kongtask_blank_dsn: str) -> None:
+    ran = trio.Event()
+
+    async def hello(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        ran.set()
+
+    ready = 0
+    all_ready = trio.Event()
+
+    async def pool() -> None:
+        nonlocal ready
+        async with kongtask.open_worker(kongtask_blank_dsn, {"hello": hello}) as worker:
+            ready += 1
+            if ready == 3:
+                all_ready.set()
+            await all_ready.wait()
+            await ran.wait()
+            assert worker.exit_code is None
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(pool)
+            await all_ready.wait()
+            await kongtask.add_job("hello", dsn=kongtask_blank_dsn)
+    async with open_database(kongtask_blank_dsn) as db:
+        ids = [r["id"] for r in await db.fetch(f"select id from {S}.migrations order by id")]
+        assert ids == list(range(1, latest_known_migration() + 1))
+        assert await db.fetchval(f"select count(*) from {J}") == 0
+
+
+async def test_migrate_is_public_and_idempotent(kongtask_blank_dsn: str) -> None:
+    await kongtask.migrate(kongtask_blank_dsn, schema="app_jobs")
+    await kongtask.migrate(kongtask_blank_dsn, schema="app_jobs")  # nothing to do
+    async with open_database(kongtask_blank_dsn) as db:
+        count = await db.fetchval("select count(*) from app_jobs.migrations")
+        assert count == latest_known_migration()
+        await db.execute("insert into app_jobs.migrations (id, breaking) values (999, true)")
+    with pytest.raises(kongtask.SchemaTooNewError, match="breaking migration 999"):
+        await kongtask.migrate(kongtask_blank_dsn, schema="app_jobs")
+
+
+async def test_job_cancelled_is_public_and_is_the_error_of_a_cancelled_job(
+    kongtask_dsn: str,
+) -> None:
+    errors: list[object] = []
+    failed = trio.Event()
+
+    async def cancels_itself(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        ctx.cancel_scope.cancel()
+        await trio.sleep_forever()
+
+    def on_event(event: kongtask.Event) -> None:
+        if event.name == "job:error":
+            errors.append(event["error"])
+            failed.set()
+
+    with trio.fail_after(30):
+        async with kongtask.open_worker(
+            kongtask_dsn, {"c": cancels_itself}, on_event=on_event
+        ) as worker:
+            await worker.add_job("c")
+            await failed.wait()
+    [error] = errors
+    assert isinstance(error, kongtask.JobCancelled)
+    assert str(error) == "Job was cancelled"
+
+
+# --- trio.run(kongtask.main) is the command ------------------------------------------------
+
+AS_LIBRARY = [sys.executable, "-c", "import trio, kongtask; trio.run(kongtask.main)"]
+AS_COMMAND = [sys.executable, "-c", "import kongtask._cli as c; c.run_cli()"]
+
+
+def _without_timestamps(text: str) -> list[str]:
+    # "2026-01-02 03:04:05,678 INFO ...": the first two words differ between runs
+    return [line.split(" ", 2)[-1] if line[:2] == "20" else line for line in text.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [("migrate", 0), ("unreachable", 1), ("usage", 2), ("no verb", 2), ("too new", 57)],
+)
+async def test_trio_run_main_exits_as_the_command_does(
+    kongtask_database_factory: object, case: str, status: int
+) -> None:
+    async def database(*, migrated: bool) -> str:
+        make = partial(kongtask_database_factory, migrated=migrated)  # type: ignore[call-arg]
+        dsn: str = await trio.to_thread.run_sync(make)
+        return dsn
+
+    async def argv() -> list[str]:
+        if case == "migrate":
+            return ["migrate", "-c", await database(migrated=False)]
+        if case == "unreachable":
+            return ["add", "-c", "postgresql://postgres@127.0.0.1:1/x", "t"]
+        if case == "usage":
+            return ["unlock"]
+        if case == "no verb":
+            return []
+        dsn = await database(migrated=True)
+        async with open_database(dsn) as db:
+            await db.execute(f"insert into {S}.migrations (id, breaking) values (21, true)")
+        return ["migrate", "-c", dsn]
+
+    results = []
+    for program in (AS_LIBRARY, AS_COMMAND):
+        with trio.fail_after(60):
+            proc = await trio.run_process(
+                [*program, *await argv()], capture_stdout=True, capture_stderr=True, check=False
+            )
+        results.append((proc.returncode, proc.stdout.decode(), proc.stderr.decode()))
+    (code, out, err), command = results
+    assert code == status, err
+    assert (code, out, _without_timestamps(err)) == (
+        command[0],
+        command[1],
+        _without_timestamps(command[2]),
+    )
+    assert "Traceback" not in err
+    if case == "migrate":
+        assert out == "Schema 'graphile_worker' is up to date\n"
+        assert "INFO kongtask.migrate: applied migration 000001" in err
+
+
+HOST_LOGGING = """
+import logging, sys, trio, kongtask
+handler = logging.StreamHandler(sys.stdout)
+handler.setFormatter(logging.Formatter("HOST %(name)s: %(message)s"))
+logging.getLogger("kongtask").addHandler(handler)
+logging.getLogger("kongtask").setLevel(logging.INFO)
+trio.run(kongtask.main)
+"""
+
+
+async def test_main_leaves_the_hosts_logging_alone(kongtask_blank_dsn: str) -> None:
+    with trio.fail_after(60):
+        proc = await trio.run_process(
+            [sys.executable, "-c", HOST_LOGGING, "migrate", "-c", kongtask_blank_dsn],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "HOST kongtask.migrate: applied migration 000001" in out
+    assert err == ""  # no handler of kongtask's own besides the host's
