@@ -624,8 +624,10 @@ class Worker:
         local_queue_ttl: float,
         once: bool,
         marked: bool,
+        check_schema: bool = True,
     ) -> None:
         self._db = db
+        self._check_schema = check_schema
         self.schema = schema
         self.pool_id = new_pool_id(once=once, marked=marked)
         self._outage = OutageLog(log, self.pool_id)
@@ -847,7 +849,8 @@ class Worker:
     async def _start(self) -> None:
         from ._migrate import check_schema
 
-        await check_schema(self._db, self.schema)
+        if self._check_schema:
+            await check_schema(self._db, self.schema)
         if self._runners:
             self._task_ids = await self._db.with_own_connection(
                 register_tasks, self._q, sorted(self._runners)
@@ -1913,6 +1916,7 @@ async def open_worker(
                 once=once,
                 # a session lock needs a session: not behind a transaction-pooling pgBouncer
                 marked=prepared_statements,
+                check_schema=not migrate,  # the migration checked it
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(worker._serve)
