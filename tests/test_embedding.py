@@ -102,12 +102,12 @@ class Child:
 
 
 @asynccontextmanager
-async def open_embedded(tmp_path: Path, dsn: str, grace: float) -> AsyncIterator[Child]:
-    """Run EMBEDDED_PROGRAM; a child still running at the end is killed."""
-    program = tmp_path / "embedded.py"
-    program.write_text(EMBEDDED_PROGRAM)
+async def open_child(tmp_path: Path, source: str, *args: str) -> AsyncIterator[Child]:
+    """Run the Python program ``source``; a child still running at the end is killed."""
+    program = tmp_path / "program.py"
+    program.write_text(source)
     proc = await trio.lowlevel.open_process(
-        [sys.executable, str(program), dsn, str(grace)],
+        [sys.executable, str(program), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -141,7 +141,7 @@ async def test_a_stop_signal_lets_the_running_job_finish_and_returns_the_rest(
 ) -> None:
     with trio.fail_after(90):
         # a blank database: the embedded pool installs the schema itself
-        async with open_embedded(tmp_path, kongtask_blank_dsn, grace=60) as child:
+        async with open_child(tmp_path, EMBEDDED_PROGRAM, kongtask_blank_dsn, "60") as child:
             await child.wait_for("READY")
             async with open_database(kongtask_blank_dsn) as db:
                 slow = await _add(db, "slow", '{"finish_when_stopping": true}', priority=-1)
@@ -165,7 +165,7 @@ async def test_a_second_signal_cancels_the_running_job_at_once(
     kongtask_blank_dsn: str, tmp_path: Path
 ) -> None:
     with trio.fail_after(90):  # far less than the 600 s grace the first signal gives
-        async with open_embedded(tmp_path, kongtask_blank_dsn, grace=600) as child:
+        async with open_child(tmp_path, EMBEDDED_PROGRAM, kongtask_blank_dsn, "600") as child:
             await child.wait_for("READY")
             async with open_database(kongtask_blank_dsn) as db:
                 forever = await _add(db, "slow")
@@ -381,3 +381,43 @@ async def test_main_leaves_the_hosts_logging_alone(kongtask_blank_dsn: str) -> N
     assert proc.returncode == 0, err
     assert "HOST kongtask.migrate: applied migration 000001" in out
     assert err == ""  # no handler of kongtask's own besides the host's
+
+
+def _docs_signal_recipe() -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "worker.md").read_text()
+    section = text[text.index("## Signals") : text.index("## Logging")]
+    return section[section.index("```python\n") + 10 : section.index("```\n", 1)]
+
+
+RECIPE_SETUP = """
+import sys
+import trio
+
+dsn = sys.argv[1]
+
+async def slow(job, ctx):
+    print("RUNNING", job.id, flush=True)
+    await trio.sleep_forever()
+
+tasks = {"slow": slow}
+"""
+
+
+async def test_the_docs_recipe_for_applications_that_own_signals(
+    kongtask_dsn: str, tmp_path: Path
+) -> None:
+    source = RECIPE_SETUP + _docs_signal_recipe() + "\ntrio.run(main)\n"
+    async with open_database(kongtask_dsn) as db:
+        forever = await _add(db, "slow")
+        with trio.fail_after(60):
+            async with open_child(tmp_path, source, kongtask_dsn) as child:
+                await child.wait_for(f"RUNNING {forever}")
+                child.proc.send_signal(signal.SIGTERM)  # graceful: the job keeps running
+                await child.wait_for("shutting down (grace", in_stderr=True)
+                child.proc.send_signal(signal.SIGTERM)  # at once
+                code = await child.proc.wait()
+        rows = await _rows(db)
+    assert code == 0, child.err
+    assert "Traceback" not in child.err
+    assert "forceful shutdown" in child.err
+    assert rows == {forever: ("slow", 1, None, "Worker pool is shutting down gracefully")}
