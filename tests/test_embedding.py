@@ -7,6 +7,7 @@ Rules: a real PostgreSQL; signals go to real child processes; waits are bounded 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -421,3 +422,68 @@ async def test_the_docs_recipe_for_applications_that_own_signals(
     assert "Traceback" not in child.err
     assert "forceful shutdown" in child.err
     assert rows == {forever: ("slow", 1, None, "Worker pool is shutting down gracefully")}
+
+
+# --- logging and threads ---------------------------------------------------------------
+
+
+async def _noop(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+    pass
+
+
+async def test_a_configured_program_keeps_its_logging(kongtask_dsn: str) -> None:
+    # pytest's handlers on the root logger are a configuration kongtask must leave alone
+    assert logging.getLogger().handlers
+    kongtask_logger = logging.getLogger("kongtask")
+    before = (list(kongtask_logger.handlers), kongtask_logger.level)
+    async with kongtask.open_worker(kongtask_dsn, {"t": _noop}):
+        assert (list(kongtask_logger.handlers), kongtask_logger.level) == before
+
+
+UNCONFIGURED = """
+import logging, sys, trio, kongtask
+
+def state(logger=logging.getLogger("kongtask")):
+    return len(logger.handlers), logging.getLevelName(logger.level)
+
+async def main():
+    async with kongtask.open_worker(sys.argv[1], {"t": lambda job, ctx: None}):
+        async with kongtask.open_worker(sys.argv[1], {"t": lambda job, ctx: None}):
+            print("two pools", *state(), flush=True)
+        print("one pool", *state(), flush=True)
+    print("after", *state(), flush=True)
+    logging.getLogger("kongtask").info("not shown: no pool runs")
+
+trio.run(main)
+"""
+
+
+async def test_the_fallback_handler_lives_as_long_as_the_pools(kongtask_dsn: str) -> None:
+    with trio.fail_after(60):
+        proc = await trio.run_process(
+            [sys.executable, "-c", UNCONFIGURED, kongtask_dsn],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert proc.stdout.decode().splitlines() == [
+        "two pools 1 INFO",  # one handler for both pools
+        "one pool 1 INFO",
+        "after 0 NOTSET",
+    ]
+    assert "not shown" not in err
+
+
+async def test_a_pool_outside_the_main_thread_leaves_signals_alone(kongtask_dsn: str) -> None:
+    main_handler = signal.getsignal(signal.SIGTERM)
+    seen: list[object] = []
+
+    async def in_thread() -> None:
+        async with kongtask.open_worker(kongtask_dsn, {"t": _noop}):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(trio.run, in_thread)
+    assert seen == [main_handler]
