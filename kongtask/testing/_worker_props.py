@@ -349,6 +349,7 @@ class WorkerHarness:
             batch_size=scenario.batch_size,
             poll_interval=0.05,
             grace=scenario.grace,
+            migrate=False,  # the schema under test stays as it is
         ) as worker:
             with trio.move_on_after(self.progress_timeout) as waiting:
                 while not at_shutdown_point():
