@@ -391,10 +391,14 @@ def _docs_signal_recipe() -> str:
 
 
 RECIPE_SETUP = """
+import functools
 import sys
 import trio
+import kongtask
 
 dsn = sys.argv[1]
+# a grace far longer than the test, so only the second signal can end the running job
+kongtask.open_worker = functools.partial(kongtask.open_worker, grace=600)
 
 async def slow(job, ctx):
     print("RUNNING", job.id, flush=True)
