@@ -70,13 +70,22 @@ async def _rows(db: Database) -> dict[int, tuple[str, int, str | None, str | Non
 
 
 class Child:
-    """A child process whose stdout and stderr are read line by line as they come."""
+    """A child process whose stdout (as lines) and stderr are read as they come."""
 
     def __init__(self, proc: trio.Process) -> None:
         self.proc = proc
         self.out: list[str] = []
-        self.err = ""
-        self._new_out = trio.Event()
+        self._err = b""
+        self._closed = 0  # streams read to their end
+        self._news = trio.Event()
+
+    @property
+    def err(self) -> str:
+        return self._err.decode(errors="replace")
+
+    def _tell(self) -> None:
+        self._news.set()
+        self._news = trio.Event()
 
     async def read_stdout(self) -> None:
         assert self.proc.stdout is not None
@@ -84,22 +93,24 @@ class Child:
         async for chunk in self.proc.stdout:
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
-            self.out.extend(line.decode() for line in lines)
-            self._new_out.set()
-            self._new_out = trio.Event()
+            self.out.extend(line.decode(errors="replace") for line in lines)
+            self._tell()
+        self._closed += 1
+        self._tell()
 
     async def read_stderr(self) -> None:
         assert self.proc.stderr is not None
         async for chunk in self.proc.stderr:
-            self.err += chunk.decode()
-            self._new_out.set()
-            self._new_out = trio.Event()
+            self._err += chunk
+            self._tell()
+        self._closed += 1
+        self._tell()
 
     async def wait_for(self, text: str, *, in_stderr: bool = False) -> None:
         while not (text in self.err if in_stderr else any(text in line for line in self.out)):
-            if self.proc.poll() is not None:
-                pytest.fail(f"the child exited before {text!r}: {self.out} {self.err}")
-            await self._new_out.wait()
+            if self._closed == 2:
+                pytest.fail(f"the child ended before {text!r}: {self.out} {self.err}")
+            await self._news.wait()
 
 
 @asynccontextmanager
