@@ -21,6 +21,8 @@ from ._errors import (
     SchemaTooNewError as SchemaTooNewError,
 )
 from ._events import Event as Event
+from ._inspect import JobInfo as JobInfo, PoolInfo as PoolInfo, QueueCounts as QueueCounts
+from ._inspect_sql import JOB_STATES as JOB_STATES, JobState as JobState
 from ._job import Job as Job, JobSpec as JobSpec
 from ._producers import add_job_sync as add_job_sync, add_jobs_sync as add_jobs_sync
 from ._tasks import TaskDef as TaskDef
@@ -66,6 +68,7 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "JOB_STATES",
     "Client",
     "ConfigError",
     "CronItem",
@@ -74,10 +77,14 @@ __all__ = [
     "Job",
     "JobCancelScope",
     "JobContext",
+    "JobInfo",
     "JobSpec",
+    "JobState",
     "KongtaskError",
     "MigrationError",
     "NoPostgresError",
+    "PoolInfo",
+    "QueueCounts",
     "SchemaTooNewError",
     "TaskDef",
     "TaskSpec",

@@ -39,6 +39,16 @@ from ._enqueue import (
     encode_specs,
 )
 from ._errors import ConfigError, KongtaskError, schema_not_installed
+from ._inspect import (
+    JobInfo,
+    PoolInfo,
+    QueueCounts,
+    job_infos_from_rows,
+    list_jobs_statement,
+    pools_from_rows,
+    queue_counts_from_rows,
+)
+from ._inspect_sql import InspectQueries, JobState, inspect_queries
 from ._job import Job, JobSpec, JSONValue
 from ._pg import Database, open_database
 
@@ -75,6 +85,7 @@ class Client:
         self._db = db
         self._schema = schema
         self._queries: ClientQueries = client_queries(schema)
+        self._inspect: InspectQueries = inspect_queries(schema)
         self._task_names: dict[int, str] = {}
         self._queue_names: dict[int, str] = {}
 
@@ -395,6 +406,91 @@ class Client:
         selected = [t for t in CLEANUP_TASKS if t in wanted]
         with _needs_schema(self._schema):
             return await self._db.with_own_connection(_cleanup_unit, self._queries, selected, keep)
+
+    async def queue_counts(self) -> list[QueueCounts]:
+        """Count the jobs of every (task, queue) pair by derived state.
+
+        One statement, one scan of the jobs table (about a tenth of a second per million
+        jobs; docs/operations.md). Pairs without jobs are left out.
+
+        Returns:
+          One :class:`QueueCounts` per (task, queue) pair, by task then queue.
+        """
+        with _needs_schema(self._schema):
+            rows = await self._db.fetch(self._inspect.counts)
+        return queue_counts_from_rows(rows)
+
+    async def oldest_ready_age(self) -> float | None:
+        """Seconds since the oldest ready job became due (the server's clock), or ``None``.
+
+        A growing value means the workers do not keep up. The statement reads only
+        the claimable rows, through the index the workers use.
+        """
+        with _needs_schema(self._schema):
+            age: float | None = await self._db.fetchval(self._inspect.oldest_ready)
+        return age
+
+    async def list_jobs(
+        self,
+        *,
+        tasks: str | Iterable[str] | None = None,
+        queues: str | Iterable[str] | None = None,
+        states: str | Iterable[JobState] | None = None,
+        key: str | None = None,
+        min_id: int | None = None,
+        max_id: int | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+        descending: bool = False,
+    ) -> list[JobInfo]:
+        """List jobs with their derived state, one page at a time, ordered by id.
+
+        Filters left as ``None`` do not filter. Pass the last id of a page as
+        ``after_id`` to get the next one (keyset pagination: rows added or removed
+        meanwhile never make a page skip or repeat a row).
+
+        Args:
+          tasks: task identifier(s).
+          queues: queue name(s).
+          states: derived state(s): ``ready``, ``waiting_on_queue``, ``scheduled``,
+            ``retrying``, ``running``, ``permanently_failed``.
+          key: the job key.
+          min_id: the smallest id to list.
+          max_id: the largest id to list.
+          after_id: list only ids after this one (below it when ``descending``).
+          limit: the page size, 1 to 10,000.
+          descending: newest first.
+
+        Raises:
+          ConfigError: an unknown state or an invalid argument (nothing was sent).
+        """
+        query, args = list_jobs_statement(
+            self._schema,
+            tasks=tasks,
+            queues=queues,
+            states=states,
+            key=key,
+            min_id=min_id,
+            max_id=max_id,
+            after_id=after_id,
+            limit=limit,
+            descending=descending,
+        )
+        with _needs_schema(self._schema):
+            rows = await self._db.fetch(query, *args)
+        return job_infos_from_rows(rows)
+
+    async def list_pools(self) -> list[PoolInfo]:
+        """The worker pools that hold a liveness lock or lock a job or queue.
+
+        kongtask pools are known from their liveness locks (so also while idle) and can
+        be told dead from alive; other pools (Node graphile-worker, or kongtask with
+        ``prepared_statements=False``) only from the rows they lock, with unknown
+        liveness.
+        """
+        with _needs_schema(self._schema):
+            rows = await self._db.fetch(self._inspect.pools)
+        return pools_from_rows(rows)
 
     async def _admin(self, query: str, *args: object, held: str | None = None) -> list[Job]:
         with _needs_schema(self._schema):
