@@ -433,6 +433,7 @@ class Client:
     async def list_jobs(
         self,
         *,
+        ids: Iterable[int] | None = None,
         tasks: str | Iterable[str] | None = None,
         queues: str | Iterable[str] | None = None,
         states: str | Iterable[JobState] | None = None,
@@ -450,6 +451,7 @@ class Client:
         meanwhile never make a page skip or repeat a row).
 
         Args:
+          ids: job ids.
           tasks: task identifier(s).
           queues: queue name(s).
           states: derived state(s): ``ready``, ``waiting_on_queue``, ``scheduled``,
@@ -466,6 +468,7 @@ class Client:
         """
         query, args = list_jobs_statement(
             self._schema,
+            ids=ids,
             tasks=tasks,
             queues=queues,
             states=states,

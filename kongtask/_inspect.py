@@ -183,6 +183,7 @@ def _optional_id(value: object, what: str) -> int | None:
 def list_jobs_statement(
     schema: str,
     *,
+    ids: Iterable[int] | None = None,
     tasks: str | Iterable[str] | None,
     queues: str | Iterable[str] | None,
     states: str | Iterable[str] | None,
@@ -208,7 +209,18 @@ def list_jobs_statement(
         raise ConfigError(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, not {limit!r}")
     if not isinstance(descending, bool):
         raise ConfigError("descending must be a bool")
+    id_list = None
+    if ids is not None:
+        if isinstance(ids, int | str):
+            raise ConfigError("ids must be a collection of job ids")
+        id_list = []
+        for job_id in ids:
+            checked = _optional_id(job_id, "each id")
+            if checked is None:
+                raise ConfigError("ids must not contain None")
+            id_list.append(checked)
     values: dict[str, object] = {
+        "ids": id_list,
         "tasks": _names(tasks, "tasks"),
         "queues": _names(queues, "queues"),
         "states": state_list,

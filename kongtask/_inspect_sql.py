@@ -54,6 +54,7 @@ _KEY2_UNSIGNED = "('x' || right({id}, 8))::bit(32)::bigint"
 # Listing filters: name -> clause over `j` (the job), `t` (its task), `q` (its queue row)
 # and `s` (its derived state), with `{}` standing for the parameter's placeholder.
 _FILTERS: Final = {
+    "ids": "j.id = any({}::bigint[])",
     "tasks": "t.identifier = any({}::text[])",
     "queues": "q.queue_name = any({}::text[])",
     "states": "s.state = any({}::text[])",
