@@ -52,6 +52,22 @@ def add_ops_verbs(
     )
     status.set_defaults(func=_status_verb)
 
+    health = verbs.add_parser(
+        "healthcheck",
+        help="exit 0 when healthy, 1 otherwise (for a Docker HEALTHCHECK)",
+        description=(
+            "With --port: ask the pool's /readyz on that port (kongtask run --metrics-port). "
+            "Without: check that the database answers and the schema is installed."
+        ),
+    )
+    add_connection_options(health)
+    health.add_argument("--port", type=int, help="the pool's --metrics-port")
+    health.add_argument("--host", default="127.0.0.1", help="the pool's address (127.0.0.1)")
+    health.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for an answer (5)"
+    )
+    health.set_defaults(func=_healthcheck_verb)
+
     jobs = verbs.add_parser("jobs", help="list jobs, or retry, reschedule, fail, complete them")
     actions = jobs.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -449,4 +465,43 @@ async def _action_verb(args: argparse.Namespace) -> int:
         print(f"  no job key, so not removable by key: {' '.join(map(str, unkeyed))}")
     if missing:
         print(f"  no such job: {' '.join(map(str, missing))}")
+    return 0
+
+
+# --- healthcheck -------------------------------------------------------------------------
+
+
+def _probe(host: str, port: int, timeout: float) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{host}:{port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+async def _healthcheck_verb(args: argparse.Namespace) -> int:
+    if args.port is not None:
+        try:
+            code, body = await trio.to_thread.run_sync(_probe, args.host, args.port, args.timeout)
+        except OSError as exc:
+            print(f"kongtask: unhealthy: no answer on port {args.port}: {exc}", file=sys.stderr)
+            return 1
+        if code == 200:
+            return 0
+        try:
+            reasons = "; ".join(json.loads(body).get("reasons", [])) or body.strip()
+        except ValueError:
+            reasons = body.strip()
+        print(f"kongtask: unready (HTTP {code}): {reasons}", file=sys.stderr)
+        return 1
+    from ._migrate import check_schema
+    from ._pg import open_database
+
+    with trio.fail_after(args.timeout):
+        async with open_database(resolve_dsn(args.connection), max_size=1) as db:
+            await check_schema(db, args.schema)
     return 0
