@@ -64,6 +64,12 @@ def add_run_verbs(
     run.add_argument(
         "--metrics-host", default="0.0.0.0", help="address for --metrics-port (0.0.0.0)"
     )
+    run.add_argument(
+        "--tracing",
+        action="store_true",
+        help="OpenTelemetry spans per job (kongtask[tracing]; configure an SDK, e.g. "
+        "with opentelemetry-instrument)",
+    )
     run.set_defaults(settings_keys=tuple(option.key for option in RUN_OPTIONS))
     run.set_defaults(func=_run_verb)
 
@@ -244,6 +250,7 @@ async def _run_verb(args: argparse.Namespace) -> int:
             once=args.once,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            tracing=args.tracing,
         ) as worker:
             log.info("pool %s ready", worker.pool_id)
 

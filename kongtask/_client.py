@@ -51,6 +51,7 @@ from ._inspect import (
 from ._inspect_sql import InspectQueries, JobState, inspect_queries
 from ._job import Job, JobSpec, JSONValue
 from ._pg import Database, open_database
+from ._tracing import ProducerTracer
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -86,6 +87,7 @@ class Client:
         self._schema = schema
         self._queries: ClientQueries = client_queries(schema)
         self._inspect: InspectQueries = inspect_queries(schema)
+        self._tracing: ProducerTracer | None = None
         self._task_names: dict[int, str] = {}
         self._queue_names: dict[int, str] = {}
 
@@ -132,21 +134,26 @@ class Client:
           ConfigError: an argument is invalid (nothing was sent).
           KongtaskError: the database kept dropping the job (graphile-worker #580).
         """
-        args = checked_add_job(
-            identifier,
-            payload,
-            queue_name,
-            run_at,
-            max_attempts,
-            job_key,
-            job_key_mode,
-            priority,
-            flags,
-        )
-        with _needs_schema(self._schema):
-            rows, names = await self._db.with_own_connection(
-                _add_job_unit, self._queries, args, self._task_names, self._queue_names
+        # the producer span (when tracing) may add its trace context to the payload
+        fields: dict[str, Any] = {} if payload is None else {"payload": payload}
+        with self._traced("add_job", identifier, queue_name, [fields]) as span:
+            args = checked_add_job(
+                identifier,
+                fields.get("payload"),
+                queue_name,
+                run_at,
+                max_attempts,
+                job_key,
+                job_key_mode,
+                priority,
+                flags,
             )
+            with _needs_schema(self._schema):
+                rows, names = await self._db.with_own_connection(
+                    _add_job_unit, self._queries, args, self._task_names, self._queue_names
+                )
+            if span is not None:
+                span.set_attribute("messaging.message.id", str(rows[0]["id"]))
         self._remember(names)
         return self._job(rows[0])
 
@@ -179,17 +186,18 @@ class Client:
         checked = checked_specs(specs, job_key_preserve_run_at)
         if not checked:
             return []
-        encoded = encode_specs(checked)
-        with _needs_schema(self._schema):
-            rows, names = await self._db.with_own_connection(
-                _add_jobs_unit,
-                self._queries,
-                checked,
-                encoded,
-                job_key_preserve_run_at,
-                self._task_names,
-                self._queue_names,
-            )
+        with self._traced("add_jobs", None, None, checked):
+            encoded = encode_specs(checked)
+            with _needs_schema(self._schema):
+                rows, names = await self._db.with_own_connection(
+                    _add_jobs_unit,
+                    self._queries,
+                    checked,
+                    encoded,
+                    job_key_preserve_run_at,
+                    self._task_names,
+                    self._queue_names,
+                )
         self._remember(names)
         return [self._job(row) for row in rows]
 
@@ -507,6 +515,21 @@ class Client:
             if row["id"] is not None  # remove_job's "no such key" is a row of NULLs
         ]
 
+    @contextmanager
+    def _traced(
+        self, operation: str, task: str | None, queue: str | None, specs: list[dict[str, Any]]
+    ) -> Iterator[Any]:
+        """A producer span around an add when tracing is on (``None`` otherwise); injects
+        the trace context into the specs' payloads when propagation is on."""
+        tracer = self._tracing
+        if tracer is None:
+            yield None
+            return
+        with tracer.span(operation, task, queue, len(specs)) as span:
+            for fields in specs:
+                tracer.inject(fields)
+            yield span
+
     def _remember(self, names: Sequence[asyncpg.Record]) -> None:
         if len(self._task_names) + len(self._queue_names) + len(names) > _NAME_CACHE_LIMIT:
             self._task_names.clear()
@@ -544,6 +567,8 @@ async def open_client(
     schema: str | None = None,
     max_connections: int = 4,
     prepared_statements: bool = True,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> AsyncIterator[Client]:
     """Connect to the database and yield a :class:`Client`; disconnect on exit.
 
@@ -553,6 +578,11 @@ async def open_client(
       schema: default ``$GRAPHILE_WORKER_SCHEMA``, then ``graphile_worker``.
       max_connections: the size of the connection pool.
       prepared_statements: ``False`` behind a transaction-pooling pgBouncer.
+      tracing: an OpenTelemetry producer span per ``add_job``/``add_jobs`` (needs the
+        ``kongtask[tracing]`` extra; docs/operations.md).
+      propagate_trace_context: also store the trace context in each object payload under
+        the reserved key ``_kongtask_trace``, so traced pools continue the trace
+        (implies ``tracing``).
 
     Example::
 
@@ -562,13 +592,18 @@ async def open_client(
     schema_name = resolve_schema(schema)
     if max_connections < 1:
         raise ConfigError("max_connections must be at least 1")
+    tracer = None
+    if tracing or propagate_trace_context:
+        tracer = ProducerTracer(propagate_context=bool(propagate_trace_context))
     async with open_database(
         resolve_dsn(dsn),
         min_size=1,
         max_size=max_connections,
         prepared_statements=prepared_statements,
     ) as db:
-        yield Client(db, schema_name)
+        client = Client(db, schema_name)
+        client._tracing = tracer
+        yield client
 
 
 async def add_job(

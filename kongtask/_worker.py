@@ -1849,6 +1849,7 @@ async def open_worker(
     once: bool = False,
     metrics_port: int | None = None,
     metrics_host: str = "0.0.0.0",
+    tracing: bool = False,
 ) -> AsyncIterator[Worker]:
     """Run a worker pool for the duration of the ``async with`` block.
 
@@ -1880,6 +1881,8 @@ async def open_worker(
         bound one is ``worker.metrics_port``), from the pool's nursery. See
         ``docs/operations.md``.
       metrics_host: the address to listen on (default all interfaces).
+      tracing: an OpenTelemetry consumer span per job run and producer spans for
+        ``ctx.add_job`` (needs the ``kongtask[tracing]`` extra; docs/operations.md).
 
     Leaving the block shuts the pool down gracefully (see :meth:`Worker.shutdown`). If the
     block raises or is cancelled, the shutdown is immediate (grace 0) but still returns
@@ -1911,6 +1914,12 @@ async def open_worker(
         metrics = new_pool_metrics()
         if metrics is not None:
             on_event = metrics.chain(on_event)
+    producer_tracer = None
+    if tracing:
+        from ._tracing import JobTracer, ProducerTracer
+
+        on_event = JobTracer().chain(on_event)
+        producer_tracer = ProducerTracer(propagate_context=False)
     async with open_database(
         resolve_dsn(dsn),
         min_size=1,
@@ -1933,6 +1942,7 @@ async def open_worker(
             # a session lock needs a session: not behind a transaction-pooling pgBouncer
             marked=prepared_statements,
         )
+        worker._client._tracing = producer_tracer
         if metrics_port is not None:
             worker._http = (
                 metrics_host,
