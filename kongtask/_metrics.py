@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -52,41 +53,40 @@ def new_pool_metrics() -> PoolMetrics | None:
     return PoolMetrics()
 
 
-class PoolMetrics:
-    """The registry of one pool and the event consumer that feeds it."""
+class _TaskCounts:
+    """One task's counters and histograms (plain numbers: a scrape turns them into text)."""
+
+    __slots__ = (
+        "completed",
+        "failed",
+        "permanently_failed",
+        "run_buckets",
+        "run_sum",
+        "started",
+        "wait_buckets",
+        "wait_sum",
+    )
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        self.started = self.completed = self.failed = self.permanently_failed = 0
+        self.run_buckets = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
+        self.wait_buckets = [0] * (len(BUCKETS) + 1)
+        self.run_sum = self.wait_sum = 0.0
+
+
+class PoolMetrics:
+    """The registry of one pool and the event consumer that feeds it.
+
+    The per-job path only bumps plain numbers (no locks, no label lookups): it runs in
+    the pool's trio thread for every event, so it has to be cheap. They become metric
+    families when scraped.
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.started = Counter("kongtask_jobs_started", "Jobs started", ["task"], registry=r)
-        self.completed = Counter(
-            "kongtask_jobs_completed", "Jobs that succeeded", ["task"], registry=r
-        )
-        self.failed = Counter(
-            "kongtask_jobs_failed", "Failed attempts (each retry counts)", ["task"], registry=r
-        )
-        self.permanently_failed = Counter(
-            "kongtask_jobs_permanently_failed",
-            "Jobs that failed their last attempt",
-            ["task"],
-            registry=r,
-        )
-        self.run_time = Histogram(
-            "kongtask_job_run_seconds",
-            "Handler run time, start to outcome",
-            ["task"],
-            buckets=BUCKETS,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "kongtask_job_queue_wait_seconds",
-            "Time from a job's run_at to its start (this host's clock against run_at)",
-            ["task"],
-            buckets=BUCKETS,
-            registry=r,
-        )
+        self._tasks: dict[str, _TaskCounts] = {}
         self._starts: dict[int, float] = {}
         self._worker: Worker | None = None
         self._db_counts: list[QueueCounts] = []
@@ -95,7 +95,7 @@ class PoolMetrics:
         self._db_errors = 0
         self._db_ok = False
         self._db_lock = trio.Lock()
-        r.register(_PoolCollector(self))
+        self.registry.register(_PoolCollector(self))
 
     # -- events ---------------------------------------------------------------
 
@@ -112,26 +112,40 @@ class PoolMetrics:
 
         return on_event
 
+    def _task(self, task: str) -> _TaskCounts:
+        counts = self._tasks.get(task)
+        if counts is None:
+            counts = self._tasks[task] = _TaskCounts()
+        return counts
+
     def on_event(self, event: Event) -> None:
         name = event.name
-        if not name.startswith("job:") or name == "job:returned":
-            return
-        job: Any = event.fields["job"]
-        task = job.task_identifier
         if name == "job:start":
-            self._starts[job.id] = time.perf_counter()
-            self.started.labels(task).inc()
-            self.queue_wait.labels(task).observe(max(0.0, time.time() - job.run_at.timestamp()))
-        elif name == "job:success":
-            self.completed.labels(task).inc()
-        elif name == "job:error":
-            self.failed.labels(task).inc()
-        elif name == "job:failed":
-            self.permanently_failed.labels(task).inc()
+            job: Any = event.fields["job"]
+            now = time.time()
+            self._starts[job.id] = now
+            counts = self._task(job.task_identifier)
+            counts.started += 1
+            wait = max(0.0, now - job.run_at.timestamp())
+            counts.wait_buckets[bisect_left(BUCKETS, wait)] += 1
+            counts.wait_sum += wait
         elif name == "job:complete":
+            job = event.fields["job"]
             start = self._starts.pop(job.id, None)
             if start is not None:
-                self.run_time.labels(task).observe(time.perf_counter() - start)
+                counts = self._task(job.task_identifier)
+                took = max(0.0, time.time() - start)
+                counts.run_buckets[bisect_left(BUCKETS, took)] += 1
+                counts.run_sum += took
+        elif name == "job:success":
+            job = event.fields["job"]
+            self._task(job.task_identifier).completed += 1
+        elif name == "job:error":
+            job = event.fields["job"]
+            self._task(job.task_identifier).failed += 1
+        elif name == "job:failed":
+            job = event.fields["job"]
+            self._task(job.task_identifier).permanently_failed += 1
 
     # -- scraping -------------------------------------------------------------
 
@@ -163,6 +177,10 @@ class PoolMetrics:
                 log.warning("metrics: reading the queue from the database failed: %s", exc)
 
 
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
 class _PoolCollector:
     """Pool and database gauges, read at scrape time."""
 
@@ -192,8 +210,44 @@ class _PoolCollector:
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, value=value)
 
+        from prometheus_client.core import HistogramMetricFamily
+
         from ._health import readiness
 
+        per_task = (
+            ("kongtask_jobs_started", "Jobs started", "started"),
+            ("kongtask_jobs_completed", "Jobs that succeeded", "completed"),
+            ("kongtask_jobs_failed", "Failed attempts (each retry counts)", "failed"),
+            (
+                "kongtask_jobs_permanently_failed",
+                "Jobs that failed their last attempt",
+                "permanently_failed",
+            ),
+        )
+        tasks = sorted(m._tasks.items())
+        for name, doc, attribute in per_task:
+            family = CounterMetricFamily(name, doc, labels=["task"])
+            for task, counts in tasks:
+                family.add_metric([task], getattr(counts, attribute))
+            yield family
+        histograms = (
+            ("kongtask_job_run_seconds", "Handler run time, start to outcome", "run"),
+            (
+                "kongtask_job_queue_wait_seconds",
+                "Time from a job's run_at to its start (this host's clock against run_at)",
+                "wait",
+            ),
+        )
+        for name, doc, prefix in histograms:
+            histogram = HistogramMetricFamily(name, doc, labels=["task"])
+            for task, counts in tasks:
+                buckets: list[int] = getattr(counts, f"{prefix}_buckets")
+                cumulative, total = [], 0
+                for bound, n in zip((*map(_le, BUCKETS), "+Inf"), buckets, strict=True):
+                    total += n
+                    cumulative.append((bound, total))
+                histogram.add_metric([task], cumulative, getattr(counts, f"{prefix}_sum"))
+            yield histogram
         yield gauge("kongtask_pool_running_jobs", "Jobs running now", stats.running)
         yield gauge(
             "kongtask_pool_queued_locally_jobs",
@@ -231,10 +285,10 @@ class _PoolCollector:
             labels=["task", "state"],
         )
         totals: dict[tuple[str, str], int] = {}
-        for counts in m._db_counts:
+        for row in m._db_counts:
             for state in JOB_STATES:
-                key = (counts.task, state)
-                totals[key] = totals.get(key, 0) + counts.count(state)
+                key = (row.task, state)
+                totals[key] = totals.get(key, 0) + row.count(state)
         for (task, state_name), value in sorted(totals.items()):
             jobs.add_metric([task, state_name], value)
         yield jobs

@@ -53,9 +53,32 @@ def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
     return found
 
 
+class Holder:
+    """A task that keeps one job running until released: the pool then stays in its
+    grace period after a shutdown request, with its endpoints up."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.release = trio.Event()
+
+    async def __call__(self, job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        self.started.set()
+        await self.release.wait()
+
+    async def hold(self, dsn: str) -> None:
+        async with kongtask.open_client(dsn) as client:
+            await client.add_job("hold")
+        await self.started.wait()
+
+
 async def test_healthz_readyz_and_errors(worker_dsn: str) -> None:
+    holder = Holder()
     async with kongtask.open_worker(
-        worker_dsn, {}, poll_interval=0.2, metrics_port=0, metrics_host="127.0.0.1"
+        worker_dsn,
+        {"hold": holder},
+        poll_interval=0.2,
+        metrics_port=0,
+        metrics_host="127.0.0.1",
     ) as worker:
         port = worker.metrics_port
         assert port
@@ -81,10 +104,13 @@ async def test_healthz_readyz_and_errors(worker_dsn: str) -> None:
         assert (await get(port, "/healthz"))[0] == 200
         await silent.aclose()
         # shutting down: not ready any more (served until the pool's nursery closes)
-        worker.shutdown_nowait(grace=30)
+        await holder.hold(worker_dsn)
+        worker.shutdown_nowait(grace=60)
         code, body = await get(port, "/readyz")
         assert code == 503
         assert "the pool is shutting down" in json.loads(body)["reasons"]
+        assert (await get(port, "/healthz"))[0] == 200
+        holder.release.set()
     # the server stopped with the pool
     with pytest.raises(OSError):
         await trio.open_tcp_stream("127.0.0.1", port)
@@ -129,10 +155,13 @@ async def test_metrics_of_a_known_workload(
         assert found[("kongtask_jobs_started_total", (("task", "ok"),))] == 5
         assert found[("kongtask_jobs_started_total", (("task", "bad"),))] == 2
         assert found[("kongtask_jobs_completed_total", (("task", "ok"),))] == 5
-        assert ("kongtask_jobs_completed_total", (("task", "bad"),)) not in found
+        assert found[("kongtask_jobs_completed_total", (("task", "bad"),))] == 0
         assert found[("kongtask_jobs_failed_total", (("task", "bad"),))] == 2
         assert found[("kongtask_jobs_permanently_failed_total", (("task", "bad"),))] == 2
         assert found[("kongtask_job_run_seconds_count", (("task", "ok"),))] == 5
+        inf = (("le", "+Inf"), ("task", "ok"))
+        assert found[("kongtask_job_run_seconds_bucket", inf)] == 5
+        assert found[("kongtask_job_run_seconds_sum", (("task", "ok"),))] >= 0
         assert found[("kongtask_job_queue_wait_seconds_count", (("task", "bad"),))] == 2
         assert found[("kongtask_pool_capacity_jobs", ())] == 3
         assert found[("kongtask_pool_claimed_jobs_total", ())] == 7
@@ -242,15 +271,22 @@ async def test_readyz_follows_postgres_down_and_back(cluster: LocalCluster) -> N
 
 
 async def test_healthcheck_verb(worker_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    holder = Holder()
     async with kongtask.open_worker(
-        worker_dsn, {}, poll_interval=0.2, metrics_port=0, metrics_host="127.0.0.1"
+        worker_dsn,
+        {"hold": holder},
+        poll_interval=0.2,
+        metrics_port=0,
+        metrics_host="127.0.0.1",
     ) as worker:
         port = str(worker.metrics_port)
         await wait_until(functools.partial(_ready, worker.metrics_port or 0), limit=30)
         assert await kongtask.main(["healthcheck", "--port", port]) == 0
-        worker.shutdown_nowait(grace=30)
+        await holder.hold(worker_dsn)
+        worker.shutdown_nowait(grace=60)
         assert await kongtask.main(["healthcheck", "--port", port]) == 1
         assert "shutting down" in capsys.readouterr().err
+        holder.release.set()
     assert await kongtask.main(["healthcheck", "--port", port]) == 1
     # without a port: the database answers and the schema is installed
     assert await kongtask.main(["healthcheck", "-c", worker_dsn]) == 0
