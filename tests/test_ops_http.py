@@ -8,6 +8,7 @@ trio sockets for malformed requests. Nothing waits on wall-clock time except the
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import sys
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -338,3 +340,51 @@ async def test_run_serves_metrics_port(worker_dsn: str, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(60):
             assert await proc.wait() == 0
+
+
+async def test_readyz_turns_unready_when_claims_stop_succeeding(worker_dsn: str) -> None:
+    from kongtask._pg import open_database
+
+    async def noop(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        pass
+
+    async with (
+        open_database(worker_dsn, max_size=1) as db,
+        kongtask.open_worker(
+            worker_dsn, {"noop": noop}, poll_interval=0.2, metrics_port=0, metrics_host="127.0.0.1"
+        ) as worker,
+    ):
+        port = worker.metrics_port
+        assert port
+        await wait_until(functools.partial(_ready, port), limit=30)
+        locked = trio.Event()
+
+        async def hold_table_lock(conn: Any) -> None:
+            # the claim blocks on this lock: the LISTEN connection stays up meanwhile
+            async with conn.transaction():
+                await conn.execute("lock table graphile_worker._private_jobs in exclusive mode")
+                locked.set()
+                await release_aio.wait()
+
+        release_aio = asyncio.Event()
+
+        async def lock_until_released() -> None:
+            await db.with_own_connection(hold_table_lock)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lock_until_released)
+            await locked.wait()
+
+            async def unready() -> bool:
+                code, body = await get(port, "/readyz")
+                return code == 503 and "no claim has succeeded for" in body.decode()
+
+            await wait_until(unready, limit=30)
+            reasons = json.loads((await get(port, "/readyz"))[1])["reasons"]
+            assert not [r for r in reasons if "LISTEN" in r]
+            await db.run(_set, release_aio)
+        await wait_until(functools.partial(_ready, port), limit=30)
+
+
+async def _set(event: Any) -> None:
+    event.set()
