@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
-import asyncpg
+if TYPE_CHECKING:
+    import asyncpg
 
 from ._errors import ConfigError
 from ._inspect_sql import JOB_STATES, LIST_FILTERS, JobState, list_jobs_query
