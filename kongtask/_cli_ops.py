@@ -460,7 +460,7 @@ async def _action_verb(args: argparse.Namespace) -> int:
         return 0
     print(f"{action}: {len(changed)} of {len(infos)} selected job(s) changed")
     if skipped:
-        print(f"  left alone (locked by a worker): {' '.join(map(str, skipped))}")
+        print(f"  left alone (locked by a pool): {' '.join(map(str, skipped))}")
     if unkeyed:
         print(f"  no job key, so not removable by key: {' '.join(map(str, unkeyed))}")
     if missing:
