@@ -22,7 +22,7 @@ from ._errors import (
 )
 from ._events import Event as Event
 from ._inspect import JobInfo as JobInfo, PoolInfo as PoolInfo, QueueCounts as QueueCounts
-from ._inspect_sql import JOB_STATES as JOB_STATES, JobState as JobState
+from ._inspect_sql import JOB_STATES as JOB_STATES
 from ._job import Job as Job, JobSpec as JobSpec
 from ._producers import add_job_sync as add_job_sync, add_jobs_sync as add_jobs_sync
 from ._tasks import TaskDef as TaskDef
@@ -79,7 +79,6 @@ __all__ = [
     "JobContext",
     "JobInfo",
     "JobSpec",
-    "JobState",
     "KongtaskError",
     "MigrationError",
     "NoPostgresError",
