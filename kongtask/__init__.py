@@ -21,6 +21,8 @@ from ._errors import (
     SchemaTooNewError as SchemaTooNewError,
 )
 from ._events import Event as Event
+from ._inspect import JobInfo as JobInfo, PoolInfo as PoolInfo, QueueCounts as QueueCounts
+from ._inspect_sql import JOB_STATES as JOB_STATES
 from ._job import Job as Job, JobSpec as JobSpec
 from ._producers import add_job_sync as add_job_sync, add_jobs_sync as add_jobs_sync
 from ._tasks import TaskDef as TaskDef
@@ -74,6 +76,7 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "JOB_STATES",
     "Client",
     "ConfigError",
     "CronItem",
@@ -83,10 +86,13 @@ __all__ = [
     "JobCancelScope",
     "JobCancelled",
     "JobContext",
+    "JobInfo",
     "JobSpec",
     "KongtaskError",
     "MigrationError",
     "NoPostgresError",
+    "PoolInfo",
+    "QueueCounts",
     "SchemaTooNewError",
     "TaskDef",
     "TaskSpec",

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ._cli_run import add_run_verbs
 
     add_run_verbs(verbs, _add_connection_options)
+
+    from ._cli_ops import add_ops_verbs
+
+    add_ops_verbs(verbs, _add_connection_options)
     return parser
 
 

@@ -55,6 +55,21 @@ def add_run_verbs(
         help="print each option's value and where it came from (flag, environment, "
         "config file or default), then exit 0 without connecting",
     )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /healthz, /readyz and /metrics on PORT (docs/operations.md)",
+    )
+    run.add_argument(
+        "--metrics-host", default="0.0.0.0", help="address for --metrics-port (0.0.0.0)"
+    )
+    run.add_argument(
+        "--tracing",
+        action="store_true",
+        help="OpenTelemetry spans per job (kongtask[tracing]; configure an SDK, e.g. "
+        "with opentelemetry-instrument)",
+    )
     run.set_defaults(settings_keys=tuple(option.key for option in RUN_OPTIONS))
     run.set_defaults(func=_run_verb)
 
@@ -234,6 +249,9 @@ async def _run_verb(args: argparse.Namespace) -> int:
         grace=args.grace,
         once=args.once,
         migrate=False,  # done above
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        tracing=args.tracing,
     ) as worker:
         log.info("pool %s ready", worker.pool_id)
         await worker.wait_stopped()

@@ -39,8 +39,19 @@ from ._enqueue import (
     encode_specs,
 )
 from ._errors import ConfigError, KongtaskError, schema_not_installed
+from ._inspect import (
+    JobInfo,
+    PoolInfo,
+    QueueCounts,
+    job_infos_from_rows,
+    list_jobs_statement,
+    pools_from_rows,
+    queue_counts_from_rows,
+)
+from ._inspect_sql import InspectQueries, JobState, inspect_queries
 from ._job import Job, JobSpec, JSONValue
 from ._pg import Database, open_database
+from ._tracing import ProducerTracer
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -75,6 +86,8 @@ class Client:
         self._db = db
         self._schema = schema
         self._queries: ClientQueries = client_queries(schema)
+        self._inspect: InspectQueries = inspect_queries(schema)
+        self._tracing: ProducerTracer | None = None
         self._task_names: dict[int, str] = {}
         self._queue_names: dict[int, str] = {}
 
@@ -121,21 +134,26 @@ class Client:
           ConfigError: an argument is invalid (nothing was sent).
           KongtaskError: the database kept dropping the job (graphile-worker #580).
         """
-        args = checked_add_job(
-            identifier,
-            payload,
-            queue_name,
-            run_at,
-            max_attempts,
-            job_key,
-            job_key_mode,
-            priority,
-            flags,
-        )
-        with _needs_schema(self._schema):
-            rows, names = await self._db.with_own_connection(
-                _add_job_unit, self._queries, args, self._task_names, self._queue_names
+        # the producer span (when tracing) may add its trace context to the payload
+        fields: dict[str, Any] = {} if payload is None else {"payload": payload}
+        with self._traced("add_job", identifier, queue_name, [fields]) as span:
+            args = checked_add_job(
+                identifier,
+                fields.get("payload"),
+                queue_name,
+                run_at,
+                max_attempts,
+                job_key,
+                job_key_mode,
+                priority,
+                flags,
             )
+            with _needs_schema(self._schema):
+                rows, names = await self._db.with_own_connection(
+                    _add_job_unit, self._queries, args, self._task_names, self._queue_names
+                )
+            if span is not None:
+                span.set_attribute("messaging.message.id", str(rows[0]["id"]))
         self._remember(names)
         return self._job(rows[0])
 
@@ -168,17 +186,18 @@ class Client:
         checked = checked_specs(specs, job_key_preserve_run_at)
         if not checked:
             return []
-        encoded = encode_specs(checked)
-        with _needs_schema(self._schema):
-            rows, names = await self._db.with_own_connection(
-                _add_jobs_unit,
-                self._queries,
-                checked,
-                encoded,
-                job_key_preserve_run_at,
-                self._task_names,
-                self._queue_names,
-            )
+        with self._traced("add_jobs", None, None, checked):
+            encoded = encode_specs(checked)
+            with _needs_schema(self._schema):
+                rows, names = await self._db.with_own_connection(
+                    _add_jobs_unit,
+                    self._queries,
+                    checked,
+                    encoded,
+                    job_key_preserve_run_at,
+                    self._task_names,
+                    self._queue_names,
+                )
         self._remember(names)
         return [self._job(row) for row in rows]
 
@@ -396,6 +415,94 @@ class Client:
         with _needs_schema(self._schema):
             return await self._db.with_own_connection(_cleanup_unit, self._queries, selected, keep)
 
+    async def queue_counts(self) -> list[QueueCounts]:
+        """Count the jobs of every (task, queue) pair by derived state.
+
+        One statement, one scan of the jobs table (about a tenth of a second per million
+        jobs; docs/operations.md). Pairs without jobs are left out.
+
+        Returns:
+          One :class:`QueueCounts` per (task, queue) pair, by task then queue.
+        """
+        with _needs_schema(self._schema):
+            rows = await self._db.fetch(self._inspect.counts)
+        return queue_counts_from_rows(rows)
+
+    async def oldest_ready_age(self) -> float | None:
+        """Seconds since the oldest ready job became due (the server's clock), or ``None``.
+
+        A growing value means the workers do not keep up. The statement reads only
+        the claimable rows, through the index the workers use.
+        """
+        with _needs_schema(self._schema):
+            age: float | None = await self._db.fetchval(self._inspect.oldest_ready)
+        return age
+
+    async def list_jobs(
+        self,
+        *,
+        ids: Iterable[int] | None = None,
+        tasks: str | Iterable[str] | None = None,
+        queues: str | Iterable[str] | None = None,
+        states: str | Iterable[JobState] | None = None,
+        key: str | None = None,
+        min_id: int | None = None,
+        max_id: int | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+        descending: bool = False,
+    ) -> list[JobInfo]:
+        """List jobs with their derived state, one page at a time, ordered by id.
+
+        Filters left as ``None`` do not filter. Pass the last id of a page as
+        ``after_id`` to get the next one (keyset pagination: rows added or removed
+        meanwhile never make a page skip or repeat a row).
+
+        Args:
+          ids: job ids.
+          tasks: task identifier(s).
+          queues: queue name(s).
+          states: derived state(s): ``ready``, ``waiting_on_queue``, ``scheduled``,
+            ``retrying``, ``running``, ``permanently_failed``.
+          key: the job key.
+          min_id: the smallest id to list.
+          max_id: the largest id to list.
+          after_id: list only ids after this one (below it when ``descending``).
+          limit: the page size, 1 to 10,000.
+          descending: newest first.
+
+        Raises:
+          ConfigError: an unknown state or an invalid argument (nothing was sent).
+        """
+        query, args = list_jobs_statement(
+            self._schema,
+            ids=ids,
+            tasks=tasks,
+            queues=queues,
+            states=states,
+            key=key,
+            min_id=min_id,
+            max_id=max_id,
+            after_id=after_id,
+            limit=limit,
+            descending=descending,
+        )
+        with _needs_schema(self._schema):
+            rows = await self._db.fetch(query, *args)
+        return job_infos_from_rows(rows)
+
+    async def list_pools(self) -> list[PoolInfo]:
+        """The worker pools that hold a liveness lock or lock a job or queue.
+
+        kongtask pools are known from their liveness locks (so also while idle) and can
+        be told dead from alive; other pools (Node graphile-worker, or kongtask with
+        ``prepared_statements=False``) only from the rows they lock, with unknown
+        liveness.
+        """
+        with _needs_schema(self._schema):
+            rows = await self._db.fetch(self._inspect.pools)
+        return pools_from_rows(rows)
+
     async def _admin(self, query: str, *args: object, held: str | None = None) -> list[Job]:
         with _needs_schema(self._schema):
             if held is None:
@@ -407,6 +514,21 @@ class Client:
             for row in rows
             if row["id"] is not None  # remove_job's "no such key" is a row of NULLs
         ]
+
+    @contextmanager
+    def _traced(
+        self, operation: str, task: str | None, queue: str | None, specs: list[dict[str, Any]]
+    ) -> Iterator[Any]:
+        """A producer span around an add when tracing is on (``None`` otherwise); injects
+        the trace context into the specs' payloads when propagation is on."""
+        tracer = self._tracing
+        if tracer is None:
+            yield None
+            return
+        with tracer.span(operation, task, queue, len(specs)) as span:
+            for fields in specs:
+                tracer.inject(fields)
+            yield span
 
     def _remember(self, names: Sequence[asyncpg.Record]) -> None:
         if len(self._task_names) + len(self._queue_names) + len(names) > _NAME_CACHE_LIMIT:
@@ -445,6 +567,8 @@ async def open_client(
     schema: str | None = None,
     max_connections: int = 4,
     prepared_statements: bool = True,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> AsyncIterator[Client]:
     """Connect to the database and yield a :class:`Client`; disconnect on exit.
 
@@ -454,6 +578,11 @@ async def open_client(
       schema: default ``$GRAPHILE_WORKER_SCHEMA``, then ``graphile_worker``.
       max_connections: the size of the connection pool.
       prepared_statements: ``False`` behind a transaction-pooling pgBouncer.
+      tracing: an OpenTelemetry producer span per ``add_job``/``add_jobs`` (needs the
+        ``kongtask[tracing]`` extra; docs/operations.md).
+      propagate_trace_context: also store the trace context in each object payload under
+        the reserved key ``_kongtask_trace``, so traced pools continue the trace
+        (implies ``tracing``).
 
     Example::
 
@@ -463,13 +592,18 @@ async def open_client(
     schema_name = resolve_schema(schema)
     if max_connections < 1:
         raise ConfigError("max_connections must be at least 1")
+    tracer = None
+    if tracing or propagate_trace_context:
+        tracer = ProducerTracer(propagate_context=bool(propagate_trace_context))
     async with open_database(
         resolve_dsn(dsn),
         min_size=1,
         max_size=max_connections,
         prepared_statements=prepared_statements,
     ) as db:
-        yield Client(db, schema_name)
+        client = Client(db, schema_name)
+        client._tracing = tracer
+        yield client
 
 
 async def migrate(dsn: str | None = None, *, schema: str | None = None) -> None:

@@ -55,6 +55,7 @@ from ._client import Client
 from ._config import resolve_dsn, resolve_schema
 from ._errors import ConfigError
 from ._events import EventCallback, EventEmitter
+from ._health import IoCounters
 from ._held import RECHECK_AFTER, claim_snapshot, needs_recheck
 from ._job import Job
 from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new_pool_id
@@ -712,6 +713,11 @@ class Worker:
         self._grace_deadline = math.inf
         self._grace_scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
+        # per statement (never per job): for /readyz and the metrics
+        self._io = IoCounters()
+        # (host, port, /metrics renderer) of the HTTP endpoints, set by open_worker
+        self._http: tuple[str, int, Any] | None = None
+        self.metrics_port: int | None = None
 
     # -- public ----------------------------------------------------------
 
@@ -779,6 +785,10 @@ class Worker:
             started = True
             self._events.emit("pool:create", concurrency=self._concurrency)
             async with trio.open_nursery() as outer:
+                if self._http is not None:
+                    from ._health import serve_http
+
+                    self.metrics_port = await outer.start(serve_http, self, *self._http)
                 outer.start_soon(self._completer)
                 async with trio.open_nursery() as workers:
                     for index in range(self._concurrency):
@@ -1119,6 +1129,7 @@ class Worker:
     async def _claim(self, conn: Any, size: int) -> list[asyncpg.Record]:
         # Shielded: a claim whose reply is lost to a cancellation would leave jobs locked
         # by us that nobody runs. The shutdown hands back whatever this returns.
+        start = trio.current_time()
         with trio.CancelScope(shield=True), trio.fail_after(STATEMENT_TIMEOUT):
             rows: list[asyncpg.Record] = await self._db.run(
                 claim_jobs,
@@ -1130,6 +1141,11 @@ class Worker:
                 self._forbidden_flags(),
                 None,
             )
+        io = self._io
+        io.last_claim_at = end = trio.current_time()
+        io.claims += 1
+        io.claim_seconds += end - start
+        io.claimed += len(rows)
         return rows
 
     def _enqueue(self, rows: Sequence[asyncpg.Record]) -> None:
@@ -1584,6 +1600,7 @@ class Worker:
         if not ok and not fail:
             return
         self._ok, self._fail = [], []
+        start = trio.current_time()
         try:
             # shielded: a statement cancelled after it committed must not be forgotten
             # (it would be retried harmlessly, but the shutdown needs the answer)
@@ -1605,6 +1622,8 @@ class Worker:
             self._ok = ok + self._ok
             self._fail = fail + self._fail
             raise
+        self._io.flushes += 1
+        self._io.flush_seconds += trio.current_time() - start
         self._unwritten.difference_update(j.id for j in ok)
         self._unwritten.difference_update(j.id for j, _, _ in fail)
         self._release_vanished_queues(ok, fail, written)
@@ -1687,6 +1706,7 @@ class Worker:
                             await self._db.run(conn.execute, "select 1")
                 raise ConnectionError("the LISTEN connection was closed")
             except Exception as exc:
+                self._io.listen_errors += 1
                 if self._listening.is_set():
                     self._listening = trio.Event()  # the liveness lock went with it
                 self._events.emit("pool:listen:error", error=exc)
@@ -1839,6 +1859,9 @@ async def open_worker(
     once: bool = False,
     migrate: bool = True,
     handle_signals: bool = True,
+    metrics_port: int | None = None,
+    metrics_host: str = "0.0.0.0",
+    tracing: bool = False,
 ) -> AsyncIterator[Worker]:
     """Run a worker pool for the duration of the ``async with`` block.
 
@@ -1871,6 +1894,13 @@ async def open_worker(
       handle_signals: while the pool runs, SIGINT and SIGTERM stop it gracefully and end
         the ``async with`` block (a second signal cancels running jobs at once). Only in
         the main thread; ``False`` leaves signals to the application.
+      metrics_port: serve ``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus, with
+        the ``kongtask[metrics]`` extra) over HTTP on this port (0: any free port; the
+        bound one is ``worker.metrics_port``), from the pool's nursery. See
+        ``docs/operations.md``.
+      metrics_host: the address to listen on (default all interfaces).
+      tracing: an OpenTelemetry consumer span per job run and producer spans for
+        ``ctx.add_job`` (needs the ``kongtask[tracing]`` extra; docs/operations.md).
 
     Leaving the block shuts the pool down gracefully (see :meth:`Worker.shutdown`). If the
     block raises or is cancelled, the shutdown is immediate (grace 0) but still returns
@@ -1892,6 +1922,25 @@ async def open_worker(
     if not grace >= 0 or not local_queue_ttl > 0:
         raise ConfigError("grace must be >= 0 and local_queue_ttl > 0")
     install_pool_filters()  # an outage is logged by the pool's OutageLog instead
+    if metrics_port is not None and (
+        not isinstance(metrics_port, int)
+        or isinstance(metrics_port, bool)
+        or not 0 <= metrics_port <= 65535
+    ):
+        raise ConfigError(f"metrics_port must be a port number (0-65535), not {metrics_port!r}")
+    metrics = None
+    if metrics_port is not None:
+        from ._metrics import new_pool_metrics
+
+        metrics = new_pool_metrics()
+        if metrics is not None:
+            on_event = metrics.chain(on_event)
+    producer_tracer = None
+    if tracing:
+        from ._tracing import JobTracer, ProducerTracer
+
+        on_event = JobTracer().chain(on_event)
+        producer_tracer = ProducerTracer(propagate_context=False)
     with log_to_stderr_unless_configured():
         async with open_database(
             resolve_dsn(dsn),
@@ -1918,6 +1967,13 @@ async def open_worker(
                 marked=prepared_statements,
                 check_schema=not migrate,  # the migration checked it
             )
+            worker._client._tracing = producer_tracer
+            if metrics_port is not None:
+                worker._http = (
+                    metrics_host,
+                    metrics_port,
+                    None if metrics is None else metrics.renderer(worker),
+                )
             async with trio.open_nursery() as nursery:
                 await nursery.start(worker._serve)
                 # The first stop signal cancels the block's body: it ends where it waits

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Generator
 
 import pytest
@@ -24,6 +25,12 @@ settings.register_profile(
     "ci", derandomize=False, database=None, deadline=None, max_examples=60, print_blob=True
 )
 settings.load_profile("fixed")
+
+# A shell starts background commands (`pytest ... &`) with SIGINT ignored, and child
+# processes inherit an ignored signal, so the tests that send SIGINT to a child would see
+# it ignored. Python's own SIGINT handler here resets to the default in every child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -1,0 +1,142 @@
+"""OpenTelemetry spans: producer spans on adds, consumer spans on job runs, opt-in propagation.
+
+Rules: as in test_worker.py; spans are collected by opentelemetry-sdk's in-memory exporter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+from _worker_helpers import worker_dsn as worker_dsn
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import SpanKind, StatusCode
+from test_worker import wait_until
+
+import kongtask
+from kongtask._tracing import TRACE_KEY
+
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+    _EXPORTER.clear()
+    yield _EXPORTER
+    _EXPORTER.clear()
+
+
+def by_name(exporter: InMemorySpanExporter) -> dict[str, Any]:
+    return {s.name: s for s in exporter.get_finished_spans()}
+
+
+async def test_trace_continues_from_producer_to_job_and_into_the_handler(
+    worker_dsn: str, spans: InMemorySpanExporter
+) -> None:
+    tracer = trace.get_tracer("test")
+    seen: list[Any] = []
+
+    async def traced(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        seen.append(job.payload)
+        with tracer.start_as_current_span("inner"):
+            pass
+
+    async with kongtask.open_client(worker_dsn, propagate_trace_context=True) as client:
+        with tracer.start_as_current_span("request"):
+            job = await client.add_job("traced", {"x": 1}, queue_name="tq")
+    async with kongtask.open_worker(worker_dsn, {"traced": traced}, tracing=True) as w:
+        await wait_until(lambda: w.statistics().completed == 1)
+    found = by_name(spans)
+    request, producer = found["request"], found["kongtask.add_job traced"]
+    consumer, inner = found["kongtask.work traced"], found["inner"]
+    assert producer.kind == SpanKind.PRODUCER
+    assert producer.parent.span_id == request.context.span_id
+    assert producer.attributes["messaging.destination.name"] == "tq"
+    assert producer.attributes["messaging.message.id"] == str(job.id)
+    assert consumer.kind == SpanKind.CONSUMER
+    assert consumer.context.trace_id == request.context.trace_id
+    assert consumer.parent.span_id == producer.context.span_id
+    assert dict(consumer.attributes) == {
+        "messaging.system": "kongtask",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": "tq",
+        "messaging.message.id": str(job.id),
+        "kongtask.task": "traced",
+        "kongtask.job.attempt": 1,
+    }
+    assert inner.parent.span_id == consumer.context.span_id
+    assert consumer.status.status_code == StatusCode.UNSET
+    (payload,) = seen
+    assert payload["x"] == 1
+    assert "traceparent" in payload[TRACE_KEY]
+
+
+async def test_failures_are_recorded_and_thread_handlers_see_the_span(
+    worker_dsn: str, spans: InMemorySpanExporter
+) -> None:
+    tracer = trace.get_tracer("test")
+
+    async def boom(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        raise ValueError("no good")
+
+    def in_thread(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        with tracer.start_as_current_span("thread-child"):
+            pass
+
+    async with kongtask.open_client(worker_dsn) as client:
+        await client.add_job("boom", max_attempts=1)
+        await client.add_job("in_thread")
+        await client.add_jobs([kongtask.JobSpec("in_thread"), kongtask.JobSpec("in_thread")])
+    async with kongtask.open_worker(
+        worker_dsn, {"boom": boom, "in_thread": in_thread}, tracing=True, concurrency=2
+    ) as w:
+        await wait_until(lambda: w.statistics().completed + w.statistics().failed == 4)
+    finished = spans.get_finished_spans()
+    (failed,) = [s for s in finished if s.name == "kongtask.work boom"]
+    assert failed.status.status_code == StatusCode.ERROR
+    assert "no good" in (failed.status.description or "")
+    assert [e.name for e in failed.events] == ["exception"]
+    assert failed.parent is None  # propagation was off: a new trace
+    workers = {s.context.span_id for s in finished if s.name == "kongtask.work in_thread"}
+    children = [s for s in finished if s.name == "thread-child"]
+    assert len(workers) == len(children) == 3
+    assert {s.parent.span_id for s in children} == workers
+
+
+async def test_propagation_is_off_by_default_and_leaves_other_payloads_alone(
+    worker_dsn: str, spans: InMemorySpanExporter
+) -> None:
+    async with kongtask.open_client(worker_dsn, tracing=True) as client:
+        plain = await client.add_job("t", {"a": 1})
+        assert plain.payload == {"a": 1}
+    async with kongtask.open_client(worker_dsn, propagate_trace_context=True) as client:
+        listed = await client.add_job("t", [1, 2])
+        assert listed.payload == [1, 2]
+        jobs = await client.add_jobs([kongtask.JobSpec("t"), kongtask.JobSpec("t", {"b": 2})])
+        assert all(TRACE_KEY in j.payload for j in jobs)  # type: ignore[operator]
+        assert jobs[1].payload["b"] == 2  # type: ignore[call-overload,index]
+    batch = [s for s in spans.get_finished_spans() if s.name == "kongtask.add_jobs"]
+    assert batch[0].attributes["messaging.batch.message_count"] == 2
+
+
+async def test_untraced_pool_makes_no_spans(worker_dsn: str, spans: InMemorySpanExporter) -> None:
+    async def ok(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async with kongtask.open_client(worker_dsn) as client:
+        await client.add_job("ok")
+    async with kongtask.open_worker(worker_dsn, {"ok": ok}) as w:
+        await wait_until(lambda: w.statistics().completed == 1)
+    assert spans.get_finished_spans() == ()
