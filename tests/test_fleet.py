@@ -19,7 +19,7 @@ import trio
 from _worker_helpers import gw_template as gw_template, worker_dsn as worker_dsn
 from test_worker import assert_clean, wait_until
 
-from kongtask._fleet import Fleet, combine_exit_codes
+from kongtask._fleet import Fleet, FleetStatistics, combine_exit_codes
 from kongtask._pg import Database, open_database
 
 S = "graphile_worker"
@@ -216,3 +216,18 @@ def test_exit_status_rules() -> None:
     assert combine_exit_codes([0, -signal.SIGTERM], stop_requested=False) == 128 + 15
     assert combine_exit_codes([1, 57], stop_requested=True) == 57
     assert combine_exit_codes([0, 2], stop_requested=True) == 2
+
+
+async def test_one_child_exiting_57_stops_the_others() -> None:
+    # child 0 reports a breaking migration; child 1 would run for ten minutes
+    script = (
+        "import os, sys, time\n"
+        "if os.environ['KONGTASK_FLEET_PROCESS'] == '0':\n"
+        "    sys.exit(57)\n"
+        "time.sleep(600)\n"
+    )
+    fleet = Fleet([sys.executable, "-c", script], 2)
+    with trio.fail_after(30):
+        code = await fleet.run()
+    assert code == 57
+    assert fleet.statistics() == FleetStatistics(started=2, restarts=0, running=0)
