@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from _worker_helpers import gw_template as gw_template, worker_dsn as worker_dsn
+from _worker_helpers import worker_dsn as worker_dsn
 from test_worker import assert_clean, wait_until
 
 from kongtask._fleet import Fleet, FleetStatistics, combine_exit_codes
