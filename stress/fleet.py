@@ -8,7 +8,9 @@ enqueued in one statement (no ``ANALYZE``), then ``kongtask run --once --process
 as a real command. A watcher connection counts the jobs table every 2 ms; the rate is
 ``jobs / (time the table became empty - time it first shrank)``, so start-up
 (interpreter, imports, connections, migration check) is left out; the time from spawn to
-exit is logged too. Routes: ``direct`` to PostgreSQL, or ``pgbouncer`` (transaction
+exit is logged too. ``direct-unprepared`` runs the pgBouncer settings
+(``--no-prepared-statements``) on a direct connection, which tells pgBouncer's own cost
+from that of the settings it needs. Routes: ``direct`` to PostgreSQL, or ``pgbouncer`` (transaction
 pooling, ``--no-prepared-statements``). The routes and process counts are interleaved
 within each rep; medians are printed as markdown.
 """
@@ -101,7 +103,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=10)
     p.add_argument("--processes", default="1,2", help="comma list of process counts")
-    p.add_argument("--routes", default="direct,pgbouncer", help="direct, pgbouncer")
+    p.add_argument(
+        "--routes",
+        default="direct,pgbouncer",
+        help="comma list of direct, pgbouncer, direct-unprepared (direct, but with "
+        "--no-prepared-statements: pgBouncer's worker settings without pgBouncer)",
+    )
     args = p.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
     routes = args.routes.split(",")
@@ -118,8 +125,9 @@ def main() -> None:
                     if route == "pgbouncer":
                         assert bouncer is not None
                         dsn = bouncer.dsn_for(direct)
+                    unprepared = route in ("pgbouncer", "direct-unprepared")
                     rate, elapsed = drain_rate(
-                        dsn, direct, args.jobs, n, args.concurrency, route == "pgbouncer", Path(tmp)
+                        dsn, direct, args.jobs, n, args.concurrency, unprepared, Path(tmp)
                     )
                     results.setdefault((route, n), []).append(rate)
                     print(
