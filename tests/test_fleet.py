@@ -210,6 +210,22 @@ async def test_a_crash_loop_backs_off_exponentially_up_to_the_cap(
     assert result == [0]
 
 
+async def test_a_child_that_ran_healthy_after_restarts_from_the_first_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    crash = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    # every run counts as healthy (healthy_after=0): no crash loop, no doubling
+    fleet = RecordingFleet(crash, 1, initial_backoff=1.0, max_backoff=4.0, healthy_after=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fleet.run)
+        await fleet.five_started.wait()
+        fleet.stop_nowait()
+    starts = [t for kind, t in fleet.events if kind == "start"]
+    exits = [t for kind, t in fleet.events if kind == "exit"]
+    gaps = [round(start - exit, 6) for exit, start in zip(exits, starts[1:], strict=False)]
+    assert gaps == [1.0, 1.0, 1.0, 1.0]
+
+
 def test_exit_status_rules() -> None:
     assert combine_exit_codes([0, 0], stop_requested=True) == 0
     assert combine_exit_codes([0, -signal.SIGTERM], stop_requested=True) == 0
