@@ -78,15 +78,22 @@ class Supervisor:
 
 
 async def start_fleet(
-    nursery: trio.Nursery, dsn: str, project: Path, *extra: str, processes: int = 2
+    nursery: trio.Nursery,
+    dsn: str,
+    project: Path,
+    *extra: str,
+    processes: int = 2,
+    env: dict[str, str] | None = None,
 ) -> Supervisor:
     argv = [sys.executable, "-m", "kongtask", "run", "-c", dsn, "--tasks", "fleet_tasks"]
-    argv += ["-j", "1", "--batch-size", "1", "--processes", str(processes), *extra]
+    argv += ["-j", "1", "--batch-size", "1", *extra]
+    if env is None:
+        argv += ["--processes", str(processes)]
     proc = await trio.lowlevel.open_process(
         argv,
         cwd=project,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     supervisor = Supervisor(proc)
     nursery.start_soon(supervisor.read_stderr)
@@ -154,12 +161,14 @@ async def test_a_breaking_migration_stops_every_process_and_exits_57(
     await assert_clean(tdb)
 
 
-async def test_once_fleet_exits_0_when_the_queue_is_empty(
+async def test_once_fleet_from_the_environment_exits_0_when_the_queue_is_empty(
     tdb: Database, worker_dsn: str, project: Path
 ) -> None:
     await tdb.execute(f"select {S}.add_job('where') from generate_series(1, 2)")
     async with trio.open_nursery() as nursery:
-        fleet = await start_fleet(nursery, worker_dsn, project, "--once")
+        # KONGTASK_PROCESSES reaches the children too: their --processes 1 must win
+        env = {"KONGTASK_PROCESSES": "2"}
+        fleet = await start_fleet(nursery, worker_dsn, project, "--once", env=env)
         with trio.fail_after(60):
             code = await fleet.proc.wait()
         assert code == 0, fleet.stderr
