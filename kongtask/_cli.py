@@ -107,7 +107,9 @@ async def main(argv: Sequence[str] | None = None) -> None:
 
 async def _run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv  # `run --processes N` starts its children with the same arguments
     try:
         # flag > environment > config file > default, checked before anything runs
         resolve_settings(args, getattr(args, "settings_keys", LOG_KEYS))

@@ -228,6 +228,10 @@ async def _run_verb(args: argparse.Namespace) -> int:
         print(f"Schema {schema!r} is up to date")
         return 0
     flags = args.forbidden_flags
+    if args.processes > 1:
+        from ._fleet import run_fleet_from_cli
+
+        return await run_fleet_from_cli(args)
     log.info(
         "kongtask worker: %d task(s), concurrency %d, schema %r",
         len(tasks),

@@ -214,6 +214,16 @@ RUN_OPTIONS: tuple[Option, ...] = (
         unit="s",
         minimum=0,
     ),
+    Option(
+        "processes",
+        ("--processes",),
+        "int",
+        1,
+        "run N worker processes under a supervisor that restarts crashed ones "
+        "(1: this process is the worker)",
+        metavar="N",
+        minimum=1,
+    ),
     LOG_LEVEL,
     LOG_FORMAT,
 )

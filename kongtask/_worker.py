@@ -26,6 +26,7 @@ Data flows one way (ARCHITECTURE.md)::
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import logging
@@ -206,28 +207,60 @@ class TaskSpec:
 
     handler: Handler
     timeout: float | None = None
+    process: bool = False
 
 
-def task(handler: Handler, *, timeout: float | None = None) -> TaskSpec:
+def task(handler: Handler, *, timeout: float | None = None, process: bool = False) -> TaskSpec:
     """Wrap ``handler`` with per-task options.
 
     Args:
       handler: ``async def handler(job, ctx)`` or a plain function (run in a thread).
       timeout: seconds; an async handler still running then is cancelled and the job
-        fails with ``"timed out after N s"`` (and retries). A plain function cannot be
-        interrupted: it is failed the same way when it returns late.
+        fails with ``"timed out after N s"`` (and retries). A plain function in a thread
+        cannot be interrupted: it is failed the same way when it returns late.
+      process: run a CPU-bound plain function ``handler(job)`` in a worker process
+        instead of a thread (needs ``pip install 'kongtask[parallel]'``: trio-parallel).
+        It gets the job only (a :class:`JobContext` holds connections and cannot cross
+        processes), must be importable by name (a module-level function: it is pickled),
+        and its exception or return value must be picklable. As many run at once as the
+        machine has CPUs; a timeout or a shutdown past its grace kills the process.
 
     Example::
 
-        tasks = {"resize": kongtask.task(resize, timeout=30)}
+        tasks = {"resize": kongtask.task(resize, timeout=30, process=True)}
     """
     if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
         raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
     if isinstance(handler, TaskSpec):
-        return TaskSpec(handler.handler, timeout if timeout is not None else handler.timeout)
+        return task(
+            handler.handler,
+            timeout=timeout if timeout is not None else handler.timeout,
+            process=process or handler.process,
+        )
     if not callable(handler):
         raise ConfigError(f"a task handler must be callable, not {type(handler).__name__}")
-    return TaskSpec(handler, timeout)
+    if process:
+        _check_process_handler(handler)
+    return TaskSpec(handler, timeout, process)
+
+
+def _check_process_handler(handler: Handler) -> None:
+    import pickle
+
+    name = getattr(handler, "__qualname__", repr(handler))
+    if importlib.util.find_spec("trio_parallel") is None:
+        raise ConfigError(
+            f"{name}: process=True needs trio-parallel (pip install 'kongtask[parallel]')"
+        )
+    if _is_async_callable(handler):
+        raise ConfigError(f"{name}: process=True takes a plain function, not an async one")
+    try:
+        pickle.dumps(handler)
+    except Exception as exc:
+        raise ConfigError(
+            f"{name}: process=True needs a handler importable by name (a module-level "
+            f"function), and this one cannot be pickled: {exc}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +268,7 @@ class _Runner:
     fn: Handler
     is_async: bool
     timeout: float | None
+    in_process: bool = False
 
 
 def _is_async_callable(fn: object) -> bool:
@@ -255,13 +289,16 @@ def _runners(
         if not isinstance(name, str) or not name or len(name) > 128:
             raise ConfigError(f"task identifier {name!r} must be a string of 1 to 128 characters")
         spec = value if isinstance(value, TaskSpec) else task(value)
-        _check_signature(name, spec.handler)
-        runners[name] = _Runner(spec.handler, _is_async_callable(spec.handler), spec.timeout)
+        _check_signature(name, spec.handler, 1 if spec.process else 2)
+        runners[name] = _Runner(
+            spec.handler, _is_async_callable(spec.handler), spec.timeout, spec.process
+        )
     return runners
 
 
-def _check_signature(name: str, handler: Handler) -> None:
-    """Refuse a handler that cannot be called as ``handler(job, ctx)``.
+def _check_signature(name: str, handler: Handler, arguments: int = 2) -> None:
+    """Refuse a handler that cannot be called as ``handler(job, ctx)`` (``handler(job)``
+    for a process handler: ``arguments=1``).
 
     Every job of such a task would fail with a ``TypeError`` only once it runs; this says
     so when the pool starts. A callable whose signature Python cannot tell (some builtins
@@ -272,11 +309,12 @@ def _check_signature(name: str, handler: Handler) -> None:
     except (TypeError, ValueError):
         return
     try:
-        signature.bind(None, None)
+        signature.bind(*[None] * arguments)
     except TypeError as exc:
+        call = "handler(job, ctx)" if arguments == 2 else "handler(job)"
         raise ConfigError(
             f"task {name!r}: the handler {getattr(handler, '__qualname__', handler)!r} cannot "
-            f"be called as handler(job, ctx): {exc}"
+            f"be called as {call}: {exc}"
         ) from None
 
 
@@ -703,6 +741,8 @@ class Worker:
         self._fail: list[tuple[Job, str, str | None]] = []
         self._returns: list[tuple[list[Job], str]] = []
         self._thread_limiter = trio.CapacityLimiter(concurrency)
+        #: worker processes for ``task(..., process=True)`` handlers (set by open_worker)
+        self._processes: Any = None
         self._completer_done = trio.Event()
         self._completed = 0
         self._failed = 0
@@ -1472,6 +1512,10 @@ class Worker:
     async def _call(self, runner: _Runner, job: Job, ctx: JobContext) -> object:
         if runner.is_async:
             return await runner.fn(job, ctx)
+        if runner.in_process:
+            assert self._processes is not None  # open_worker opened it for such runners
+            # cancellation (timeout, ctx.cancel_scope, end of grace) kills the process
+            return await self._processes.run_sync(runner.fn, job, cancellable=True)
         return await trio.to_thread.run_sync(
             runner.fn,
             job,
@@ -1841,6 +1885,19 @@ class Worker:
 
 
 @asynccontextmanager
+async def _open_processes(runners: Mapping[str, _Runner]) -> AsyncIterator[Any]:
+    """trio-parallel's worker processes when a task runs in one, else ``None``; they end
+    with the pool."""
+    if not any(runner.in_process for runner in runners.values()):
+        yield None
+        return
+    import trio_parallel  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+    async with trio_parallel.open_worker_context() as context:
+        yield context
+
+
+@asynccontextmanager
 async def open_worker(
     dsn: str | None,
     tasks: Mapping[str, Handler | TaskSpec] | Iterable[TaskDef[Any]],
@@ -1974,7 +2031,8 @@ async def open_worker(
                     metrics_port,
                     None if metrics is None else metrics.renderer(worker),
                 )
-            async with trio.open_nursery() as nursery:
+            async with _open_processes(runners) as processes, trio.open_nursery() as nursery:
+                worker._processes = processes
                 await nursery.start(worker._serve)
                 # The first stop signal cancels the block's body: it ends where it waits
                 # (often `trio.sleep_forever()`), while the pool shuts down gracefully.

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from _cli_helpers import cli_status
 from _worker_helpers import worker_dsn as worker_dsn
 
 import kongtask
@@ -39,7 +40,7 @@ JOB_FIELDS = {
 
 
 async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = await kongtask.main(list(argv))
+    code = await cli_status(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+from _cli_helpers import cli_status
 from _worker_helpers import worker_dsn as worker_dsn
 from test_worker import wait_until
 
@@ -283,16 +284,16 @@ async def test_healthcheck_verb(worker_dsn: str, capsys: pytest.CaptureFixture[s
     ) as worker:
         port = str(worker.metrics_port)
         await wait_until(functools.partial(_ready, worker.metrics_port or 0), limit=30)
-        assert await kongtask.main(["healthcheck", "--port", port]) == 0
+        assert await cli_status(["healthcheck", "--port", port]) == 0
         await holder.hold(worker_dsn)
         worker.shutdown_nowait(grace=60)
-        assert await kongtask.main(["healthcheck", "--port", port]) == 1
+        assert await cli_status(["healthcheck", "--port", port]) == 1
         assert "shutting down" in capsys.readouterr().err
         holder.release.set()
-    assert await kongtask.main(["healthcheck", "--port", port]) == 1
+    assert await cli_status(["healthcheck", "--port", port]) == 1
     # without a port: the database answers and the schema is installed
-    assert await kongtask.main(["healthcheck", "-c", worker_dsn]) == 0
-    assert await kongtask.main(["healthcheck", "-c", worker_dsn, "-s", "nope"]) == 1
+    assert await cli_status(["healthcheck", "-c", worker_dsn]) == 0
+    assert await cli_status(["healthcheck", "-c", worker_dsn, "-s", "nope"]) == 1
     assert "not installed" in capsys.readouterr().err
 
 
@@ -335,7 +336,7 @@ async def test_run_serves_metrics_port(worker_dsn: str, tmp_path: Path) -> None:
 
         await wait_until(completed_three, limit=60)
         await wait_until(functools.partial(_ready, port), limit=30)
-        assert await kongtask.main(["healthcheck", "--port", str(port)]) == 0
+        assert await cli_status(["healthcheck", "--port", str(port)]) == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(60):
