@@ -30,6 +30,7 @@ from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from ._cli import main as main
+    from ._cli_dashboard import open_dashboard as open_dashboard
     from ._client import (
         Client as Client,
         add_job as add_job,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
         crontab as crontab,
         load_crontab_file as load_crontab_file,
     )
+    from ._dashboard import DashboardApp as DashboardApp, DashboardAuth as DashboardAuth
     from ._worker import (
         JobCancelled as JobCancelled,
         JobCancelScope as JobCancelScope,
@@ -64,6 +66,9 @@ _LAZY = {
     "CrontabError": "._cron",
     "crontab": "._cron",
     "load_crontab_file": "._cron",
+    "DashboardApp": "._dashboard",
+    "DashboardAuth": "._dashboard",
+    "open_dashboard": "._cli_dashboard",
     "JobCancelled": "._worker",
     "JobCancelScope": "._worker",
     "JobContext": "._worker",
@@ -81,6 +86,8 @@ __all__ = [
     "ConfigError",
     "CronItem",
     "CrontabError",
+    "DashboardApp",
+    "DashboardAuth",
     "Event",
     "Job",
     "JobCancelScope",
@@ -107,6 +114,7 @@ __all__ = [
     "main",
     "migrate",
     "open_client",
+    "open_dashboard",
     "open_worker",
     "task",
 ]

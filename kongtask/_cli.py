@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ._cli_ops import add_ops_verbs
 
     add_ops_verbs(verbs, _add_connection_options)
+
+    from ._cli_dashboard import add_dashboard_verb
+
+    add_dashboard_verb(verbs, _add_connection_options)
     return parser
 
 
