@@ -465,7 +465,7 @@ class DashboardApp:
         now = datetime.now(UTC)
         items = []
         for item in self.crontab:
-            identifier = item.identifier or item.task
+            identifier = item.cron_id
             row = known.pop(identifier, None)
             items.append(
                 _CronRow(
