@@ -191,7 +191,7 @@ from (
   from {jobs}
   where last_error is not null and locked_at is null and attempts > 0
 ) f
-where failed_at > now() - interval '1 hour'
+where failed_at > now() - interval '1 hour' and failed_at <= now()
 group by 1
 """
 

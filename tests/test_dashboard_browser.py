@@ -91,11 +91,25 @@ class Page:
     async def open(self, path: str) -> None:
         await self.call(self.driver.get, self.base + path)
 
-    async def text(self, css: str) -> str:
+    async def text(self, css: str, *, missing_ok: bool = False) -> str:
+        from selenium.common.exceptions import (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
         from selenium.webdriver.common.by import By
 
         def read() -> str:
-            return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
+            # a live page swaps its live region in at any refresh: find it again then
+            for _ in range(20):
+                try:
+                    return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
+                except StaleElementReferenceException:
+                    continue
+                except NoSuchElementException:
+                    if missing_ok:  # the next page is still loading
+                        return ""
+                    raise
+            raise AssertionError(f"{css} kept being replaced")
 
         return await self.call(read)
 
@@ -144,9 +158,15 @@ class Page:
 
     async def wait_for_text(self, css: str, text: str, limit: float = 15) -> None:
         async def shown() -> bool:
-            return text in await self.text(css)
+            return text in await self.text(css, missing_ok=True)
 
         await wait_until(shown, limit)
+
+    async def wait_for_url(self, fragment: str, limit: float = 15) -> None:
+        async def arrived() -> bool:
+            return fragment in await self.call(lambda: str(self.driver.current_url))
+
+        await wait_until(arrived, limit)
 
     async def shot(self, name: str) -> None:
         path = self.shots / f"{name}.png"
@@ -195,6 +215,7 @@ async def test_overview_filter_job_retry_by_a_live_pool_and_live_updates(
             await page.type("input[name=task]", "send_email")
             await page.select("select[name=state]", "permanently_failed")
             await page.click("#apply-filters")
+            await page.wait_for_url("state=permanently_failed")
             await page.wait_for_text("h1", "Jobs")
             rows = await page.count("#jobs tr") - 1
             assert rows == 2

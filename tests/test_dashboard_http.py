@@ -48,7 +48,9 @@ async def test_every_response_has_the_policy_and_user_text_is_escaped(kongtask_d
             assert response.headers["x-content-type-options"] == "nosniff"
             assert "<script>alert" not in response.text, path
         page = (await http.get(f"/jobs/{job.id}")).text
-        assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 4  # task, queue, payload, error
+        assert (
+            page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 4
+        )  # task, queue, payload, error
         listing = (await http.get("/jobs", params={"queue": XSS})).text
         assert 'value="&lt;script&gt;alert(1)&lt;/script&gt;"' in listing
     assert "script-src 'self'" in CSP
@@ -258,3 +260,28 @@ async def test_non_loopback_bind_needs_authentication(
     assert is_loopback("localhost")
     assert not is_loopback("0.0.0.0")
     assert not is_loopback("10.0.0.1")
+
+
+async def test_the_overview_charts_failures_from_the_database(kongtask_dsn: str) -> None:
+    async def flaky(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        raise RuntimeError("nope")
+
+    async with kongtask.open_client(kongtask_dsn) as client:
+        job = await client.add_job("flaky", {}, max_attempts=5)
+        # failed by hand, its run_at two hours ahead: placed there, so not in the past hour
+        later = await client.add_job("t", {}, run_at=datetime.now(UTC) + timedelta(hours=2))
+        await client.permanently_fail_jobs([later.id], "by hand")
+
+        async def failed_once() -> bool:
+            (info,) = await client.list_jobs(ids=[job.id])
+            return info.job.last_error is not None
+
+        async with kongtask.open_worker(kongtask_dsn, {"flaky": flaky}, poll_interval=0.2):
+            await wait_until(failed_once, 15)
+    async with serving(kongtask_dsn) as (url, _), httpx.AsyncClient(base_url=url) as http:
+        page = (await http.get("/")).text
+        assert "1 failure(s) in the hour" in page
+        bars = re.findall(r"<title>(\d+) failure\(s\) (\d+) min ago</title>", page)
+        assert len(bars) == 1
+        assert bars[0][0] == "1"
+        assert bars[0][1] in {"0", "1"}
