@@ -269,7 +269,9 @@ async def test_the_overview_charts_failures_from_the_database(kongtask_dsn: str)
     async with kongtask.open_client(kongtask_dsn) as client:
         job = await client.add_job("flaky", {}, max_attempts=5)
         # failed by hand, its run_at two hours ahead: placed there, so not in the past hour
-        later = await client.add_job("t", {}, run_at=datetime.now(UTC) + timedelta(hours=2))
+        later = await client.add_job(
+            "t", {}, run_at=datetime.now(UTC) + timedelta(hours=2), max_attempts=1
+        )
         await client.permanently_fail_jobs([later.id], "by hand")
 
         async def failed_once() -> bool:
