@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -36,7 +37,7 @@ import trio
 from ._config import quote_ident
 from ._cron_sql import known_crontabs_sql
 from ._errors import ConfigError
-from ._inspect import MAX_PAGE_SIZE, JobInfo
+from ._inspect import MAX_PAGE_SIZE, JobInfo, QueueCounts
 from ._inspect_sql import JOB_STATES
 
 if TYPE_CHECKING:
@@ -63,6 +64,10 @@ PAGE_SIZE: Final = 50
 REFRESH_SECONDS: Final = 5.0
 #: Live-update streams served at once (each holds a LISTEN connection).
 MAX_EVENT_STREAMS: Final = 16
+#: Seconds the overview's counts may be old (one snapshot serves every viewer).
+OVERVIEW_MAX_AGE: Final = 2.0
+#: The most matching jobs a bulk action's confirmation page counts.
+CONFIRM_COUNT_LIMIT: Final = 1000
 #: The most jobs one bulk action touches.
 MAX_BULK: Final = 100_000
 
@@ -253,6 +258,10 @@ class DashboardApp:
             "/static/dashboard.js": ("text/javascript; charset=utf-8", SCRIPT.encode()),
         }
         self._streams = 0
+        #: Seconds one overview snapshot is shown before the counts are taken again.
+        self.overview_max_age = OVERVIEW_MAX_AGE
+        self._overview_lock = trio.Lock()
+        self._overview_cache: tuple[float, dict[str, Any]] = (-math.inf, {})
 
     # -- ASGI ------------------------------------------------------------------
 
@@ -344,10 +353,35 @@ class DashboardApp:
     # -- pages -----------------------------------------------------------------
 
     async def _overview(self) -> tuple[str, str, dict[str, Any]]:
-        counts = await self.client.queue_counts()
-        oldest = await self.client.oldest_ready_age()
+        # One snapshot serves every viewer for OVERVIEW_MAX_AGE seconds: counting scans
+        # the whole jobs table, and each open live page asks again at every event.
+        async with self._overview_lock:
+            taken_at, page = self._overview_cache
+            if trio.current_time() - taken_at >= self.overview_max_age:
+                page = await self._overview_now()
+                self._overview_cache = (trio.current_time(), page)
+        return "overview", "Overview", dict(page)
+
+    async def _overview_now(self) -> dict[str, Any]:
+        # three statements on three pooled connections at once: the page costs the
+        # slowest of them (each counting one scans the jobs table), not their sum
+        found: dict[str, Any] = {}
+
+        async def get(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+            found[name] = await call()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get, "counts", self.client.queue_counts)
+            nursery.start_soon(get, "oldest", self.client.oldest_ready_age)
+            nursery.start_soon(
+                get,
+                "failures",
+                functools.partial(self.client._db.fetch, _failures_sql(self.client.schema)),
+            )
+        counts: list[QueueCounts] = found["counts"]
+        oldest: float | None = found["oldest"]
+        rows: list[Any] = found["failures"]
         totals = {state: sum(c.count(state) for c in counts) for state in JOB_STATES}
-        rows = await self.client._db.fetch(_failures_sql(self.client.schema))
         per_minute = {int(r["minutes_ago"]): int(r["n"]) for r in rows}
         top = max(per_minute.values(), default=0)
         bars = []
@@ -360,19 +394,15 @@ class DashboardApp:
                         "label": f"{n} failure(s) {minutes_ago} min ago",
                     }
                 )
-        return (
-            "overview",
-            "Overview",
-            {
-                "live": True,
-                "states": JOB_STATES,
-                "totals": totals,
-                "counts": counts,
-                "oldest_ready": format_age(oldest),
-                "failure_bars": bars,
-                "failures_total": sum(per_minute.values()),
-            },
-        )
+        return {
+            "live": True,
+            "states": JOB_STATES,
+            "totals": totals,
+            "counts": counts,
+            "oldest_ready": format_age(oldest),
+            "failure_bars": bars,
+            "failures_total": sum(per_minute.values()),
+        }
 
     def _filters(self, query: Mapping[str, str]) -> dict[str, str | None]:
         filters: dict[str, str | None] = {}
@@ -512,8 +542,16 @@ class DashboardApp:
             raise _Refused(400, "remove applies to one job with a key")
         count = ""
         if "max_id" in fields:
-            found = await self._bulk_ids(fields)
-            count = f" ({len(found)} job(s) now)"
+            # a page, not the whole set: the page stays fast however many jobs match
+            found = await self._list(
+                self._filters(fields),
+                max_id=_optional_int(fields["max_id"], "max_id"),
+                limit=CONFIRM_COUNT_LIMIT + 1,
+            )
+            if len(found) > CONFIRM_COUNT_LIMIT:
+                count = f" (more than {CONFIRM_COUNT_LIMIT:,} job(s) now)"
+            else:
+                count = f" ({len(found)} job(s) now)"
         back = f"{request.base}/jobs/{fields['id']}" if "id" in fields else f"{request.base}/"
         return (
             "confirm",
