@@ -287,3 +287,28 @@ async def test_the_overview_charts_failures_from_the_database(kongtask_dsn: str)
         assert len(bars) == 1
         assert bars[0][0] == "1"
         assert bars[0][1] in {"0", "1"}
+
+
+async def test_the_cli_verb_serves_the_dashboard(kongtask_dsn: str) -> None:
+    import subprocess
+    import sys
+
+    code = "import kongtask._cli as cli; cli.run_cli()"
+    args = [sys.executable, "-c", code, "dashboard", "-c", kongtask_dsn, "--port", "0"]
+    process = await trio.lowlevel.open_process(args, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        seen = b""
+        with trio.fail_after(20):
+            while b"kongtask dashboard on http://127.0.0.1:" not in seen or b"\n" not in seen:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the dashboard exited before serving"
+                seen += chunk
+        url = seen.decode().split("kongtask dashboard on ", 1)[1].split()[0]
+        async with httpx.AsyncClient(base_url=url) as http:
+            response = await http.get("/")
+        assert response.status_code == 200
+        assert response.headers["content-security-policy"] == CSP
+    finally:
+        process.terminate()
+        await process.wait()
