@@ -467,7 +467,8 @@ class DashboardApp:
 
     async def _job(self, raw_id: str) -> tuple[str, str, dict[str, Any]]:
         job_id = _optional_int(raw_id, "job id")
-        assert job_id is not None
+        if job_id is None:
+            raise _Refused(404, "not found")
         info = await self._one(job_id)
         actions: list[str] = []
         payload = ""

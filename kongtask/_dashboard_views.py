@@ -143,11 +143,11 @@ _JOBS: Final = """\
 <button type="submit" id="apply-filters">Filter</button>
 </form>
 {% if error %}<p class="bad" id="error">{{ error }}</p>{% endif %}
-{% if not read_only and jobs %}
+<div data-live>
+{% if not read_only and bulk_actions %}
 <p>Bulk, on every job matching this filter (up to id {{ bulk_max_id }}):
 {% for action in bulk_actions %}<a class="bulk" href="{{ base }}/confirm?action={{ action }}&amp;{{ filter_query }}&amp;max_id={{ bulk_max_id }}">{{ action_names[action] }}</a> {% endfor %}</p>
 {% endif %}
-<div data-live>
 <table id="jobs">
 <tr><th>id</th><th>task</th><th>queue</th><th>state</th><th>attempts</th><th>run at</th><th>key</th><th>last error</th></tr>
 {% for info in jobs %}
