@@ -43,8 +43,9 @@ async def test_every_response_has_the_policy_and_user_text_is_escaped(kongtask_d
         await client.permanently_fail_jobs([job.id], XSS)
     async with serving(kongtask_dsn) as (url, _), httpx.AsyncClient(base_url=url) as http:
         paths = ["/", "/jobs", f"/jobs/{job.id}", "/pools", "/cron", "/nope", "/jobs/x", "/jobs/"]
+        paths += [f"/jobs?task={XSS}", f"/confirm?action=fail&task={XSS}&max_id=9", "/j<b>"]
         for path in paths:
-            response = await http.get(path, params={"task": XSS} if path == "/jobs" else None)
+            response = await http.get(path)
             assert response.headers["content-security-policy"] == CSP
             assert response.headers["x-content-type-options"] == "nosniff"
             assert "<script>alert" not in response.text, path
