@@ -315,3 +315,17 @@ async def test_the_cli_verb_serves_the_dashboard(kongtask_dsn: str) -> None:
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_mounted_under_a_prefix_its_links_and_cookie_stay_there(kongtask_dsn: str) -> None:
+    async with kongtask.open_client(kongtask_dsn) as client:
+        job = await client.add_job("t", {})
+        app = kongtask.DashboardApp(client)
+        transport = httpx.ASGITransport(app=app, root_path="/queue")
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            page = await http.get("/queue/jobs")
+            assert page.status_code == 200
+            assert f'href="/queue/jobs/{job.id}"' in page.text
+            assert 'href="/queue/static/dashboard.css"' in page.text
+            assert "Path=/queue;" in page.headers["set-cookie"]
+            assert (await http.get(f"/queue/jobs/{job.id}")).status_code == 200
