@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -141,7 +142,11 @@ async def _dashboard_verb(args: argparse.Namespace, env: Mapping[str, str] | Non
         ) as app,
         trio.open_nursery() as nursery,
     ):
-        urls = await nursery.start(serve_dashboard, app, args.host, args.port)
-        for url in urls:
-            print(f"kongtask dashboard on {url}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            urls = await nursery.start(serve_dashboard, app, args.host, args.port)
+            for url in urls:
+                print(f"kongtask dashboard on {url}", flush=True)
+            async for _ in signals:  # SIGINT/SIGTERM: stop serving, exit 0
+                nursery.cancel_scope.cancel()
+                break
     return 0
