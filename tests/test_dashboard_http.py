@@ -253,8 +253,9 @@ async def test_non_loopback_bind_needs_authentication(
 ) -> None:
     for name in ("USER", "PASSWORD", "TOKEN"):
         monkeypatch.delenv(f"KONGTASK_DASHBOARD_{name}", raising=False)
-    code = await kongtask.main(["dashboard", "-c", kongtask_dsn, "--host", "0.0.0.0"])
-    assert code != 0
+    with pytest.raises(SystemExit) as exited:
+        await kongtask.main(["dashboard", "-c", kongtask_dsn, "--host", "0.0.0.0"])
+    assert exited.value.code == 1
     assert "without authentication" in capsys.readouterr().err
     from kongtask._cli_dashboard import is_loopback
 
