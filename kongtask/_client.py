@@ -164,7 +164,7 @@ class Client:
 
         The batch is atomic: every job is added, or none (a failing constraint rolls
         back the whole statement). An empty batch returns ``[]`` without a round trip,
-        so listeners get no spurious wake-up (SCHEMA.md §8 Q4).
+        so listeners get no spurious wake-up.
 
         Args:
           specs: the jobs. Two specs must not share a ``job_key`` (PostgreSQL would
@@ -291,7 +291,7 @@ class Client:
         """Change when and how jobs run (``<schema>.reschedule_jobs``).
 
         ``None`` keeps a column as it is; any number, ``0`` included, replaces it
-        (graphile-worker's JavaScript helper cannot set 0; SCHEMA.md §8 Q3).
+        (graphile-worker's JavaScript helper cannot set 0).
         Setting ``attempts`` below ``max_attempts`` revives a permanently failed job.
         Locked jobs are skipped, except those a kongtask pool holds (claimed, perhaps
         not started): the pool does not start them, and without ``attempts`` they get
