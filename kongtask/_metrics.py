@@ -1,6 +1,6 @@
 """Prometheus metrics of one worker pool (the ``kongtask[metrics]`` extra).
 
-Per-job metrics come from the pool's lifecycle events (:mod:`kongtask._events`), pool
+Per-job metrics come from the worker's calls of :class:`kongtask._observe.JobObserver`, pool
 metrics from :meth:`Worker.statistics` and the per-statement counters of
 :class:`kongtask._health.IoCounters`, read when scraped; database gauges from the
 inspection API, refreshed at most every :data:`DB_REFRESH_SECONDS` however often the
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._events import Event, EventCallback
 from ._inspect import QueueCounts
 from ._inspect_sql import JOB_STATES
 
 if TYPE_CHECKING:
+    from ._job import Job
     from ._worker import Worker
 
 log = logging.getLogger("kongtask.metrics")
@@ -75,11 +75,11 @@ class _TaskCounts:
 
 
 class PoolMetrics:
-    """The registry of one pool and the event consumer that feeds it.
+    """The registry of one pool and the job observer that feeds it.
 
-    The per-job path only bumps plain numbers (no locks, no label lookups): it runs in
-    the pool's trio thread for every event, so it has to be cheap. They become metric
-    families when scraped.
+    The per-job path only bumps plain numbers (no locks, no label lookups, no metric
+    objects): it runs in the pool's trio thread for every job, so it has to be cheap.
+    They become metric families when scraped, by a collector of this pool's registry.
     """
 
     def __init__(self) -> None:
@@ -87,7 +87,6 @@ class PoolMetrics:
 
         self.registry = CollectorRegistry(auto_describe=True)
         self._tasks: dict[str, _TaskCounts] = {}
-        self._starts: dict[int, float] = {}
         self._worker: Worker | None = None
         self._db_counts: list[QueueCounts] = []
         self._db_oldest: float | None = None
@@ -97,55 +96,35 @@ class PoolMetrics:
         self._db_lock = trio.Lock()
         self.registry.register(_PoolCollector(self))
 
-    # -- events ---------------------------------------------------------------
+    # -- the per-job path (kongtask._observe.JobObserver) ---------------------
 
-    def chain(self, user_callback: EventCallback | None) -> EventCallback:
-        """One callback feeding these metrics, then the user's callback (if any)."""
-
-        def on_event(event: Event) -> None:
-            try:
-                self.on_event(event)
-            except Exception:
-                log.exception("metrics: consuming %s failed", event.name)
-            if user_callback is not None:
-                user_callback(event)
-
-        return on_event
-
-    def _task(self, task: str) -> _TaskCounts:
-        counts = self._tasks.get(task)
-        if counts is None:
-            counts = self._tasks[task] = _TaskCounts()
+    def _new_task(self, task: str) -> _TaskCounts:
+        counts = self._tasks[task] = _TaskCounts()
         return counts
 
-    def on_event(self, event: Event) -> None:
-        name = event.name
-        if name == "job:start":
-            job: Any = event.fields["job"]
-            now = time.time()
-            self._starts[job.id] = now
-            counts = self._task(job.task_identifier)
-            counts.started += 1
-            wait = max(0.0, now - job.run_at.timestamp())
-            counts.wait_buckets[bisect_left(BUCKETS, wait)] += 1
-            counts.wait_sum += wait
-        elif name == "job:complete":
-            job = event.fields["job"]
-            start = self._starts.pop(job.id, None)
-            if start is not None:
-                counts = self._task(job.task_identifier)
-                took = max(0.0, time.time() - start)
-                counts.run_buckets[bisect_left(BUCKETS, took)] += 1
-                counts.run_sum += took
-        elif name == "job:success":
-            job = event.fields["job"]
-            self._task(job.task_identifier).completed += 1
-        elif name == "job:error":
-            job = event.fields["job"]
-            self._task(job.task_identifier).failed += 1
-        elif name == "job:failed":
-            job = event.fields["job"]
-            self._task(job.task_identifier).permanently_failed += 1
+    def job_started(self, job: Job) -> float:
+        counts = self._tasks.get(job.task_identifier) or self._new_task(job.task_identifier)
+        counts.started += 1
+        wait = time.time() - job.run_at.timestamp()
+        if wait < 0.0:
+            wait = 0.0  # clocks disagree, or the job was claimed early by its run_at
+        counts.wait_buckets[bisect_left(BUCKETS, wait)] += 1
+        counts.wait_sum += wait
+        return time.perf_counter()
+
+    def job_ended(
+        self, job: Job, started: object, error: BaseException | None, message: str
+    ) -> None:
+        counts = self._tasks.get(job.task_identifier) or self._new_task(job.task_identifier)
+        took = time.perf_counter() - started  # type: ignore[operator]
+        counts.run_buckets[bisect_left(BUCKETS, took)] += 1
+        counts.run_sum += took
+        if not message:
+            counts.completed += 1
+        else:
+            counts.failed += 1
+            if job.attempts >= job.max_attempts:
+                counts.permanently_failed += 1
 
     # -- scraping -------------------------------------------------------------
 

@@ -1,10 +1,10 @@
 """OpenTelemetry spans (the ``kongtask[tracing]`` extra: only opentelemetry-api is needed).
 
-- A consumer span ``kongtask.work <task>`` per job run, fed by the pool's lifecycle
-  events (:mod:`kongtask._events`): it starts at ``job:start`` and is made current in the
-  worker task that runs the handler (so spans the handler opens are its children, also
-  in a sync handler's thread: trio copies the context), records the error at
-  ``job:error`` and ends at ``job:complete``.
+- A consumer span ``kongtask.work <task>`` per job run, fed by the worker's calls of
+  :class:`kongtask._observe.JobObserver`: it starts as the job starts and is made current
+  in the worker task that runs the handler (so spans the handler opens are its children,
+  also in a sync handler's thread: trio copies the context), records the error and ends
+  once the outcome is known.
 - A producer span ``kongtask.add_job <task>`` / ``kongtask.add_jobs`` per call of the
   client's ``add_job``/``add_jobs`` (and so ``ctx.add_job`` in handlers).
 
@@ -13,7 +13,11 @@ Attributes follow OpenTelemetry's messaging conventions: ``messaging.system`` =
 jobs without a queue), ``messaging.operation.type``, ``messaging.message.id`` = the job
 id, plus ``kongtask.task`` and ``kongtask.job.attempt``.
 
-**Propagation is opt-in** (``open_client(..., propagate_trace_context=True)``): the 0.18
+Until an OpenTelemetry SDK installs a tracer provider, no span is started at all (the
+API's no-op spans would still cost each job and each add a few microseconds).
+
+**Propagation is opt-in** (``open_client(..., propagate_trace_context=True)``,
+``open_worker(..., propagate_trace_context=True)`` for ``ctx.add_job``): the 0.18
 schema has no headers column, so the producer writes the W3C trace context under the
 reserved payload key :data:`TRACE_KEY` of object payloads (other payloads are left
 alone). A traced pool then starts the job's span as a child of it. Node workers and
@@ -25,10 +29,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
-from ._events import Event, EventCallback
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._job import Job
 
 log = logging.getLogger("kongtask.tracing")
 
@@ -49,8 +55,34 @@ def _api() -> Any:
     return trace
 
 
+class _SdkWatch:
+    """Whether a tracer provider (an SDK) is installed; until one is, starting spans is
+    skipped: the API's no-op spans would cost each job microseconds for nothing.
+
+    OpenTelemetry's global provider can be set once, so once one is seen it stays.
+    """
+
+    __slots__ = ("_trace", "tracer")
+
+    def __init__(self, trace: Any) -> None:
+        self._trace = trace
+        self.tracer: Any = None
+
+    def live(self) -> bool:
+        if self.tracer is not None:
+            return True
+        trace = self._trace
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+            return False
+        self.tracer = provider.get_tracer("kongtask", __version__)
+        return True
+
+
 class JobTracer:
-    """Consumer spans of one pool, fed by its events."""
+    """Consumer spans of one pool (a :class:`kongtask._observe.JobObserver`)."""
+
+    __slots__ = ("_context", "_propagate", "_sdk", "_trace")
 
     def __init__(self) -> None:
         trace = _api()
@@ -59,45 +91,38 @@ class JobTracer:
         self._trace = trace
         self._context = context
         self._propagate = propagate
-        self._tracer = trace.get_tracer("kongtask", __version__)
-        self._open: dict[int, tuple[Any, Any]] = {}
+        self._sdk = _SdkWatch(trace)
 
-    def chain(self, user_callback: EventCallback | None) -> EventCallback:
-        """One callback opening and closing spans, then calling the user's (if any)."""
+    def job_started(self, job: Job) -> object:
+        """Start the job's span and make it current in the task that runs the handler
+        (spans the handler opens are its children, also in a sync handler's thread:
+        trio copies the context)."""
+        if not self._sdk.live():
+            return None
+        try:
+            return self._start(job)
+        except Exception:
+            log.exception("tracing: starting the span of job %s failed", job.id)
+            return None
 
-        def on_event(event: Event) -> None:
-            try:
-                self.on_event(event)
-            except Exception:
-                log.exception("tracing: consuming %s failed", event.name)
-            if user_callback is not None:
-                user_callback(event)
-
-        return on_event
-
-    def on_event(self, event: Event) -> None:
-        name = event.name
-        if name == "job:start":
-            self._start(event.fields["job"])
-        elif name == "job:error":
-            job: Any = event.fields["job"]
-            opened = self._open.get(job.id)
-            if opened is not None:
-                span = opened[0]
-                error = event.fields.get("error")
-                if isinstance(error, BaseException):
+    def job_ended(
+        self, job: Job, started: object, error: BaseException | None, message: str
+    ) -> None:
+        if started is None:
+            return
+        span, token = cast(tuple[Any, Any], started)
+        try:
+            if message:
+                if error is not None:
                     span.record_exception(error)
-                message = str(event.fields.get("message") or "")
-                span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, message[:200]))
-        elif name == "job:complete":
-            job = event.fields["job"]
-            opened = self._open.pop(job.id, None)
-            if opened is not None:
-                span, token = opened
-                self._context.detach(token)
-                span.end()
+                trace = self._trace
+                span.set_status(trace.Status(trace.StatusCode.ERROR, message[:200]))
+            self._context.detach(token)
+            span.end()
+        except Exception:
+            log.exception("tracing: ending the span of job %s failed", job.id)
 
-    def _start(self, job: Any) -> None:
+    def _start(self, job: Job) -> tuple[Any, object]:
         parent = None
         payload = job.payload
         if isinstance(payload, dict):
@@ -105,10 +130,11 @@ class JobTracer:
             if isinstance(carrier, dict):
                 parent = self._propagate.extract({str(k): str(v) for k, v in carrier.items()})
         task = job.task_identifier
-        span = self._tracer.start_span(
+        trace = self._trace
+        span = self._sdk.tracer.start_span(
             f"kongtask.work {task}",
             context=parent,
-            kind=self._trace.SpanKind.CONSUMER,
+            kind=trace.SpanKind.CONSUMER,
             attributes={
                 "messaging.system": SYSTEM,
                 "messaging.operation.type": "process",
@@ -118,8 +144,8 @@ class JobTracer:
                 "kongtask.job.attempt": job.attempts,
             },
         )
-        token = self._context.attach(self._trace.set_span_in_context(span))
-        self._open[job.id] = (span, token)
+        token = self._context.attach(trace.set_span_in_context(span))
+        return span, token
 
 
 class ProducerTracer:
@@ -131,14 +157,18 @@ class ProducerTracer:
 
         self._trace = trace
         self._propagate = propagate
-        self._tracer = trace.get_tracer("kongtask", __version__)
+        self._sdk = _SdkWatch(trace)
         self.propagate_context = propagate_context
 
     @contextmanager
     def span(
         self, operation: str, task: str | None, queue: str | None, count: int
     ) -> Iterator[Any]:
-        """A producer span around one add; yields the span (current inside the block)."""
+        """A producer span around one add; yields the span (current inside the block),
+        or ``None`` while no SDK is installed."""
+        if not self._sdk.live():
+            yield None
+            return
         name = f"kongtask.{operation}" + (f" {task}" if task else "")
         attributes: dict[str, Any] = {
             "messaging.system": SYSTEM,
@@ -149,7 +179,7 @@ class ProducerTracer:
             attributes["kongtask.task"] = task
         if count != 1:
             attributes["messaging.batch.message_count"] = count
-        with self._tracer.start_as_current_span(
+        with self._sdk.tracer.start_as_current_span(
             name, kind=self._trace.SpanKind.PRODUCER, attributes=attributes
         ) as span:
             yield span

@@ -63,6 +63,7 @@ from ._liveness import hold_liveness_lock, is_marked_pool_id, new_pool_id as new
 from ._log_fallback import log_to_stderr_unless_configured
 from ._logging import install_pool_filters, job_extra
 from ._migrate import migrate as migrate_schema
+from ._observe import JobObserver, combine
 from ._outage import OutageLog, is_connection_lost
 from ._pg import Database, open_database
 from ._signals import StopOnSignals, receive_stop_signals
@@ -688,6 +689,7 @@ class Worker:
                 raise ConfigError("forbidden_flags must be a list of flag names, not a string")
             self._static_flags = list(forbidden_flags) or None
         self._events = EventEmitter(on_event, self.pool_id)
+        self._observer: JobObserver | None = None  # metrics and tracing (open_worker)
         self._crontab = crontab
         self._default_grace = grace
         self._ttl = local_queue_ttl
@@ -1376,6 +1378,8 @@ class Worker:
         events = self._events
         if events.enabled:
             events.emit("job:start", job=job)
+        observer = self._observer
+        observed = None if observer is None else observer.job_started(job)
         if log.isEnabledFor(logging.INFO):  # one line per state change (the CLI's INFO)
             log.info(
                 "pool %s: started %s (job %d, attempt %d of %d)",
@@ -1443,6 +1447,8 @@ class Worker:
             batch = self._batch_outcome(job, result)
             if batch is not None:
                 message, replacement = batch
+        if observer is not None:
+            observer.job_ended(job, observed, error, message)
         if not message:
             self._send_write(_Outcome(job))
             if events.enabled:
@@ -1919,6 +1925,7 @@ async def open_worker(
     metrics_port: int | None = None,
     metrics_host: str = "0.0.0.0",
     tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> AsyncIterator[Worker]:
     """Run a worker pool for the duration of the ``async with`` block.
 
@@ -1958,6 +1965,10 @@ async def open_worker(
       metrics_host: the address to listen on (default all interfaces).
       tracing: an OpenTelemetry consumer span per job run and producer spans for
         ``ctx.add_job`` (needs the ``kongtask[tracing]`` extra; docs/operations.md).
+      propagate_trace_context: ``ctx.add_job`` also stores the trace context in object
+        payloads (the reserved key ``_kongtask_trace``), as ``open_client``'s option of
+        the same name does, so the new job's span continues this job's trace (implies
+        ``tracing``).
 
     Leaving the block shuts the pool down gracefully (see :meth:`Worker.shutdown`). If the
     block raises or is cancelled, the shutdown is immediate (grace 0) but still returns
@@ -1985,19 +1996,16 @@ async def open_worker(
         or not 0 <= metrics_port <= 65535
     ):
         raise ConfigError(f"metrics_port must be a port number (0-65535), not {metrics_port!r}")
-    metrics = None
+    metrics = job_tracer = producer_tracer = None
     if metrics_port is not None:
         from ._metrics import new_pool_metrics
 
         metrics = new_pool_metrics()
-        if metrics is not None:
-            on_event = metrics.chain(on_event)
-    producer_tracer = None
-    if tracing:
+    if tracing or propagate_trace_context:
         from ._tracing import JobTracer, ProducerTracer
 
-        on_event = JobTracer().chain(on_event)
-        producer_tracer = ProducerTracer(propagate_context=False)
+        job_tracer = JobTracer()
+        producer_tracer = ProducerTracer(propagate_context=propagate_trace_context)
     with log_to_stderr_unless_configured():
         async with open_database(
             resolve_dsn(dsn),
@@ -2025,6 +2033,7 @@ async def open_worker(
                 check_schema=not migrate,  # the migration checked it
             )
             worker._client._tracing = producer_tracer
+            worker._observer = combine(metrics, job_tracer)
             if metrics_port is not None:
                 worker._http = (
                     metrics_host,

@@ -5,6 +5,9 @@ Rules: as in test_worker.py; spans are collected by opentelemetry-sdk's in-memor
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -140,3 +143,80 @@ async def test_untraced_pool_makes_no_spans(worker_dsn: str, spans: InMemorySpan
     async with kongtask.open_worker(worker_dsn, {"ok": ok}) as w:
         await wait_until(lambda: w.statistics().completed == 1)
     assert spans.get_finished_spans() == ()
+
+
+async def test_ctx_add_job_continues_the_trace_when_the_pool_propagates(
+    worker_dsn: str, spans: InMemorySpanExporter
+) -> None:
+    children: list[kongtask.Job] = []
+
+    async def parent(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        children.append(await ctx.add_job("child", {"n": 1}))
+
+    async def child(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        await trio.lowlevel.checkpoint()
+
+    tasks = {"parent": parent, "child": child}
+    async with kongtask.open_client(worker_dsn) as client:
+        await client.add_job("parent")
+        await client.add_job("parent")
+    async with kongtask.open_worker(worker_dsn, tasks, propagate_trace_context=True) as w:
+        await wait_until(lambda: w.statistics().completed == 4)
+    found = spans.get_finished_spans()
+    parents = {s.context.span_id: s for s in found if s.name == "kongtask.work parent"}
+    producers = {s.context.span_id: s for s in found if s.name == "kongtask.add_job child"}
+    consumers = [s for s in found if s.name == "kongtask.work child"]
+    assert len(parents) == len(producers) == len(consumers) == 2
+    assert all(TRACE_KEY in c.payload and c.payload["n"] == 1 for c in children)  # type: ignore[operator,call-overload,index]
+    for consumer in consumers:
+        producer = producers[consumer.parent.span_id]
+        assert producer.kind == SpanKind.PRODUCER
+        assert parents[producer.parent.span_id].context.trace_id == consumer.context.trace_id
+
+
+async def test_a_traced_pool_without_propagation_adds_plain_payloads(
+    worker_dsn: str, spans: InMemorySpanExporter
+) -> None:
+    children: list[kongtask.Job] = []
+
+    async def parent(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        children.append(await ctx.add_job("child", {"n": 1}))
+
+    async with kongtask.open_client(worker_dsn) as client:
+        await client.add_job("parent")
+    async with kongtask.open_worker(worker_dsn, {"parent": parent}, tracing=True) as w:
+        await wait_until(lambda: w.statistics().completed == 1)
+    assert [c.payload for c in children] == [{"n": 1}]
+    (producer,) = [s for s in spans.get_finished_spans() if s.name == "kongtask.add_job child"]
+    assert producer.kind == SpanKind.PRODUCER
+
+
+def test_no_span_is_started_until_an_sdk_is_installed() -> None:
+    # a fresh interpreter: the global tracer provider can be set only once per process
+    script = textwrap.dedent(
+        """
+        from types import SimpleNamespace
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from kongtask._tracing import JobTracer, ProducerTracer
+
+        job = SimpleNamespace(
+            id=7, payload={}, task_identifier="t", queue_name=None, attempts=1, max_attempts=3
+        )
+        tracer, producer = JobTracer(), ProducerTracer(propagate_context=True)
+        assert tracer.job_started(job) is None
+        with producer.span("add_job", "t", None, 1) as span:
+            assert span is None
+        trace.set_tracer_provider(TracerProvider())
+        started = tracer.job_started(job)
+        assert started is not None and started[0].is_recording()
+        tracer.job_ended(job, started, None, "")
+        with producer.span("add_job", "t", None, 1) as span:
+            assert span is not None and span.is_recording()
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.strip() == "ok", done.stderr
