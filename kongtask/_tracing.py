@@ -27,6 +27,8 @@ handlers simply see one more key.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -41,6 +43,8 @@ log = logging.getLogger("kongtask.tracing")
 #: The payload key that carries the producer's trace context when propagation is on.
 TRACE_KEY: Final = "_kongtask_trace"
 SYSTEM: Final = "kongtask"
+#: Without an SDK, how often (seconds) tracing looks again whether one was installed.
+SDK_RECHECK_SECONDS: Final = 1.0
 
 
 def _api() -> Any:
@@ -59,21 +63,28 @@ class _SdkWatch:
     """Whether a tracer provider (an SDK) is installed; until one is, starting spans is
     skipped: the API's no-op spans would cost each job microseconds for nothing.
 
-    OpenTelemetry's global provider can be set once, so once one is seen it stays.
+    OpenTelemetry's global provider can be set once, so once one is seen it stays. Asking
+    for it costs about a microsecond (an environment lookup), so without one the
+    question is asked again at most every :data:`SDK_RECHECK_SECONDS`.
     """
 
-    __slots__ = ("_trace", "tracer")
+    __slots__ = ("_next_check", "_no_sdk", "_trace", "tracer")
 
     def __init__(self, trace: Any) -> None:
         self._trace = trace
+        self._no_sdk = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+        self._next_check = -math.inf
         self.tracer: Any = None
 
     def live(self) -> bool:
         if self.tracer is not None:
             return True
-        trace = self._trace
-        provider = trace.get_tracer_provider()
-        if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        provider = self._trace.get_tracer_provider()
+        if isinstance(provider, self._no_sdk):
+            self._next_check = now + SDK_RECHECK_SECONDS
             return False
         self.tracer = provider.get_tracer("kongtask", __version__)
         return True

@@ -8,17 +8,20 @@ Usage::
 
 Each run gets a fresh database with ``--jobs`` no-op jobs added in bulk, then one pool
 (concurrency 10) drains them; the time runs from the first job's start to the last job's
-start, like ``stress.bench``'s throughput. Configurations, interleaved rep by rep so load
-drifts hit them alike:
+start, like ``stress.bench``'s throughput. Every run is a fresh interpreter (an
+OpenTelemetry tracer provider can be installed once per process) that first drains a
+small warm-up queue. Configurations, interleaved rep by rep so load drifts hit them alike:
 
 - ``off``: no metrics port, no tracing;
-- ``events``: an ``on_event`` callback that does nothing (the floor of any consumer of
-  the lifecycle events, which metrics and tracing are);
 - ``metrics``: ``metrics_port`` with prometheus_client, ``/metrics`` scraped every second
   over HTTP (the database gauges read at every 5 s refresh);
-- ``tracing``: ``tracing=True`` with opentelemetry-sdk's ``BatchSpanProcessor`` and an
-  exporter that drops the spans (so the SDK does all its work, but no network);
-- ``both``.
+- ``tracing-api``: ``tracing=True`` with only opentelemetry-api (no SDK installed: what
+  a pool pays for the option alone);
+- ``tracing-sdk``: ``tracing=True`` with opentelemetry-sdk's ``BatchSpanProcessor`` and
+  an exporter that drops the spans (every job's span recorded and processed, no network);
+- ``tracing-sampled``: the same SDK sampling 1 % of new traces
+  (``ParentBased(TraceIdRatioBased(0.01))``);
+- ``both``: ``metrics`` and ``tracing-sdk``.
 
 Prints a markdown table: median jobs/s, CPU µs per job, and the ratio to ``off``
 (docs/performance.md quotes it).
@@ -27,8 +30,10 @@ Prints a markdown table: median jobs/s, CPU µs per job, and the ratio to ``off`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -43,19 +48,29 @@ from kongtask._migrate import migrate
 from kongtask._pg import open_database
 
 CONCURRENCY = 10
-CONFIGS = ("off", "events", "metrics", "tracing", "both")
+WARM_UP_JOBS = 2000
+CONFIGS = ("off", "metrics", "tracing-api", "tracing-sdk", "tracing-sampled", "both")
+LABELS = {
+    "off": "off",
+    "metrics": "metrics (scraped every second)",
+    "tracing-api": "tracing, opentelemetry-api only (no SDK)",
+    "tracing-sdk": "tracing, SDK recording every span",
+    "tracing-sampled": "tracing, SDK sampling 1 %",
+    "both": "metrics and tracing (SDK, every span)",
+}
 
 
-def _install_tracer_provider() -> None:
+def _install_tracer_provider(ratio: float) -> None:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     class DropExporter(SpanExporter):
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
     provider.add_span_processor(BatchSpanProcessor(DropExporter()))
     trace.set_tracer_provider(provider)
 
@@ -65,7 +80,7 @@ def _scrape(port: int) -> None:
         response.read()
 
 
-async def _one(dsn: str, jobs: int, config: str) -> tuple[float, float]:
+async def _drain(dsn: str, jobs: int, config: str) -> tuple[float, float]:
     async with open_database(dsn, max_size=1) as db:
         await db.execute("truncate graphile_worker._private_jobs")
         await db.execute(
@@ -89,10 +104,8 @@ async def _one(dsn: str, jobs: int, config: str) -> tuple[float, float]:
     options: dict[str, Any] = {}
     if config in ("metrics", "both"):
         options.update(metrics_port=0, metrics_host="127.0.0.1")
-    if config in ("tracing", "both"):
+    if config.startswith("tracing") or config == "both":
         options["tracing"] = True
-    if config == "events":
-        options["on_event"] = lambda event: None
     async with (
         kongtask.open_worker(dsn, {"noop": noop}, concurrency=CONCURRENCY, **options) as worker,
         trio.open_nursery() as nursery,
@@ -111,18 +124,31 @@ async def _one(dsn: str, jobs: int, config: str) -> tuple[float, float]:
     return (count - 1) / (last - first), (cpu_last - cpu_first) * 1e6 / count
 
 
-async def _run(dsn: str, jobs: int, reps: int) -> dict[str, list[tuple[float, float]]]:
-    async with open_database(dsn, max_size=1) as db:
-        await migrate(db, "graphile_worker")
-    results: dict[str, list[tuple[float, float]]] = {c: [] for c in CONFIGS}
-    await _one(dsn, min(jobs, 2000), "off")  # warm-up: caches, prepared statements
-    for rep in range(reps):
-        order = CONFIGS if rep % 2 == 0 else tuple(reversed(CONFIGS))
-        for config in order:
-            results[config].append(await _one(dsn, jobs, config))
-            rate, cpu = results[config][-1]
-            print(f"rep {rep + 1} {config:8s} {rate:8.0f} jobs/s {cpu:6.0f} µs/job", flush=True)
-    return results
+async def _one(dsn: str, jobs: int, config: str) -> tuple[float, float]:
+    await _drain(dsn, min(jobs, WARM_UP_JOBS), config)  # imports, caches, statements
+    return await _drain(dsn, jobs, config)
+
+
+def _child(dsn: str, jobs: int, config: str) -> int:
+    """One measured run in this (fresh) interpreter; prints ``[jobs/s, CPU µs/job]``."""
+    if config in ("tracing-sdk", "both"):
+        _install_tracer_provider(1.0)
+    elif config == "tracing-sampled":
+        _install_tracer_provider(0.01)
+    print(json.dumps(trio.run(_one, dsn, jobs, config)))
+    return 0
+
+
+def _run_in_child(dsn: str, jobs: int, config: str) -> tuple[float, float]:
+    command = [sys.executable, "-m", "stress.ops_overhead", "--child", config]
+    done = subprocess.run(
+        [*command, "--dsn", dsn, "--jobs", str(jobs)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rate, cpu = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(rate), float(cpu)
 
 
 def main() -> int:
@@ -130,16 +156,27 @@ def main() -> int:
     parser.add_argument("--dsn", help="a PostgreSQL server to create a scratch database on")
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    _install_tracer_provider()
+    if args.child:
+        return _child(args.dsn, args.jobs, args.child)
     from kongtask.testing._postgres import dsn_with_database, provide_postgres, run_sync_sql
 
+    results: dict[str, list[tuple[float, float]]] = {c: [] for c in CONFIGS}
     with ExitStack() as stack:
         server_dsn = args.dsn or stack.enter_context(provide_postgres()).dsn
         name = f"ops_overhead_{os.getpid()}"
         run_sync_sql(server_dsn, f'create database "{name}"')
         try:
-            results = trio.run(_run, dsn_with_database(server_dsn, name), args.jobs, args.reps)
+            dsn = dsn_with_database(server_dsn, name)
+            trio.run(_migrate, dsn)
+            for rep in range(args.reps):
+                order = CONFIGS if rep % 2 == 0 else tuple(reversed(CONFIGS))
+                for config in order:
+                    rate, cpu = _run_in_child(dsn, args.jobs, config)
+                    results[config].append((rate, cpu))
+                    print(f"rep {rep + 1} {config:16s} {rate:8.0f} jobs/s {cpu:6.0f} µs/job")
+                    sys.stdout.flush()
         finally:
             run_sync_sql(server_dsn, f'drop database if exists "{name}" with (force)')
     base = statistics.median(r for r, _ in results["off"])
@@ -149,8 +186,13 @@ def main() -> int:
     for config in CONFIGS:
         rate = statistics.median(r for r, _ in results[config])
         cpu = statistics.median(c for _, c in results[config])
-        print(f"| {config} | {rate:,.0f} | {cpu:,.0f} | {rate / base:.1%} |")
+        print(f"| {LABELS[config]} | {rate:,.0f} | {cpu:,.0f} | {rate / base:.1%} |")
     return 0
+
+
+async def _migrate(dsn: str) -> None:
+    async with open_database(dsn, max_size=1) as db:
+        await migrate(db, "graphile_worker")
 
 
 if __name__ == "__main__":

@@ -198,8 +198,10 @@ def test_no_span_is_started_until_an_sdk_is_installed() -> None:
         from types import SimpleNamespace
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
+        import kongtask._tracing
         from kongtask._tracing import JobTracer, ProducerTracer
 
+        kongtask._tracing.SDK_RECHECK_SECONDS = 0.0  # look again at every job
         job = SimpleNamespace(
             id=7, payload={}, task_identifier="t", queue_name=None, attempts=1, max_attempts=3
         )
