@@ -21,6 +21,7 @@ from ._errors import ConfigError
 from ._settings import (
     LOG_KEYS,
     RUN_OPTIONS,
+    SettingsError,
     add_config_options,
     add_log_options,
     add_option,
@@ -54,21 +55,6 @@ def add_run_verbs(
         action="store_true",
         help="print each option's value and where it came from (flag, environment, "
         "config file or default), then exit 0 without connecting",
-    )
-    run.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="serve /healthz, /readyz and /metrics on PORT (docs/operations.md)",
-    )
-    run.add_argument(
-        "--metrics-host", default="0.0.0.0", help="address for --metrics-port (0.0.0.0)"
-    )
-    run.add_argument(
-        "--tracing",
-        action="store_true",
-        help="OpenTelemetry spans per job (kongtask[tracing]; configure an SDK, e.g. "
-        "with opentelemetry-instrument)",
     )
     run.set_defaults(settings_keys=tuple(option.key for option in RUN_OPTIONS))
     run.set_defaults(func=_run_verb)
@@ -213,6 +199,12 @@ async def _run_verb(args: argparse.Namespace) -> int:
     if args.print_config:
         print(args.resolved_settings.render(), end="")
         return 0
+    if args.processes > 1 and args.metrics_port:
+        # every child would bind the same port: all but one would fail to start
+        raise SettingsError(
+            f"metrics_port {args.metrics_port} with processes {args.processes}: one port "
+            "serves one process; run one process per container (or host) instead"
+        )
     schema = resolve_schema(args.schema)
     dsn = resolve_dsn(args.connection)
     tasks: dict[str, Any] = {}
@@ -256,6 +248,7 @@ async def _run_verb(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         tracing=args.tracing,
+        propagate_trace_context=args.propagate_trace_context,
     ) as worker:
         log.info("pool %s ready", worker.pool_id)
         await worker.wait_stopped()

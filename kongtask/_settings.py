@@ -53,6 +53,7 @@ class Option:
     metavar: str | None = None
     unit: str = ""
     minimum: float | None = None
+    maximum: float | None = None
     choices: tuple[str, ...] = ()
     # read after KONGTASK_<KEY>, before the file (graphile-worker's own variables)
     env_fallbacks: tuple[str, ...] = ()
@@ -223,6 +224,42 @@ RUN_OPTIONS: tuple[Option, ...] = (
         "(1: this process is the worker)",
         metavar="N",
         minimum=1,
+    ),
+    Option(
+        "metrics_port",
+        ("--metrics-port",),
+        "int",
+        None,
+        "serve /healthz, /readyz and /metrics on PORT (0: any free port); see "
+        "docs/operations.md",
+        metavar="PORT",
+        minimum=0,
+        maximum=65535,
+        default_text="off",
+    ),
+    Option(
+        "metrics_host",
+        ("--metrics-host",),
+        "str",
+        "0.0.0.0",
+        "the address --metrics-port listens on",
+        metavar="ADDR",
+    ),
+    Option(
+        "tracing",
+        ("--tracing",),
+        "bool",
+        False,
+        "OpenTelemetry spans per job run and per ctx.add_job (kongtask[tracing]; configure "
+        "an SDK, e.g. with opentelemetry-instrument)",
+    ),
+    Option(
+        "propagate_trace_context",
+        ("--propagate-trace-context",),
+        "bool",
+        False,
+        "ctx.add_job stores the trace context in object payloads (key _kongtask_trace), so "
+        "the new job's span continues the trace; implies --tracing",
     ),
     LOG_LEVEL,
     LOG_FORMAT,
@@ -443,6 +480,8 @@ def _check(option: Option, value: Any, source: str) -> Any:
         unit = f" {option.unit}" if option.unit else ""
         minimum = int(option.minimum) if option.minimum == int(option.minimum) else option.minimum
         raise SettingsError(f"{where}: must be at least {minimum}{unit}, got {value}")
+    if option.maximum is not None and value > option.maximum:
+        raise SettingsError(f"{where}: must be at most {option.maximum:g}, got {value}")
     if option.choices and value not in option.choices:
         raise SettingsError(f"{where}: expected one of {', '.join(option.choices)}, got {value!r}")
     if option.key == "schema":

@@ -405,6 +405,29 @@ def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
     )
 
 
+def test_metrics_and_tracing_options_from_each_source(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.kongtask]\ntracing = true\nmetrics_host = '127.0.0.1'\nmetrics_port = 9000\n"
+    )
+    env = {"KONGTASK_METRICS_PORT": "9464", "KONGTASK_PROPAGATE_TRACE_CONTEXT": "yes"}
+    settings = resolve_settings(_run_args("--metrics-host", "::1"), RUN_KEYS, env, tmp_path)
+    values, sources = settings.values, settings.sources
+    assert (values["metrics_port"], sources["metrics_port"]) == (9464, "env KONGTASK_METRICS_PORT")
+    assert (values["metrics_host"], sources["metrics_host"]) == ("::1", "flag --metrics-host")
+    assert (values["tracing"], sources["tracing"]) == (True, "file pyproject.toml [tool.kongtask]")
+    assert values["propagate_trace_context"] is True
+    defaults = resolve_settings(_run_args(), RUN_KEYS, {}, tmp_path / "nowhere").values
+    assert (defaults["metrics_port"], defaults["metrics_host"]) == (None, "0.0.0.0")
+    assert (defaults["tracing"], defaults["propagate_trace_context"]) == (False, False)
+    flagged = _run_args("--metrics-port", "0", "--tracing", "--propagate-trace-context")
+    values = resolve_settings(flagged, RUN_KEYS, {}, tmp_path / "nowhere").values
+    assert (values["metrics_port"], values["tracing"], values["propagate_trace_context"]) == (
+        0,
+        True,
+        True,
+    )
+
+
 def test_explicit_config_file_and_env_config(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("[tool.kongtask]\nconcurrency = 3\n")
     (tmp_path / "worker.toml").write_text("concurrency = 4\nlog_format = 'json'\n")
@@ -425,6 +448,10 @@ def test_explicit_config_file_and_env_config(tmp_path: Path) -> None:
         ([], {"KONGTASK_LOG_FORMAT": "xml"}, "", "env KONGTASK_LOG_FORMAT: expected one of"),
         ([], {"KONGTASK_GRACE": "-1"}, "", "env KONGTASK_GRACE: must be at least 0 s"),
         (["-j", "0"], {}, "", "flag --jobs: must be at least 1"),
+        (["--metrics-port", "70000"], {}, "", "flag --metrics-port: must be at most 65535"),
+        ([], {"KONGTASK_METRICS_PORT": "-1"}, "", "env KONGTASK_METRICS_PORT: must be at least 0"),
+        ([], {}, "tracing = 'on'", "tracing: expected true or false"),
+        ([], {}, "metrics_port = '9464'", "metrics_port: expected an integer"),
         ([], {}, "concurency = 2", "unknown key 'concurency' (did you mean 'concurrency'?)"),
         ([], {}, "poll_interval = 2.5", "poll_interval: expected an integer (milliseconds)"),
         ([], {}, "concurrency = true", "concurrency: expected an integer"),
@@ -468,6 +495,18 @@ async def test_print_config_and_bad_values_in_a_real_process(
     )  # fmt: skip
     assert code == 2
     assert err == "kongtask: env KONGTASK_MAX_POOL_SIZE: expected an integer, got 'many'\n"
+    assert not await _schema_exists(kongtask_blank_dsn)
+
+
+async def test_one_metrics_port_for_several_processes_is_refused(
+    kongtask_blank_dsn: str, tmp_path: Path
+) -> None:
+    code, _, err = await _cli(
+        "run", "-c", kongtask_blank_dsn, "--tasks", _ok_tasks(tmp_path), "--processes", "2",
+        cwd=tmp_path, env={"KONGTASK_METRICS_PORT": "9464"},
+    )  # fmt: skip
+    assert code == 2
+    assert err.startswith("kongtask: metrics_port 9464 with processes 2: one port serves one")
     assert not await _schema_exists(kongtask_blank_dsn)
 
 

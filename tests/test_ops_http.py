@@ -309,6 +309,7 @@ async def test_run_serves_metrics_port(worker_dsn: str, tmp_path: Path) -> None:
     (tmp_path / "ops_tasks.py").write_text(
         "async def hello(job, ctx):\n    pass\n\ntasks = {'hello': hello}\n"
     )
+    (tmp_path / "pyproject.toml").write_text("[tool.kongtask]\nmetrics_host = '127.0.0.1'\n")
     with socket.socket() as probe:  # a free port, released for the process to take
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -318,11 +319,11 @@ async def test_run_serves_metrics_port(worker_dsn: str, tmp_path: Path) -> None:
         [
             sys.executable, "-c", "import kongtask._cli as c; c.run_cli()",
             "run", "-c", worker_dsn, "--tasks", "ops_tasks", "--poll-interval", "200",
-            "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
         ],
         cwd=tmp_path,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # the port from the environment, the address from the file: the settings table
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "KONGTASK_METRICS_PORT": str(port)},
     )  # fmt: skip
     try:
 
