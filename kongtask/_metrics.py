@@ -105,7 +105,7 @@ class PoolMetrics:
     def job_started(self, job: Job) -> float:
         counts = self._tasks.get(job.task_identifier) or self._new_task(job.task_identifier)
         counts.started += 1
-        wait = time.time() - job.run_at.timestamp()
+        wait = time.time() - job._run_at_epoch()
         if wait < 0.0:
             wait = 0.0  # clocks disagree, or the job was claimed early by its run_at
         counts.wait_buckets[bisect_left(BUCKETS, wait)] += 1

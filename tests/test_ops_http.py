@@ -15,6 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -140,16 +141,17 @@ async def test_metrics_of_a_known_workload(
         await client.add_jobs([kongtask.JobSpec("ok") for _ in range(5)])
         await client.add_jobs([kongtask.JobSpec("bad", max_attempts=1) for _ in range(2)])
         await client.add_job("idle")
+        await client.add_job("late", run_at=datetime.now(UTC) - timedelta(hours=2))
     async with kongtask.open_worker(
         worker_dsn,
-        {"ok": ok, "bad": bad},
+        {"ok": ok, "bad": bad, "late": ok},
         concurrency=3,
         poll_interval=0.2,
         metrics_port=0,
         metrics_host="127.0.0.1",
         on_event=lambda e: events.append(e.name),  # the user's callback still runs
     ) as worker:
-        await wait_until(lambda: worker.statistics().completed + worker.statistics().failed == 7)
+        await wait_until(lambda: worker.statistics().completed + worker.statistics().failed == 8)
         port = worker.metrics_port
         assert port
         code, body = await get(port, "/metrics")
@@ -166,8 +168,14 @@ async def test_metrics_of_a_known_workload(
         assert found[("kongtask_job_run_seconds_bucket", inf)] == 5
         assert found[("kongtask_job_run_seconds_sum", (("task", "ok"),))] >= 0
         assert found[("kongtask_job_queue_wait_seconds_count", (("task", "bad"),))] == 2
+        # queue wait: run_at to start, so minutes for due jobs and two hours for the late one
+        wait = "kongtask_job_queue_wait_seconds_bucket"
+        assert found[(wait, (("le", "300.0"), ("task", "ok")))] == 5
+        assert found[(wait, (("le", "3600.0"), ("task", "late")))] == 0
+        assert found[(wait, (("le", "+Inf"), ("task", "late")))] == 1
+        assert 7200 <= found[("kongtask_job_queue_wait_seconds_sum", (("task", "late"),))] < 7500
         assert found[("kongtask_pool_capacity_jobs", ())] == 3
-        assert found[("kongtask_pool_claimed_jobs_total", ())] == 7
+        assert found[("kongtask_pool_claimed_jobs_total", ())] == 8
         assert found[("kongtask_pool_claim_seconds_count", ())] >= 1
         assert found[("kongtask_pool_flush_seconds_count", ())] >= 1
         assert found[("kongtask_pool_running_jobs", ())] == 0
