@@ -23,7 +23,10 @@ small warm-up queue. Configurations, interleaved rep by rep so load drifts hit t
   (``ParentBased(TraceIdRatioBased(0.01))``);
 - ``both``: ``metrics`` and ``tracing-sdk``.
 
-Prints a markdown table: median jobs/s, CPU µs per job, and the ratio to ``off``
+Prints a markdown table: median jobs/s and its ratio to ``off``, the worker's CPU µs per
+job, and the observer's own cost per job measured alone (a job's start and end through
+the same observer the pool builds, best of several repeats: a figure the machine's load
+hardly moves, unlike the drain) with its share of ``off``'s CPU per job
 (docs/performance.md quotes it).
 """
 
@@ -129,17 +132,58 @@ async def _one(dsn: str, jobs: int, config: str) -> tuple[float, float]:
     return await _drain(dsn, jobs, config)
 
 
+def _observer_cost(config: str) -> float:
+    """µs per job of what the pool's observer does for ``config`` (a job's start and
+    end, on a job built from a claimed row as the worker builds it), alone: the best of
+    a few repeats, so the machine's load matters far less than in the drain."""
+    from opentelemetry import trace
+
+    from kongtask._job import Job
+    from kongtask._metrics import PoolMetrics
+    from kongtask._observe import JobObserver, combine
+    from kongtask._tracing import JobTracer
+
+    metrics = PoolMetrics() if config in ("metrics", "both") else None
+    tracer = JobTracer() if config.startswith("tracing") or config == "both" else None
+    observer: JobObserver | None = combine(metrics, tracer)
+    now_us = int(time.time() * 1e6)
+    row = {
+        "id": 1, "queue_name": None, "payload": "{}", "flags": None, "priority": 0,
+        "attempts": 1, "max_attempts": 25, "key": None, "last_error": None,
+        "locked_by": "pool-x", "revision": 0, "run_at_us": now_us, "created_at_us": now_us,
+        "updated_at_us": now_us, "locked_at_us": now_us,
+    }  # fmt: skip
+    # rounds well under BatchSpanProcessor's queue (2048), flushed between repeats: the
+    # steady state of a pool whose exporter keeps up, not a queue that overflows
+    rounds = 500
+    flush = getattr(trace.get_tracer_provider(), "force_flush", lambda: True)
+
+    def run() -> float:
+        flush()
+        started = time.perf_counter()
+        for _ in range(rounds):
+            job = Job.from_claim(row, "noop")
+            if observer is not None:
+                observer.job_ended(job, observer.job_started(job), None, "")
+        return time.perf_counter() - started
+
+    best = min(run() for _ in range(40))
+    return best * 1e6 / rounds
+
+
 def _child(dsn: str, jobs: int, config: str) -> int:
-    """One measured run in this (fresh) interpreter; prints ``[jobs/s, CPU µs/job]``."""
+    """One measured run in this (fresh) interpreter; prints ``[jobs/s, CPU µs/job,
+    observer µs/job]`` (the last includes building the job; ``off`` is that baseline)."""
     if config in ("tracing-sdk", "both"):
         _install_tracer_provider(1.0)
     elif config == "tracing-sampled":
         _install_tracer_provider(0.01)
-    print(json.dumps(trio.run(_one, dsn, jobs, config)))
+    rate, cpu = trio.run(_one, dsn, jobs, config)
+    print(json.dumps([rate, cpu, _observer_cost(config)]))
     return 0
 
 
-def _run_in_child(dsn: str, jobs: int, config: str) -> tuple[float, float]:
+def _run_in_child(dsn: str, jobs: int, config: str) -> tuple[float, float, float]:
     command = [sys.executable, "-m", "stress.ops_overhead", "--child", config]
     done = subprocess.run(
         [*command, "--dsn", dsn, "--jobs", str(jobs)],
@@ -147,8 +191,8 @@ def _run_in_child(dsn: str, jobs: int, config: str) -> tuple[float, float]:
         text=True,
         check=True,
     )
-    rate, cpu = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(rate), float(cpu)
+    rate, cpu, observer = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(rate), float(cpu), float(observer)
 
 
 def main() -> int:
@@ -162,7 +206,7 @@ def main() -> int:
         return _child(args.dsn, args.jobs, args.child)
     from kongtask.testing._postgres import dsn_with_database, provide_postgres, run_sync_sql
 
-    results: dict[str, list[tuple[float, float]]] = {c: [] for c in CONFIGS}
+    results: dict[str, list[tuple[float, float, float]]] = {c: [] for c in CONFIGS}
     with ExitStack() as stack:
         server_dsn = args.dsn or stack.enter_context(provide_postgres()).dsn
         name = f"ops_overhead_{os.getpid()}"
@@ -173,20 +217,33 @@ def main() -> int:
             for rep in range(args.reps):
                 order = CONFIGS if rep % 2 == 0 else tuple(reversed(CONFIGS))
                 for config in order:
-                    rate, cpu = _run_in_child(dsn, args.jobs, config)
-                    results[config].append((rate, cpu))
-                    print(f"rep {rep + 1} {config:16s} {rate:8.0f} jobs/s {cpu:6.0f} µs/job")
+                    rate, cpu, observer = _run_in_child(dsn, args.jobs, config)
+                    results[config].append((rate, cpu, observer))
+                    print(
+                        f"rep {rep + 1} {config:16s} {rate:8.0f} jobs/s {cpu:6.0f} µs/job, "
+                        f"observer alone {observer:6.2f} µs/job"
+                    )
                     sys.stdout.flush()
         finally:
             run_sync_sql(server_dsn, f'drop database if exists "{name}" with (force)')
-    base = statistics.median(r for r, _ in results["off"])
+
+    def median(config: str, column: int) -> float:
+        return statistics.median(row[column] for row in results[config])
+
+    base_rate, base_cpu, base_observer = (median("off", i) for i in range(3))
     print(f"\n{args.jobs:,} no-op jobs, concurrency {CONCURRENCY}, median of {args.reps}\n")
-    print("| configuration | jobs/s | CPU µs/job | throughput vs off |")
-    print("| --- | ---: | ---: | ---: |")
+    print(
+        "| configuration | jobs/s | throughput vs off | worker CPU µs/job "
+        "| observer alone µs/job | observer / off CPU |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for config in CONFIGS:
-        rate = statistics.median(r for r, _ in results[config])
-        cpu = statistics.median(c for _, c in results[config])
-        print(f"| {LABELS[config]} | {rate:,.0f} | {cpu:,.0f} | {rate / base:.1%} |")
+        rate, cpu = median(config, 0), median(config, 1)
+        observer = max(0.0, median(config, 2) - base_observer)
+        print(
+            f"| {LABELS[config]} | {rate:,.0f} | {rate / base_rate:.1%} | {cpu:,.0f} "
+            f"| {observer:.2f} | {observer / base_cpu:.1%} |"
+        )
     return 0
 
 
