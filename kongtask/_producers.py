@@ -12,9 +12,11 @@ client) before anything is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, overload
 
@@ -33,6 +35,7 @@ from ._enqueue import (
 )
 from ._errors import ConfigError
 from ._job import Job, JobSpec, JSONValue
+from ._tracing import traced_add
 
 _DRIVERS = ("psycopg", "psycopg2", "sqlalchemy", "django", "asyncpg")
 
@@ -285,6 +288,33 @@ def _add_job_args(
     )
 
 
+@contextmanager
+def _traced_add_job(
+    identifier: str | JobSpec,
+    payload: JSONValue,
+    queue_name: str | None,
+    tracing: bool,
+    propagate_trace_context: bool,
+) -> Iterator[tuple[str | JobSpec, JSONValue, Any]]:
+    """The producer span of one ``add_job`` when asked for: yields the identifier and
+    payload to add (the payload carrying the trace context when propagating) and the
+    span (``None`` without one)."""
+    if not (tracing or propagate_trace_context):
+        yield identifier, payload, None
+        return
+    spec = identifier if isinstance(identifier, JobSpec) else None
+    task, queue = (identifier, queue_name) if spec is None else (spec.identifier, spec.queue_name)
+    given = payload if spec is None else spec.payload
+    fields: dict[str, Any] = {} if given is None else {"payload": given}
+    with traced_add(
+        tracing, propagate_trace_context, "add_job", str(task), queue, [fields]
+    ) as span:
+        if spec is None:
+            yield identifier, fields.get("payload"), span
+        else:
+            yield dataclasses.replace(spec, payload=fields.get("payload")), payload, span
+
+
 # --- the public functions ---------------------------------------------------------------
 
 
@@ -296,6 +326,8 @@ def add_job_sync(
     *,
     schema: str | None = None,
     job_key_mode: JobKeyMode | None = None,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> Job: ...
 
 
@@ -313,6 +345,8 @@ def add_job_sync(
     job_key_mode: JobKeyMode | None = None,
     priority: int | None = None,
     flags: Iterable[str] | None = None,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> Job: ...
 
 
@@ -329,6 +363,8 @@ def add_job_sync(
     job_key_mode: JobKeyMode | None = None,
     priority: int | None = None,
     flags: Iterable[str] | None = None,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> Job:
     """Add one job on ``conn``, a sync connection, in its current transaction.
 
@@ -340,7 +376,9 @@ def add_job_sync(
     ``identifier`` is a task name followed by the options of
     :meth:`kongtask.Client.add_job`, or a :class:`kongtask.JobSpec` (what
     :meth:`kongtask.TaskDef.spec` makes) alone. ``schema``: default
-    ``$GRAPHILE_WORKER_SCHEMA``, then ``graphile_worker``.
+    ``$GRAPHILE_WORKER_SCHEMA``, then ``graphile_worker``. ``tracing`` and
+    ``propagate_trace_context``: as :func:`kongtask.open_client`'s (an OpenTelemetry
+    producer span; the trace context stored in object payloads), for this call.
 
     Raises:
       ConfigError: an argument is invalid or ``conn`` is not a supported connection
@@ -349,20 +387,28 @@ def add_job_sync(
         the job. The driver's exception is the cause; as after any failed statement,
         PostgreSQL has aborted the caller's transaction (see ``docs/producers.md``).
     """
-    args = _add_job_args(
+    with _traced_add_job(identifier, payload, queue_name, tracing, propagate_trace_context) as (
         identifier,
         payload,
-        queue_name,
-        run_at,
-        max_attempts,
-        job_key,
-        job_key_mode,
-        priority,
-        flags,
-    )
-    schema_name = resolve_schema(schema)
-    style, execute = _sync_driver(conn)
-    return _drive_sync(add_job_plan(schema_name, style, args), execute, schema_name)[0]
+        span,
+    ):
+        args = _add_job_args(
+            identifier,
+            payload,
+            queue_name,
+            run_at,
+            max_attempts,
+            job_key,
+            job_key_mode,
+            priority,
+            flags,
+        )
+        schema_name = resolve_schema(schema)
+        style, execute = _sync_driver(conn)
+        job = _drive_sync(add_job_plan(schema_name, style, args), execute, schema_name)[0]
+        if span is not None:
+            span.set_attribute("messaging.message.id", str(job.id))
+    return job
 
 
 def add_jobs_sync(
@@ -371,6 +417,8 @@ def add_jobs_sync(
     *,
     schema: str | None = None,
     job_key_preserve_run_at: bool = False,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> list[Job]:
     """Add a batch of jobs in one statement on ``conn`` (see :func:`~kongtask.add_job_sync`).
 
@@ -381,9 +429,12 @@ def add_jobs_sync(
     checked = checked_specs(specs, job_key_preserve_run_at)
     schema_name = resolve_schema(schema)
     style, execute = _sync_driver(conn)
-    return _drive_sync(
-        add_jobs_plan(schema_name, style, checked, job_key_preserve_run_at), execute, schema_name
-    )
+    with traced_add(tracing, propagate_trace_context, "add_jobs", None, None, checked):
+        return _drive_sync(
+            add_jobs_plan(schema_name, style, checked, job_key_preserve_run_at),
+            execute,
+            schema_name,
+        )
 
 
 @overload
@@ -394,6 +445,8 @@ async def add_job(
     *,
     schema: str | None = None,
     job_key_mode: JobKeyMode | None = None,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> Job: ...
 
 
@@ -411,6 +464,8 @@ async def add_job(
     job_key_mode: JobKeyMode | None = None,
     priority: int | None = None,
     flags: Iterable[str] | None = None,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> Job: ...
 
 
@@ -427,6 +482,8 @@ async def add_job(
     job_key_mode: JobKeyMode | None = None,
     priority: int | None = None,
     flags: Iterable[str] | None = None,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> Job:
     """Add one job on ``conn``, an asyncio connection, in its current transaction.
 
@@ -436,21 +493,28 @@ async def add_job(
     pool the job is added and committed on one of its connections; otherwise nothing is
     committed or rolled back here. Arguments, errors: as :func:`~kongtask.add_job_sync`.
     """
-    args = _add_job_args(
+    with _traced_add_job(identifier, payload, queue_name, tracing, propagate_trace_context) as (
         identifier,
         payload,
-        queue_name,
-        run_at,
-        max_attempts,
-        job_key,
-        job_key_mode,
-        priority,
-        flags,
-    )
-    schema_name = resolve_schema(schema)
-    jobs = await _run_async(
-        conn, functools.partial(add_job_plan, schema_name, args=args), schema_name
-    )
+        span,
+    ):
+        args = _add_job_args(
+            identifier,
+            payload,
+            queue_name,
+            run_at,
+            max_attempts,
+            job_key,
+            job_key_mode,
+            priority,
+            flags,
+        )
+        schema_name = resolve_schema(schema)
+        jobs = await _run_async(
+            conn, functools.partial(add_job_plan, schema_name, args=args), schema_name
+        )
+        if span is not None:
+            span.set_attribute("messaging.message.id", str(jobs[0].id))
     return jobs[0]
 
 
@@ -460,18 +524,21 @@ async def add_jobs(
     *,
     schema: str | None = None,
     job_key_preserve_run_at: bool = False,
+    tracing: bool = False,
+    propagate_trace_context: bool = False,
 ) -> list[Job]:
     """Add a batch of jobs in one statement on an asyncio ``conn`` (see :func:`add_job`
     and :func:`~kongtask.add_jobs_sync`)."""
     checked = checked_specs(specs, job_key_preserve_run_at)
     schema_name = resolve_schema(schema)
-    return await _run_async(
-        conn,
-        functools.partial(
-            add_jobs_plan,
+    with traced_add(tracing, propagate_trace_context, "add_jobs", None, None, checked):
+        return await _run_async(
+            conn,
+            functools.partial(
+                add_jobs_plan,
+                schema_name,
+                specs=checked,
+                preserve_run_at=job_key_preserve_run_at,
+            ),
             schema_name,
-            specs=checked,
-            preserve_run_at=job_key_preserve_run_at,
-        ),
-        schema_name,
-    )
+        )

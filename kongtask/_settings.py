@@ -230,8 +230,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
         ("--metrics-port",),
         "int",
         None,
-        "serve /healthz, /readyz and /metrics on PORT (0: any free port); see "
-        "docs/operations.md",
+        "serve /healthz, /readyz and /metrics on PORT (0: any free port); see docs/operations.md",
         metavar="PORT",
         minimum=0,
         maximum=65535,

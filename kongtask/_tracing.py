@@ -206,3 +206,33 @@ class ProducerTracer:
         self._propagate.inject(carrier)
         if carrier:
             fields["payload"] = {**(payload or {}), TRACE_KEY: carrier}
+
+
+_SHARED_PRODUCERS: dict[bool, ProducerTracer] = {}
+
+
+@contextmanager
+def traced_add(
+    tracing: bool,
+    propagate_context: bool,
+    operation: str,
+    task: str | None,
+    queue: str | None,
+    specs: list[dict[str, Any]],
+) -> Iterator[Any]:
+    """For the producer functions (``add_job_sync``, ``kongtask.aio.add_job``, ...): a
+    producer span around one add when ``tracing`` or ``propagate_context`` is on (yields
+    it, or ``None``), injecting the trace context into the specs' payloads when
+    ``propagate_context`` is on."""
+    if not (tracing or propagate_context):
+        yield None
+        return
+    tracer = _SHARED_PRODUCERS.get(propagate_context)
+    if tracer is None:
+        tracer = _SHARED_PRODUCERS[propagate_context] = ProducerTracer(
+            propagate_context=propagate_context
+        )
+    with tracer.span(operation, task, queue, len(specs)) as span:
+        for fields in specs:
+            tracer.inject(fields)
+        yield span

@@ -5,12 +5,15 @@ Rules: as in test_worker.py; spans are collected by opentelemetry-sdk's in-memor
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
+import psycopg
 import pytest
 import trio
 from _worker_helpers import worker_dsn as worker_dsn
@@ -24,6 +27,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from test_worker import wait_until
 
 import kongtask
+import kongtask.aio
 from kongtask._tracing import TRACE_KEY
 
 _EXPORTER = InMemorySpanExporter()
@@ -222,3 +226,69 @@ def test_no_span_is_started_until_an_sdk_is_installed() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def _add_with_producers(dsn: str) -> dict[str, int]:
+    """Adds with the producer functions (sync psycopg, asyncio asyncpg), each inside a
+    "request" span as a web request would be."""
+    tracer = trace.get_tracer("test")
+    ids: dict[str, int] = {}
+    with psycopg.connect(dsn) as conn, tracer.start_as_current_span("request"):
+        ids["sync"] = kongtask.add_job_sync(
+            conn, "traced", {"via": "psycopg"}, propagate_trace_context=True
+        ).id
+        spec = kongtask.JobSpec("traced", {"via": "spec"})
+        ids["spec"] = kongtask.add_job_sync(conn, spec, propagate_trace_context=True).id
+        ids["plain"] = kongtask.add_job_sync(conn, "traced", {"via": "plain"}).id
+
+    async def with_asyncpg() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            with tracer.start_as_current_span("request"):
+                jobs = await kongtask.aio.add_jobs(
+                    conn, [kongtask.JobSpec("traced", {"via": "batch"})] * 2, tracing=True
+                )
+            ids["batch"] = jobs[0].id
+        finally:
+            await conn.close()
+
+    asyncio.run(with_asyncpg())
+    return ids
+
+
+async def test_producer_functions_make_spans_and_propagate_when_asked(
+    worker_dsn: str, spans: InMemorySpanExporter
+) -> None:
+    ids = await trio.to_thread.run_sync(_add_with_producers, worker_dsn)
+    found = spans.get_finished_spans()
+    singles = [s for s in found if s.name == "kongtask.add_job traced"]
+    (batch,) = [s for s in found if s.name == "kongtask.add_jobs"]
+    assert sorted(s.attributes["messaging.message.id"] for s in singles) == sorted(
+        [str(ids["sync"]), str(ids["spec"])]
+    )  # "plain" asked for no span
+    assert all(s.kind == SpanKind.PRODUCER and s.parent is not None for s in [*singles, batch])
+    assert batch.attributes["messaging.batch.message_count"] == 2
+    async with kongtask.open_client(worker_dsn) as client:
+        listed = await client.list_jobs(ids=ids.values())
+        payloads = {info.job.id: info.job.payload for info in listed}
+    assert payloads[ids["sync"]]["via"] == "psycopg"  # type: ignore[call-overload,index]
+    assert TRACE_KEY in payloads[ids["sync"]]  # type: ignore[operator]
+    assert TRACE_KEY in payloads[ids["spec"]]  # type: ignore[operator]
+    assert payloads[ids["plain"]] == {"via": "plain"}
+    assert payloads[ids["batch"]] == {"via": "batch"}  # tracing alone does not propagate
+    spans.clear()
+
+    async def traced(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async with kongtask.open_worker(worker_dsn, {"traced": traced}, tracing=True) as w:
+        await wait_until(lambda: w.statistics().completed == 5)
+    by_id = {
+        s.attributes["messaging.message.id"]: s
+        for s in spans.get_finished_spans()
+        if s.name == "kongtask.work traced"
+    }
+    producer_ids = {s.context.span_id for s in singles}
+    assert by_id[str(ids["sync"])].parent.span_id in producer_ids
+    assert by_id[str(ids["spec"])].parent.span_id in producer_ids
+    assert by_id[str(ids["plain"])].parent is None
