@@ -103,28 +103,34 @@ class PoolMetrics:
         return counts
 
     def job_started(self, job: Job) -> float:
-        counts = self._tasks.get(job.task_identifier) or self._new_task(job.task_identifier)
-        counts.started += 1
-        wait = time.time() - job._run_at_epoch()
-        if wait < 0.0:
-            wait = 0.0  # clocks disagree, or the job was claimed early by its run_at
-        counts.wait_buckets[bisect_left(BUCKETS, wait)] += 1
-        counts.wait_sum += wait
+        try:
+            counts = self._tasks.get(job.task_identifier) or self._new_task(job.task_identifier)
+            counts.started += 1
+            wait = time.time() - job._run_at_epoch()
+            if wait < 0.0:
+                wait = 0.0  # clocks disagree, or the job was claimed early by its run_at
+            counts.wait_buckets[bisect_left(BUCKETS, wait)] += 1
+            counts.wait_sum += wait
+        except Exception:  # an observer must never take the pool down
+            log.exception("metrics: counting the start of job %s failed", job.id)
         return time.perf_counter()
 
     def job_ended(
         self, job: Job, started: object, error: BaseException | None, message: str
     ) -> None:
-        counts = self._tasks.get(job.task_identifier) or self._new_task(job.task_identifier)
-        took = time.perf_counter() - started  # type: ignore[operator]
-        counts.run_buckets[bisect_left(BUCKETS, took)] += 1
-        counts.run_sum += took
-        if not message:
-            counts.completed += 1
-        else:
-            counts.failed += 1
-            if job.attempts >= job.max_attempts:
-                counts.permanently_failed += 1
+        try:
+            counts = self._tasks.get(job.task_identifier) or self._new_task(job.task_identifier)
+            took = time.perf_counter() - started  # type: ignore[operator]
+            counts.run_buckets[bisect_left(BUCKETS, took)] += 1
+            counts.run_sum += took
+            if not message:
+                counts.completed += 1
+            else:
+                counts.failed += 1
+                if job.attempts >= job.max_attempts:
+                    counts.permanently_failed += 1
+        except Exception:
+            log.exception("metrics: counting the end of job %s failed", job.id)
 
     # -- scraping -------------------------------------------------------------
 
