@@ -166,12 +166,13 @@ async def test_ctx_add_job_continues_the_trace_when_the_pool_propagates(
         await client.add_job("parent")
     async with kongtask.open_worker(worker_dsn, tasks, propagate_trace_context=True) as w:
         await wait_until(lambda: w.statistics().completed == 4)
-    found = spans.get_finished_spans()
+    found: list[Any] = list(spans.get_finished_spans())
     parents = {s.context.span_id: s for s in found if s.name == "kongtask.work parent"}
     producers = {s.context.span_id: s for s in found if s.name == "kongtask.add_job child"}
     consumers = [s for s in found if s.name == "kongtask.work child"]
     assert len(parents) == len(producers) == len(consumers) == 2
-    assert all(TRACE_KEY in c.payload and c.payload["n"] == 1 for c in children)  # type: ignore[operator,call-overload,index]
+    payloads: list[Any] = [c.payload for c in children]
+    assert all(TRACE_KEY in p and p["n"] == 1 for p in payloads)
     for consumer in consumers:
         producer = producers[consumer.parent.span_id]
         assert producer.kind == SpanKind.PRODUCER
@@ -260,7 +261,7 @@ async def test_producer_functions_make_spans_and_propagate_when_asked(
     worker_dsn: str, spans: InMemorySpanExporter
 ) -> None:
     ids = await trio.to_thread.run_sync(_add_with_producers, worker_dsn)
-    found = spans.get_finished_spans()
+    found: list[Any] = list(spans.get_finished_spans())
     singles = [s for s in found if s.name == "kongtask.add_job traced"]
     (batch,) = [s for s in found if s.name == "kongtask.add_jobs"]
     assert sorted(s.attributes["messaging.message.id"] for s in singles) == sorted(
@@ -270,10 +271,10 @@ async def test_producer_functions_make_spans_and_propagate_when_asked(
     assert batch.attributes["messaging.batch.message_count"] == 2
     async with kongtask.open_client(worker_dsn) as client:
         listed = await client.list_jobs(ids=ids.values())
-        payloads = {info.job.id: info.job.payload for info in listed}
-    assert payloads[ids["sync"]]["via"] == "psycopg"  # type: ignore[call-overload,index]
-    assert TRACE_KEY in payloads[ids["sync"]]  # type: ignore[operator]
-    assert TRACE_KEY in payloads[ids["spec"]]  # type: ignore[operator]
+        payloads: dict[int, Any] = {info.job.id: info.job.payload for info in listed}
+    assert payloads[ids["sync"]]["via"] == "psycopg"
+    assert TRACE_KEY in payloads[ids["sync"]]
+    assert TRACE_KEY in payloads[ids["spec"]]
     assert payloads[ids["plain"]] == {"via": "plain"}
     assert payloads[ids["batch"]] == {"via": "batch"}  # tracing alone does not propagate
     spans.clear()
@@ -283,9 +284,10 @@ async def test_producer_functions_make_spans_and_propagate_when_asked(
 
     async with kongtask.open_worker(worker_dsn, {"traced": traced}, tracing=True) as w:
         await wait_until(lambda: w.statistics().completed == 5)
+    finished: list[Any] = list(spans.get_finished_spans())
     by_id = {
         s.attributes["messaging.message.id"]: s
-        for s in spans.get_finished_spans()
+        for s in finished
         if s.name == "kongtask.work traced"
     }
     producer_ids = {s.context.span_id for s in singles}
