@@ -54,7 +54,9 @@ _PATH_REFERENCE = re.compile(
     r"(?![\w-])(?:#(?P<anchor>[\w-]+))?"
 )
 # top-level documents in capitals, such as README.md
-_TOP_LEVEL_DOCUMENT = re.compile(r"(?<![\w./-])(?P<path>[A-Z][A-Z0-9_]*\.md)(?:#(?P<anchor>[\w-]+))?")
+_TOP_LEVEL_DOCUMENT = re.compile(
+    r"(?<![\w./-])(?P<path>[A-Z][A-Z0-9_]*\.md)(?:#(?P<anchor>[\w-]+))?"
+)
 # reliability.md, worker.md#shutdown: a page named without its folder
 _BARE_PAGE = re.compile(r"(?<![\w./-])(?P<path>[a-z][\w-]*\.md)(?:#(?P<anchor>[\w-]+))?")
 # [text](target) in Markdown: relative link targets
@@ -196,7 +198,9 @@ class Checker:
                 if match.group("path") not in BRIEF_DOCUMENTS:
                     yield from self._resolve(problem, match.group("path"), match.group("anchor"))
             for match in _BARE_PAGE.finditer(line):
-                yield from self._resolve_page(problem, path, match.group("path"), match.group("anchor"))
+                yield from self._resolve_page(
+                    problem, path, match.group("path"), match.group("anchor")
+                )
             for match in _PRIVATE_MODULE.finditer(line):
                 module = match.group("module").replace(".", "/")
                 base = self.root / "kongtask" / module

@@ -64,7 +64,9 @@ def _write(root: Path, name: str, text: str) -> None:
 def test_planted_bad_references_are_caught(tmp_path: Path) -> None:
     brief = BRIEF_DOCUMENTS[0]
     _write(tmp_path, "README.md", "See docs/page.md and [the page](docs/page.md#a-heading).\n")
-    _write(tmp_path, "docs/page.md", "# Page\n\n## A heading\n\nSee other.md and [x](#a-heading).\n")
+    _write(
+        tmp_path, "docs/page.md", "# Page\n\n## A heading\n\nSee other.md and [x](#a-heading).\n"
+    )
     _write(tmp_path, "docs/other.md", "# Other\n\nBack to page.md#a-heading.\n")
     _write(tmp_path, "kongtask/_real.py", '"""Uses kongtask._real and docs/page.md#a-heading."""\n')
     _write(
