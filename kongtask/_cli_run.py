@@ -284,7 +284,7 @@ async def _demo_verb(args: argparse.Namespace) -> int:
     from .testing import provide_postgres
 
     print("Starting a throwaway PostgreSQL ...", flush=True)
-    # Blocking start (~1 s): nothing else runs yet, so the trio loop may wait for it.
+    # A blocking start: nothing else runs yet, so the trio loop may wait for it.
     with provide_postgres() as server:
         return await _demo(server.dsn, args.jobs_count, args.jobs)
 

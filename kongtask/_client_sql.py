@@ -81,10 +81,10 @@ select {JOB_COLUMNS_US} from {s}.add_job(
   priority => $7::int, flags => $8::text[], job_key_mode => $9::text
 ) as j""",
         # One JSON document for the whole batch: a single json.dumps in Python and one
-        # parse on the server. For 5,000 specs this took ~46 ms of client CPU against
-        # ~72 ms for asyncpg's per-field encoding of a `$1::job_spec[]` array, with
-        # the same wall time (the server's upserts dominate). Client CPU is the scarce
-        # resource under trio-asyncio (STACK.md P1).
+        # parse on the server cost less client CPU than asyncpg's per-field encoding of
+        # a `$1::job_spec[]` array, and client CPU is what trio-asyncio makes scarce
+        # (docs/design/stack.md#batch-or-lose; the figures:
+        # docs/performance.md#figures-behind-choices-in-the-code).
         add_jobs=f"""
 select {JOB_COLUMNS_US} from {s}.add_jobs(
   array(select spec from json_populate_recordset(null::{s}.job_spec, $1::json) as spec),
@@ -147,7 +147,8 @@ select pool_id,
   (select count(*) from jobs where jobs.locked_by = pool_id) as jobs,
   (select count(*) from queues where queues.locked_by = pool_id) as queues
 from unnest($1::text[]) as pool_id""",
-        # SCHEMA.md §8 Q5: `>=` so rows pushed past max_attempts by reschedule_jobs go too.
+        # `>=` (graphile-worker: `=`), so rows reschedule_jobs pushed past max_attempts go too:
+        # docs/design/database.md#permanently-failed-cleanup
         delete_permafailed_jobs=f"""
 delete from {s}._private_jobs
 where attempts >= max_attempts and locked_at is null""",

@@ -1,6 +1,7 @@
 """Recurring jobs: graphile-worker's crontab format and a scheduler that shares its protocol.
 
-Parsing follows SCHEMA.md §6.1-6.2, scheduling §6.3-6.4. Any number of kongtask and
+Parsing follows graphile-worker's crontab format (docs/cron.md), scheduling its protocol
+(docs/design/database.md#cron). Any number of kongtask and
 Node graphile-worker processes may run the same crontab against one database: each
 (identifier, minute) is claimed in ``known_crontabs`` by one statement that also adds
 the job, so exactly one job is made per item per minute.
@@ -846,7 +847,7 @@ async def _schedule_with_retry(pool: Any, sql: str, args: tuple[Any, ...]) -> li
 
 
 class CronScheduler:
-    """The scheduling loop of SCHEMA.md §6.4 over a :class:`CronBackend`.
+    """The scheduling loop (docs/design/database.md#cron) over a :class:`CronBackend`.
 
     ``wall_clock`` gives UTC time; trio time only measures the sleeps, which are derived
     from it. :func:`run_cron_scheduler` is the public entry point.

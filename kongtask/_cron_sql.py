@@ -1,4 +1,4 @@
-"""The SQL of the cron scheduler (SCHEMA.md §6.3-6.4).
+"""The SQL of the cron scheduler (docs/design/database.md#cron).
 
 The schema name goes in through :func:`~kongtask._config.quote_ident` only; every value
 is a bound parameter.

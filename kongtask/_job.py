@@ -112,8 +112,10 @@ class Job:
     # The worker builds thousands of jobs a second, most of which never look at their
     # payload or timestamps: so a job keeps its row (an immutable asyncpg Record, or a
     # dict of the plain columns) and decodes the rest on first access into `_cache`
-    # (indexed by _PAYLOAD ... _LOCKED_AT; _UNSET until decoded). A frozen dataclass
-    # cost ~5 us per job; an unset slot would cost ~0.8 us (an AttributeError) per read.
+    # (indexed by _PAYLOAD ... _LOCKED_AT; _UNSET until decoded). Not a frozen dataclass,
+    # whose construction costs more than the rest of the job's path, and not unset slots,
+    # whose first read raises and catches an AttributeError
+    # (docs/performance.md#figures-behind-choices-in-the-code).
     __slots__: tuple[str, ...] = ("_cache", "_row", "_task_identifier")
     __match_args__ = _FIELDS
 

@@ -1,6 +1,7 @@
 """Fast crash recovery: prove a kongtask pool dead and release its jobs at once.
 
-graphile-worker frees a crashed worker's jobs only after four hours (SCHEMA.md §5.7),
+graphile-worker frees a crashed worker's jobs only after four hours
+(docs/design/database.md#stale-locks-and-dead-pools),
 because it cannot tell a dead pool from one running a long job. kongtask pools can be
 told apart, with no schema change:
 
@@ -23,8 +24,9 @@ application that takes two-int advisory locks with the first key 1802464871. Suc
 can only make a dead pool look alive (its rows then keep the 4-hour rule) or make a new
 pool wait for its lock; it never makes a live pool look dead. The lock must live on a
 dedicated connection: asyncpg's pool runs ``pg_advisory_unlock_all()`` when a connection
-goes back to the pool, and the listener connection is never pooled (STACK.md P6). When
-the process dies, the server ends its sessions and the lock disappears with them.
+goes back to the pool, and the listener connection is never pooled
+(docs/design/stack.md#listen-needs-its-own-connection). When the process dies, the server
+ends its sessions and the lock disappears with them.
 
 **Provably dead** = the id has the marker and no session of this database holds or waits
 for its liveness lock. Every kongtask sweeper checks every few seconds
@@ -118,7 +120,7 @@ _HEX = frozenset("0123456789abcdef")
 
 
 def new_pool_id(*, once: bool = False, marked: bool = True) -> str:
-    """A new pool id in graphile-worker's format (SCHEMA.md §5.1).
+    """A new pool id in graphile-worker's format (docs/design/database.md#pool-ids).
 
     Args:
       once: a run-once pool (``otpool-`` prefix), as graphile-worker's ``--once``.

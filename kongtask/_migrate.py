@@ -1,7 +1,8 @@
 """Install and upgrade graphile-worker's schema (migrations 1..20), as graphile-worker does.
 
-The protocol (SCHEMA.md §4.1) matters as much as the SQL, because Node workers and other
-kongtask processes may migrate the same database at the same time:
+The protocol (docs/design/database.md#the-migrations-table) matters as much as the SQL,
+because Node workers and other kongtask processes may migrate the same database at the
+same time:
 
 - one startup query reads the server version and the highest (breaking) migration ids;
 - a missing ``migrations`` table or ``breaking`` column triggers a bootstrap, and a clash
@@ -11,7 +12,7 @@ kongtask processes may migrate the same database at the same time:
 - each transaction sends ``worker:migrate`` so running workers learn about breaking changes.
 
 All database work here is asyncio code on one asyncpg connection; the trio entry point
-:func:`migrate` crosses into asyncio once (STACK.md P2).
+:func:`migrate` crosses into asyncio once (docs/design/stack.md#one-crossing-per-unit-of-work).
 """
 
 from __future__ import annotations
@@ -447,8 +448,9 @@ async def check_schema(db: Database, schema: str | None = None) -> SchemaStatus:
 def migrate_sync(dsn: str, schema: str | None = None) -> None:
     """Blocking :func:`migrate` on a plain asyncio loop (for fixtures and scripts).
 
-    ``import trio_asyncio`` replaces asyncio's default loop (STACK.md P4), so this asks for
-    a real :class:`asyncio.SelectorEventLoop` explicitly.
+    ``import trio_asyncio`` replaces asyncio's default loop
+    (docs/design/stack.md#trio-asyncio-replaces-the-default-loop), so this asks for a real
+    :class:`asyncio.SelectorEventLoop` explicitly.
     """
     schema = resolve_schema(schema)
 

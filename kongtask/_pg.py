@@ -3,14 +3,15 @@
 Every unit of database work is an asyncio coroutine function called once through
 :meth:`Database.run`. Its cleanup (transaction rollback, connection release) then runs
 on the asyncio side, where a cancellation is delivered once instead of level-triggered
-(STACK.md P2), so a cancelled query never leaks a connection or a transaction.
+(docs/design/stack.md#one-crossing-per-unit-of-work), so a cancelled query never leaks a
+connection or a transaction.
 
 Pool connections come in two kinds on release. One that user code had
 (:meth:`Database.with_connection`) may carry session state (``SET``, ``LISTEN``,
 advisory locks, cursors) and gets asyncpg's full reset query, an extra round trip.
 One that only ran kongtask's own statements (:meth:`Database.with_own_connection`, the
 ``fetch*``/``execute`` shortcuts, ``pool.fetch``) carries none and goes straight back
-(STACK.md P7: the reset query made a single ``add_job`` ~0.4-0.6 ms slower). Either
+(the reset is one more round trip per release: docs/design/stack.md#the-pool-reset-query). Either
 way asyncpg first rolls back a transaction left open.
 """
 
@@ -69,7 +70,7 @@ async def _reset_pooled(conn: asyncpg.Connection) -> None:
 
 def _log_asyncio_exception(loop: object, context: Mapping[str, Any]) -> None:
     # trio-asyncio's default handler re-raises into open_loop's nursery and kills the
-    # program (STACK.md P3); an asyncio-side hiccup is worth a log line, not a crash.
+    # program; an asyncio-side hiccup is worth a log line, not a crash.
     log.error("asyncio: %s", context.get("message"), exc_info=context.get("exception"))
 
 
@@ -104,10 +105,10 @@ class Database:
         """Run asyncio ``fn(conn, *args)`` on a pooled connection lent to any code.
 
         The connection is acquired and released on the asyncio side, so a cancellation
-        cannot leak it (STACK.md P2). On release it gets asyncpg's full reset (advisory
-        unlock all, ``CLOSE ALL``, ``UNLISTEN *``, ``RESET ALL``), so session state set
-        by ``fn`` never reaches the next borrower. Temporary tables survive it, as
-        with asyncpg's default pool.
+        cannot leak it (docs/design/stack.md#one-crossing-per-unit-of-work). On release it
+        gets asyncpg's full reset (advisory unlock all, ``CLOSE ALL``, ``UNLISTEN *``,
+        ``RESET ALL``), so session state set by ``fn`` never reaches the next borrower.
+        Temporary tables survive it, as with asyncpg's default pool.
         """
 
         async def on_lent_connection() -> T:

@@ -1,4 +1,5 @@
-"""The worker's named queries (SCHEMA.md §5), formatted once per schema.
+"""The worker's named queries (docs/design/database.md#claiming and the sections after it),
+formatted once per schema.
 
 Each attribute of :class:`WorkerQueries` is one SQL statement with positional
 parameters. The schema name is the only thing spliced in, always through
@@ -10,7 +11,8 @@ and fail act only on rows still present or still ``locked_by`` the pool, and unl
 queue row only for jobs the very same statement touched.
 
 The ``claim_jobs`` … ``sweep_stale`` coroutines below are the asyncio side of each
-unit of work (STACK.md P2): call them through :meth:`kongtask._pg.Database.run`.
+unit of work (docs/design/stack.md#one-crossing-per-unit-of-work): call them through
+:meth:`kongtask._pg.Database.run`.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ import asyncpg
 from ._config import quote_ident
 from ._held import Snapshot
 
-#: Locks older than this are stale (hard-coded upstream, SCHEMA.md §5.7).
+#: Locks older than this are stale: graphile-worker's fixed rule, never shortened for rows
+#: that are not provably abandoned (docs/design/database.md#stale-locks-and-dead-pools).
 STALE_LOCK_INTERVAL = "4 hours"
 
 
 def _epoch_us_expr(column: str) -> str:
     """``j.<column>`` (timestamptz) as int8 microseconds since the Unix epoch.
 
-    asyncpg decodes an int8 several times faster than a timestamptz (~1 us per value);
+    asyncpg decodes an int8 several times faster than a timestamptz
+    (docs/design/stack.md#wide-rows-cost-decoding);
     :meth:`kongtask.Job.from_claim` turns it back into a datetime when it is read.
     ``extract`` is numeric on PostgreSQL 14+, so the value is exact (on 12 and 13 it is
     a float8, exact from 1898 to 2041). Values a Python datetime cannot hold (before
@@ -79,8 +83,9 @@ JOB_COLUMNS_US = f"""
     j.last_error, {_epoch_us("created_at")}, {_epoch_us("updated_at")},
     {_epoch_us("locked_at")}, j.locked_by, j.revision"""
 
-# Columns a claimed job brings back: what kongtask.Job.from_claim needs and nothing more
-# (decoding `returning *` cost ~11% in the prototype, STACK.md). `queue_name` comes from
+# Columns a claimed job brings back: what kongtask.Job.from_claim needs and nothing more,
+# because asyncpg decodes every column returned (docs/design/stack.md#wide-rows-cost-decoding).
+# `queue_name` comes from
 # the queue row the claim locks anyway, so no second lookup is needed.
 _CLAIM_RETURNING = f"{JOB_COLUMNS_US}, k.queue_name"
 
@@ -140,7 +145,7 @@ class WorkerQueries:
         jobs = f"{s}._private_jobs"
         queues = f"{s}._private_job_queues"
 
-        # Claim (SCHEMA.md §5.3). Steps:
+        # Claim (docs/design/database.md#claiming). Steps:
         # 1. Candidates, in two index-ordered scans, each at most $3 and row-locked with
         #    SKIP LOCKED so concurrent claimers never wait on each other:
         #    `queued` joins each job to its queue row and locks both (FOR UPDATE OF j, q),

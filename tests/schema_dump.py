@@ -1,4 +1,4 @@
-"""Comparable snapshots of a graphile-worker schema (SCHEMA.md §9.3).
+"""Comparable snapshots of a graphile-worker schema (docs/design/database.md#objects).
 
 Function bodies are masked: kongtask writes its own, and reading upstream's (an unmasked
 dump of an oracle database) is against the project's rules.

@@ -205,7 +205,7 @@ async def test_concurrent_adds_from_one_client(client: Client) -> None:
     assert {r["identifier"] for r in rows} == {"task0", "task1", "task2"}
 
 
-# --- job keys (SCHEMA.md §3.4, row by row) ---------------------------------------------
+# --- job keys (docs/design/database.md#job-keys, case by case) -------------------------
 
 
 @pytest.mark.parametrize("mode", ["replace", "preserve_run_at", "unsafe_dedupe", None])

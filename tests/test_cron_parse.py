@@ -1,4 +1,4 @@
-"""Crontab parsing and matching (SCHEMA.md §6.1-6.2), the job payload, and DST behaviour.
+"""Crontab parsing and matching (docs/cron.md), the job payload, and DST behaviour.
 
 Pure functions: no database, no clock. Cases are our own; graphile-worker's test names
 served only as a checklist of categories.

@@ -1,4 +1,4 @@
-"""The cron scheduler (SCHEMA.md §6.3-6.4).
+"""The cron scheduler (docs/design/database.md#cron).
 
 Test rules:
 

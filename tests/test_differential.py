@@ -1,4 +1,4 @@
-"""Differential tests (SCHEMA.md §9.3.4): kongtask's SQL functions against graphile-worker's.
+"""Differential tests: kongtask's SQL functions against graphile-worker's.
 
 Each scenario is a script of SQL statements. It runs once on a database migrated by
 graphile-worker 0.18.0 (npm) and once on a database migrated by kongtask; the transcripts
@@ -12,7 +12,8 @@ hand out different raw values; ``r`` in NOTIFY payloads is masked. Relabelling k
 more than blanking would: "updated_at changed to this step's now()" and "run_at kept
 the old value" stay visible.
 
-Where kongtask deliberately differs (SCHEMA.md §8: #580, Q5), the last tests assert the
+Where kongtask deliberately differs (docs/design/database.md#differences-from-graphile-worker:
+lost adds under key contention, the permanently failed cleanup), the last tests assert the
 documented difference instead of equality.
 """
 
@@ -141,7 +142,7 @@ MODES = ("replace", "preserve_run_at", "unsafe_dedupe")
 
 
 async def arrange_state(record: Recorder, key: str, state: str) -> None:
-    """A job with ``key`` in ``state`` (SCHEMA.md §3.4 rows), made through add_job."""
+    """A job with ``key`` in ``state`` (a case of docs/design/database.md#job-keys), via add_job."""
     if state == "none":
         return
     await record(
@@ -437,7 +438,7 @@ async def test_transcripts_are_not_vacuous(gw_clone_dsn: str) -> None:
     }
 
 
-# --- documented differences (SCHEMA.md §8) ------------------------------------------------------
+# --- documented differences (docs/design/database.md#differences-from-graphile-worker) ---------
 
 
 async def race_580(dsn: str) -> tuple[asyncpg.Record, list[asyncpg.Record]]:

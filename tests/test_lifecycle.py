@@ -96,8 +96,8 @@ def test_custom_schema_name(kongtask_database_factory: object) -> None:
 
 
 def reference_statements(schema: str) -> ProtocolStatements:
-    """The worker protocol written from SCHEMA.md §5 for these tests, independent of
-    ``kongtask._sql`` (which its owners keep improving), so that each fault below is
+    """The worker protocol (docs/design/database.md#claiming) written for these tests,
+    independent of ``kongtask._sql`` (which its owners keep improving), so that each fault below is
     exactly one change to a statement the machine accepts."""
     s = quote_ident(schema)
     now = "coalesce($5::timestamptz, now())"

@@ -16,8 +16,8 @@ S = "graphile_worker"
 
 
 async def test_claim_is_not_starved_by_a_row_locked_queue(db: Database) -> None:
-    """SCHEMA.md §5.3 step 1: a job whose queue row cannot be row-locked without waiting
-    is not a candidate. So while another claimer holds queue q1's row, a claim with
+    """A job whose queue row cannot be row-locked without waiting is not a candidate
+    (docs/design/database.md#claiming). So while another claimer holds queue q1's row, a claim with
     limit 1 must still take the free queue-less job, not come back empty.
     """
     q = WorkerQueries(S)

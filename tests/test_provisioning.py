@@ -61,7 +61,8 @@ def test_local_cluster_runs_unprivileged_and_is_deleted() -> None:
         mine = [p for p in data_dirs if (p / "data" / "postmaster.pid").exists()]
         root = next(p for p in mine if row["port"] in (p / "data" / "postmaster.pid").read_text())
         if os.geteuid() == 0:
-            assert (root / "data").stat().st_uid != 0  # initdb refuses root (STACK.md P12)
+            # initdb refuses root: docs/design/stack.md#postgresql-refuses-root
+            assert (root / "data").stat().st_uid != 0
     assert not root.exists()
     with pytest.raises(OSError):
         run_sync_sql(server.dsn, "select 1")

@@ -264,7 +264,8 @@ async def test_lock_wait_gives_up(ldb: Database) -> None:
         with pytest.raises(TimeoutError):
             await ldb.run(hold_liveness_lock, b, pool_id, wait=0.2)
         # No lock request stays queued on b (the server-side cancel lands a little
-        # later than the client's timeout: STACK.md P5), and b still works.
+        # later than the client's timeout:
+        # docs/design/stack.md#server-side-cancel-is-asynchronous), and b still works.
         await _poll(
             ldb,
             "select not exists (select 1 from pg_locks where pid = $1 and locktype = 'advisory')",

@@ -1,4 +1,6 @@
-"""kongtask's schema equals graphile-worker 0.18.0's, object for object (SCHEMA.md §9.3).
+"""kongtask's schema equals graphile-worker 0.18.0's, object for object.
+
+What is compared: docs/design/database.md#objects.
 
 Each test migrates a blank database with kongtask and compares it against one migrated by
 the real graphile-worker from npm: ``pg_dump`` output with function bodies masked, plus the
@@ -218,7 +220,7 @@ async def _run_scenarios(conn: asyncpg.Connection) -> list[Any]:
 async def test_function_behaviour_matches_graphile_worker_0_18_0(
     kongtask_dsn: str, scratch: ScratchDatabases, oracle_dbs: OracleDatabases
 ) -> None:
-    """Differential check of the SQL API on a fixture of job states (SCHEMA.md §9.3.4)."""
+    """Differential check of the SQL API on a fixture of job states."""
     gw_dsn = await oracle_dbs.clone(scratch)
     results = []
     for dsn in (kongtask_dsn, gw_dsn):

@@ -1,4 +1,4 @@
-"""Upgrading databases left by older graphile-worker releases (SCHEMA.md §9.4).
+"""Upgrading databases left by older graphile-worker releases.
 
 For each old release: migrate a blank database with it, seed jobs and crontab rows, then
 upgrade it with kongtask. The result must dump exactly like a fresh graphile-worker 0.18.0

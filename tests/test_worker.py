@@ -92,7 +92,8 @@ async def assert_clean(db: Database) -> None:
         )
         return n == 0
 
-    # the server reaps a closed session asynchronously (STACK.md P5)
+    # the server ends a closed session asynchronously
+    # (docs/design/stack.md#server-side-cancel-is-asynchronous)
     await wait_until(no_connections, limit=5)
 
 

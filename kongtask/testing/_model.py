@@ -1,7 +1,8 @@
 """The pure-Python model of a graphile-worker schema that the lifecycle machine checks.
 
-Each transition here is written from SCHEMA.md (§3 for the SQL functions, §5 for the
-worker protocol), never from upstream code. Given the transaction's ``now()``, the model
+Each transition here is written from the contract in docs/design/database.md (its "SQL
+functions" for the functions, "Claiming" and the sections after it for the worker
+protocol), never from upstream code. Given the transaction's ``now()``, the model
 predicts every column of every row exactly, except the few the specification leaves
 open (those are marked "adopted": the model takes the database's value).
 """

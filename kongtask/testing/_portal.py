@@ -1,7 +1,8 @@
 """One trio + trio-asyncio loop in a background thread, for synchronous test code.
 
 Hypothesis calls its rules synchronously and runs many examples; opening a loop and a
-connection per example costs ~12 ms (STACK.md P9). A :class:`Portal` opens the loop
+connection per example is slow (docs/design/stack.md#hypothesis-and-async-fixtures). A
+:class:`Portal` opens the loop
 and its connections once, and :meth:`Portal.run` calls an asyncio coroutine function
 on it from the calling thread: one thread hop and one asyncio crossing per call.
 """

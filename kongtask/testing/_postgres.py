@@ -304,7 +304,7 @@ def run_sync_sql(dsn: str, *statements: str) -> list[object]:
     """Run statements one by one on a fresh connection, from synchronous code.
 
     Uses a private selector loop, because importing trio_asyncio replaces asyncio's
-    default loop (STACK.md P4).
+    default loop (docs/design/stack.md#trio-asyncio-replaces-the-default-loop).
     """
     import asyncio
 

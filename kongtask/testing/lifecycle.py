@@ -26,8 +26,9 @@ Worker-level properties on real :func:`kongtask.open_worker` pools live here too
 :func:`open_worker_harness` and :func:`worker_scenarios`.
 
 Speed: the harness keeps one trio + trio-asyncio loop and its connections alive in a
-background thread for all examples (STACK.md P9); each step is one crossing into that
-loop, and examples are separated by deleting the schema's rows, not by reconnecting.
+background thread for all examples (docs/design/stack.md#hypothesis-and-async-fixtures);
+each step is one crossing into that loop, and examples are separated by deleting the
+schema's rows, not by reconnecting.
 
 Needs the ``testing`` extra (hypothesis).
 """
@@ -146,12 +147,12 @@ INVARIANTS: Mapping[str, str] = {
     "transaction holds (SKIP LOCKED).",
     "claim_progress_row_locked_queues": "As claim_progress, when other transactions hold "
     "queue rows: jobs whose queue row cannot be locked without waiting are not candidates "
-    "(SCHEMA.md §5.3 step 1), so they must not use up the limit.",
+    "(docs/design/database.md#claiming), so they must not use up the limit.",
     "claim_order": "Claims follow priority, then run_at, among the eligible jobs (the best "
     "job of each named queue).",
     "claim_progress": "A claim takes at most its limit; at least one job when one is eligible; "
     "and when the eligible jobs fit in the limit, every queue-less one and one per named queue.",
-    "job_key_modes": "key and revision follow SCHEMA.md §3.4 (replace, preserve_run_at, "
+    "job_key_modes": "key and revision follow the job key rules (replace, preserve_run_at, "
     "unsafe_dedupe; unavailable rows are retired); a key names at most one live row.",
     "payloads": "Payloads default to {}; on a key hit two arrays concatenate (batch jobs), "
     "else the new payload wins; a worker fail replaces it only with a given replacement.",
@@ -184,7 +185,7 @@ INVARIANTS: Mapping[str, str] = {
     "worker_outcomes": "(worker scenarios) A job whose handler returned is gone; one that "
     "raised is kept with attempts 1 and its message; one cancelled by the shutdown is kept "
     "with attempts 1 and the shutdown message; one never started is untouched.",
-    "sql_errors": "Statements fail exactly when SCHEMA.md §3.5 says (duplicate keys in one "
+    "sql_errors": "Statements fail exactly when the contract says (duplicate keys in one "
     "add_jobs: 21000; a key with an unknown job_key_mode: GWBKM), and never otherwise.",
 }
 
@@ -209,7 +210,10 @@ def _field_invariant(fields: Sequence[str]) -> str:
 
 
 class SchemaFlavour(enum.Enum):
-    """Who wrote the schema's function bodies; decides the rules of SCHEMA.md §8 that apply."""
+    """Who wrote the schema's function bodies; decides which documented differences apply.
+
+    See docs/design/database.md#differences-from-graphile-worker.
+    """
 
     #: Migrated by kongtask (migrations 1..20 with kongtask's own bodies).
     KONGTASK = "kongtask"
@@ -1472,8 +1476,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                         f"{job.sort_key()} waits",
                     )
         # Jobs that are eligible except that another transaction holds their queue row:
-        # SCHEMA.md §5.3 makes "can be row-locked without waiting" part of candidacy, so
-        # they must not use up the limit. Shortfalls they explain get their own name.
+        # "can be row-locked without waiting" is part of candidacy
+        # (docs/design/database.md#claiming), so they must not use up the limit. Shortfalls
+        # they explain get their own name.
         shadowed = [
             j.id
             for j in model.eligible(task_ids, forbidden, now, locked_jobs)
@@ -1574,8 +1579,9 @@ class LifecycleMachine(RuleBasedStateMachine):
     def zombie_finishes(self, which: int, picks: list[int], outcome: str) -> None:
         """A pool declared dead (force-unlocked, or crashed) finishes some jobs late.
 
-        Its statements must act only as SCHEMA.md §5 allows: complete deletes by id
-        (no ``locked_by`` check), fail and return touch only rows still locked by it, and
+        Its statements must act only as the protocol allows
+        (docs/design/database.md#completing-and-failing): complete deletes by id (no
+        ``locked_by`` check), fail and return touch only rows still locked by it, and
         no queue row another pool holds is unlocked.
         """
         zombies = [z for z in self.model.zombies if z.held]
