@@ -22,6 +22,7 @@ import sys
 import time
 from contextlib import ExitStack
 
+from kongtask._migrate import migrate_sync
 from kongtask.testing import provide_postgres, run_sync_sql
 from kongtask.testing.lifecycle import (
     INVARIANTS,
@@ -32,6 +33,7 @@ from kongtask.testing.lifecycle import (
     open_lifecycle_harness,
     run_lifecycle_machine,
 )
+from kongtask.testing.lifecycle._runner import refuse_if_workers_listen
 
 STEP_PROFILES = (10, 20, 30, 50)
 
@@ -60,11 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             schema = args.schema or "graphile_worker"
             flavour = detect_flavour(dsn, schema)
         else:
-            from kongtask._migrate import migrate_sync
-            from kongtask.testing.lifecycle import _refuse_if_workers_listen
-
             schema = args.schema or f"kongtask_soak_{master:08x}"
-            _refuse_if_workers_listen(dsn)  # the migration notifies worker:migrate
+            refuse_if_workers_listen(dsn)  # the migration notifies worker:migrate
             migrate_sync(dsn, schema)
             stack.callback(run_sync_sql, dsn, f'drop schema if exists "{schema}" cascade')
             flavour = SchemaFlavour.KONGTASK

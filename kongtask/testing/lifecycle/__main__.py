@@ -1,0 +1,7 @@
+"""``python -m kongtask.testing.lifecycle``: see :func:`kongtask.testing.lifecycle.main`."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())
