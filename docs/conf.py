@@ -40,6 +40,8 @@ nitpick_ignore_regex = [
     # type variables, aliases and private helpers named in signatures: annotations are
     # strings (``from __future__ import annotations``) that Sphinx cannot always resolve
     ("py:.*", r"~?(\w+|kongtask\..*\.(P|T|_[A-Za-z]\w*))"),
+    # names defined in private modules (a package's parts behind its public face)
+    ("py:.*", r"~?kongtask\.(\w+\.)*_[a-z]\w*\.\w+"),
 ]
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3

@@ -35,6 +35,9 @@ Needs the ``testing`` extra (hypothesis).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .._model import InvariantViolation, Spec
 from .._worker_props import (
     ScenarioJob,
@@ -44,18 +47,14 @@ from .._worker_props import (
     open_worker_harness,
     worker_scenarios,
 )
+from . import _invariants, _strategies
 from ._cli import main
 from ._harness import LifecycleHarness, open_lifecycle_harness
-from ._invariants import INVARIANTS, SchemaFlavour
+from ._invariants import SchemaFlavour
 from ._machine import LifecycleMachine, lifecycle_machine, lifecycle_settings, run_lifecycle_machine
 from ._runner import LifecycleReport, describe_failure, detect_flavour, run_lifecycle
 from ._statements import ProtocolStatements
 from ._strategies import (
-    JOB_KEY_MODES,
-    KEYS,
-    PAYLOAD_SAMPLES,
-    QUEUES,
-    TASKS,
     JobTemplate,
     flag_lists,
     job_key_modes,
@@ -68,6 +67,25 @@ from ._strategies import (
     run_at_offsets,
     task_identifiers,
 )
+
+# The constants are documented here, where the reference (docs/api.md) finds them.
+
+#: Every invariant the machine checks, by the name :class:`InvariantViolation` reports.
+INVARIANTS: Mapping[str, str] = _invariants.INVARIANTS
+#: Task identifiers the strategies use. All but the last are registered when an example
+#: starts; ``task_late`` only when the ``register_tasks`` rule asks for it.
+TASKS: tuple[str, ...] = _strategies.TASKS
+#: Queue names the strategies use.
+QUEUES: tuple[str, ...] = _strategies.QUEUES
+#: Job keys the strategies use (few, so that keys collide often).
+KEYS: tuple[str, ...] = _strategies.KEYS
+#: ``job_key_mode`` values: ``"<default>"`` leaves the argument out; ``"bogus"`` must raise
+#: GWBKM.
+JOB_KEY_MODES: tuple[str | None, ...] = _strategies.JOB_KEY_MODES
+#: Payloads the strategies pick from: objects, nesting, unicode, scalars, and arrays
+#: (batch jobs). No floats (their text round trip through jsonb is not what is being
+#: tested), no NUL characters and no lone surrogates (jsonb rejects both).
+PAYLOAD_SAMPLES: tuple[Any, ...] = _strategies.PAYLOAD_SAMPLES
 
 __all__ = [
     "INVARIANTS",

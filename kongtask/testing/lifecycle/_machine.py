@@ -92,8 +92,3 @@ def run_lifecycle_machine(
     run_state_machine_as_test(
         machine, settings=settings_ or lifecycle_settings(examples, steps=steps)
     )
-
-
-# --------------------------------------------------------------------------------------
-# The runner
-# --------------------------------------------------------------------------------------

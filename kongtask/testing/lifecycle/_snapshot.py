@@ -105,8 +105,3 @@ def diff_job(job: MJob, row: Mapping[str, Any], run_at_tolerance: timedelta) -> 
 def describe_diff(job: MJob, row: Mapping[str, Any], fields: Sequence[str]) -> str:
     parts = [f"{f}: model {getattr(job, f)!r}, database {row[f]!r}" for f in fields]
     return f"job {job.id}: " + "; ".join(parts)
-
-
-# --------------------------------------------------------------------------------------
-# The harness and the machine
-# --------------------------------------------------------------------------------------

@@ -154,11 +154,6 @@ class MachineStatements:
         return f"select now(), (select coalesce(json_agg(r), '[]') from {call} r)::text"
 
 
-# --------------------------------------------------------------------------------------
-# One step on the database: one crossing into the loop
-# --------------------------------------------------------------------------------------
-
-
 def spec_json(spec: Spec) -> dict[str, Any]:
     out: dict[str, Any] = {"identifier": spec.identifier}
     if spec.payload is not None:

@@ -14,6 +14,8 @@ from ._statements import MachineStatements
 
 @dataclass
 class StepResult:
+    """What one step brought back: its result or error, its notifications, the snapshot."""
+
     now: datetime | None  # the step's now(), when it returns it
     value: Any  # "fused"/"fn": the JSON text; "stmt": a list of row dicts
     error: tuple[str, str] | None  # (sqlstate, message)
@@ -76,7 +78,3 @@ async def reset_rows(
 
 async def fetchval(conns: Connections, query: str) -> Any:
     return await conns.actor.fetchval(query)
-
-
-# --------------------------------------------------------------------------------------
-# Reading the database's state

@@ -164,11 +164,6 @@ def job_templates() -> st.SearchStrategy[JobTemplate]:
     )
 
 
-# --------------------------------------------------------------------------------------
-# Statements
-# --------------------------------------------------------------------------------------
-
-
 # Rules draw indices from these strategies, built once: a strategy built inside a rule
 # (``st.sampled_from(current_ids)``) costs hypothesis a validation on every draw.
 PICK = st.lists(st.integers(0, 15), max_size=4)
