@@ -1,21 +1,12 @@
 """Helpers shared by the worker tests (not a test module).
 
-``worker_dsn``: a fresh database with the graphile-worker 0.18 schema, migrated by kongtask
-(the tests that need graphile-worker's own migration use the ``gw_*`` fixtures).
+The fixtures (``worker_dsn``, ``tdb``, the ``gw_*`` ones) live in conftest.py.
 """
 
 from __future__ import annotations
 
-import pytest
-
 from kongtask._pg import Database
 from kongtask._sql import WorkerQueries
-
-
-@pytest.fixture
-def worker_dsn(kongtask_dsn: str) -> str:
-    """A fresh database migrated by kongtask (the graphile-worker 0.18 schema)."""
-    return kongtask_dsn
 
 
 async def add_job_row(db: Database, task: str, payload: str = "{}", **kw: object) -> int:

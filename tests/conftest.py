@@ -3,17 +3,26 @@
 - Every test talks to a real PostgreSQL (the ``kongtask`` pytest plugin provides it).
 - No sleeps to wait for a result: wait on an event or poll with an absolute ``fail_after``.
 - Time logic that does not wait on the database uses ``autojump_clock``.
+- A fixture used by more than one module is defined once, here, and never imported from
+  a helper module; a test module defines only fixtures of its own (such as each producer
+  module's ``driver``, which the shared producer scenarios run against).
 """
 
 from __future__ import annotations
 
+import os
 import signal
-from collections.abc import AsyncIterator, Generator
+import uuid
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 
 import pytest
 from hypothesis import settings
+from oracle import UNAVAILABLE, oracle_migrate, require_oracle
+from schema_dump import OracleDatabases, ScratchDatabases
 
+from kongtask._config import quote_ident
 from kongtask._pg import Database, open_database
+from kongtask.testing import PostgresServer, run_sync_sql
 
 # Hypothesis tiers. "fixed" (the default): derandomized, so every run of the suite replays
 # the same examples and a failure reproduces as it is. "ci" (--hypothesis-profile=ci with
@@ -41,13 +50,88 @@ async def db(kongtask_dsn: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-def gw_dsn(kongtask_database_factory: object) -> str:
-    """A fresh database migrated by the real graphile-worker 0.18.0 (npm)."""
-    from oracle import oracle_migrate, require_oracle
+def worker_dsn(kongtask_dsn: str) -> str:
+    """A fresh database migrated by kongtask (the graphile-worker 0.18 schema)."""
+    return kongtask_dsn
 
+
+@pytest.fixture
+async def tdb(worker_dsn: str) -> AsyncIterator[Database]:
+    """The test's own :class:`Database` on ``worker_dsn``. Its connections carry another
+    application_name than kongtask's, so that "no kongtask connection left" can be checked
+    through them."""
+    async with open_database(
+        worker_dsn, server_settings={"application_name": "kongtask-test"}
+    ) as database:
+        yield database
+
+
+@pytest.fixture
+def second_dsn(kongtask_database_factory: Callable[..., str]) -> str:
+    """Another fresh database migrated by kongtask (made outside the test's trio run)."""
+    return kongtask_database_factory()
+
+
+@pytest.fixture
+async def appdb(kongtask_dsn: str) -> AsyncIterator[Database]:
+    """The test's own view of the database, with an application table ``orders`` (the
+    producer tests' business writes)."""
+    async with open_database(kongtask_dsn) as database:
+        await database.execute("create table orders (id int primary key)")
+        yield database
+
+
+@pytest.fixture(scope="session")
+def gw_template(kongtask_server: PostgresServer) -> Iterator[str]:
+    """A database graphile-worker 0.18.0 (npm) migrated, used only as a template: cloning it
+    is much faster than running npm's CLI per test."""
     require_oracle("0.18.0")
-    dsn: str = kongtask_database_factory(migrated=False)  # type: ignore[operator]
-    oracle_migrate(dsn, version="0.18.0")
+    name = f"gw_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    run_sync_sql(kongtask_server.dsn, f"create database {quote_ident(name)}")
+    try:
+        oracle_migrate(kongtask_server.dsn_for(name), version="0.18.0")
+        yield name
+    finally:
+        run_sync_sql(
+            kongtask_server.dsn, f"drop database if exists {quote_ident(name)} with (force)"
+        )
+
+
+@pytest.fixture
+def gw_database_factory(
+    kongtask_server: PostgresServer, gw_template: str
+) -> Iterator[Callable[[], str]]:
+    """Call it for a fresh database migrated by graphile-worker 0.18.0 (a clone of
+    ``gw_template``); each is dropped after the test."""
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"gw_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        run_sync_sql(
+            kongtask_server.dsn,
+            f"create database {quote_ident(name)} template {quote_ident(gw_template)}",
+        )
+        names.append(name)
+        return kongtask_server.dsn_for(name)
+
+    yield make
+    for name in names:
+        run_sync_sql(
+            kongtask_server.dsn, f"drop database if exists {quote_ident(name)} with (force)"
+        )
+
+
+@pytest.fixture
+def gw_dsn(gw_database_factory: Callable[[], str]) -> str:
+    """A fresh database migrated by the real graphile-worker 0.18.0 (npm)."""
+    return gw_database_factory()
+
+
+@pytest.fixture(params=["graphile-worker", "kongtask"])
+def any_dsn(request: pytest.FixtureRequest) -> str:
+    """Run the test on a graphile-worker-migrated and on a kongtask-migrated database."""
+    name = "gw_dsn" if request.param == "graphile-worker" else "kongtask_dsn"
+    dsn: str = request.getfixturevalue(name)
     return dsn
 
 
@@ -56,6 +140,22 @@ async def gw_db(gw_dsn: str) -> AsyncIterator[Database]:
     """An open :class:`Database` on a database migrated by graphile-worker 0.18.0."""
     async with open_database(gw_dsn) as database:
         yield database
+
+
+@pytest.fixture
+def scratch(kongtask_server: PostgresServer) -> Iterator[ScratchDatabases]:
+    """Databases for one test, dropped afterwards."""
+    dbs = ScratchDatabases(kongtask_server)
+    yield dbs
+    dbs.drop_all()
+
+
+@pytest.fixture(scope="session")
+def oracle_dbs(kongtask_server: PostgresServer) -> Iterator[OracleDatabases]:
+    """graphile-worker 0.18.0 databases shared by the session (read or clone them only)."""
+    dbs = ScratchDatabases(kongtask_server)
+    yield OracleDatabases(dbs)
+    dbs.drop_all()
 
 
 def _skip_reasons(exc: BaseException) -> list[str]:
@@ -87,8 +187,6 @@ def pytest_runtest_makereport(
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """One line saying how many compatibility tests did not run (their tool is missing)."""
-    from oracle import UNAVAILABLE
-
     skipped = [
         report
         for report in terminalreporter.stats.get("skipped", [])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -22,15 +22,13 @@ import trio
 import kongtask
 import kongtask.aio
 from kongtask import ConfigError, Job, JobSpec, KongtaskError
-from kongtask._pg import Database, open_database
+from kongtask._pg import Database
 
 T = TypeVar("T")
 S = "graphile_worker"
 
 # what a driver's test module takes with `from producer_scenarios import *`
 __all__ = [
-    "appdb",
-    "second_dsn",
     "test_a_failed_enqueue_aborts_the_transaction",
     "test_a_savepoint_keeps_the_transaction_after_a_failed_enqueue",
     "test_bad_arguments_fail_as_in_the_trio_client_before_anything_is_sent",
@@ -67,14 +65,6 @@ async def in_thread(driver: Driver, dsn: str, body: Callable[[Tx], T], commit: b
     return await trio.to_thread.run_sync(lambda: driver.transaction(dsn, body, commit=commit))
 
 
-@pytest.fixture
-async def appdb(kongtask_dsn: str) -> AsyncIterator[Database]:
-    """The test's own view of the database, with an application table ``orders``."""
-    async with open_database(kongtask_dsn) as db:
-        await db.execute("create table orders (id int primary key)")
-        yield db
-
-
 async def count(db: Database, table: str) -> int:
     return int(await db.fetchval(f"select count(*) from {table}"))
 
@@ -90,7 +80,9 @@ async def wait_until(pred: Callable[[], object], limit: float = 10) -> None:
 # --- the scenarios ------------------------------------------------------------------------
 
 
-async def test_rolled_back_jobs_never_exist(driver: Driver, appdb: Database, kongtask_dsn: str):
+async def test_rolled_back_jobs_never_exist(
+    driver: Driver, appdb: Database, kongtask_dsn: str
+) -> None:
     def body(tx: Tx) -> None:
         tx.execute("insert into orders values (1)")
         tx.add_job("t", {"n": 1})
@@ -101,7 +93,9 @@ async def test_rolled_back_jobs_never_exist(driver: Driver, appdb: Database, kon
     assert await count(appdb, "orders") == 0
 
 
-async def test_commit_wakes_an_idle_pool(driver: Driver, appdb: Database, kongtask_dsn: str):
+async def test_commit_wakes_an_idle_pool(
+    driver: Driver, appdb: Database, kongtask_dsn: str
+) -> None:
     seen: list[object] = []
     all_seen = trio.Event()
 
@@ -152,6 +146,16 @@ def _script(add_job: Callable[..., Any], add_jobs: Callable[..., Any]) -> list[o
     ]
 
 
+def _job(result: object) -> Job:
+    assert isinstance(result, Job), result
+    return result
+
+
+def _batch(result: object) -> list[Job]:
+    assert isinstance(result, list), result
+    return [_job(job) for job in result]
+
+
 def _shape(result: object) -> object:
     """A job without what differs between two databases (creation times)."""
     if isinstance(result, list):  # a batch comes back in the specs' order
@@ -174,15 +178,9 @@ def _shape(result: object) -> object:
     )
 
 
-@pytest.fixture
-def second_dsn(kongtask_database_factory: Callable[..., str]) -> str:
-    """Another fresh migrated database (made outside the test's trio run)."""
-    return kongtask_database_factory()
-
-
 async def test_job_keys_and_batches_as_the_trio_client(
     driver: Driver, kongtask_dsn: str, second_dsn: str
-):
+) -> None:
     producer_dsn, client_dsn = kongtask_dsn, second_dsn
     got = await in_thread(driver, producer_dsn, lambda tx: _script(tx.add_job, tx.add_jobs))
 
@@ -196,20 +194,21 @@ async def test_job_keys_and_batches_as_the_trio_client(
 
     assert [_shape(r) for r in got] == [_shape(r) for r in expected]
     # and the absolute facts, in case both were wrong alike
-    first, replaced, preserved, deduped = got[:4]
+    first, replaced, preserved, deduped = map(_job, got[:4])
     assert (replaced.payload, replaced.run_at, replaced.revision) == ({"v": 2}, T2, 1)
     assert (preserved.payload, preserved.run_at, preserved.revision) == ({"v": 3}, T2, 2)
     assert (deduped.task_identifier, deduped.payload) == ("a", {"v": 3})
     assert first.id == replaced.id == preserved.id == deduped.id
-    new1, new2 = got[4:6]
+    new1, new2 = map(_job, got[4:6])
     assert (new1.task_identifier, new1.queue_name, new1.flags) == (
         "new_task",
         "new_queue",
         frozenset({"f"}),
     )
     assert (new2.payload, new2.max_attempts, new2.priority) == ([1], 3, 0)
-    assert [job.payload for job in got[6]] == [{"v": 5}, "x", {}]
-    batch = {job.key or job.payload: job for job in got[6]}
+    batch_jobs = _batch(got[6])
+    assert [job.payload for job in batch_jobs] == [{"v": 5}, "x", {}]
+    batch = {job.key or job.payload: job for job in batch_jobs}
     assert (batch["K"].run_at, batch["K"].payload) == (T2, {"v": 5})
     assert (batch["x"].queue_name, batch["x"].flags) == ("q2", frozenset({"g", "h"}))
     assert got[7] == []
@@ -234,7 +233,7 @@ def _bad_calls() -> Iterator[tuple[str, tuple[Any, ...], dict[str, Any]]]:
 
 async def test_bad_arguments_fail_as_in_the_trio_client_before_anything_is_sent(
     driver: Driver, appdb: Database, kongtask_dsn: str
-):
+) -> None:
     expected: list[str] = []
     async with kongtask.open_client(kongtask_dsn) as client:
         for name, args, kwargs in _bad_calls():
@@ -262,7 +261,7 @@ async def test_bad_arguments_fail_as_in_the_trio_client_before_anything_is_sent(
 
 async def test_a_failed_enqueue_aborts_the_transaction(
     driver: Driver, appdb: Database, kongtask_dsn: str
-):
+) -> None:
     def body(tx: Tx) -> None:
         tx.execute("insert into orders values (1)")
         with pytest.raises(KongtaskError, match="schema 'nope' is not installed"):
@@ -278,7 +277,7 @@ async def test_a_failed_enqueue_aborts_the_transaction(
 
 async def test_a_savepoint_keeps_the_transaction_after_a_failed_enqueue(
     driver: Driver, appdb: Database, kongtask_dsn: str
-):
+) -> None:
     def body(tx: Tx) -> None:
         tx.execute("insert into orders values (1)")
         with pytest.raises(KongtaskError, match="schema 'nope' is not installed"), tx.savepoint():
@@ -292,7 +291,7 @@ async def test_a_savepoint_keeps_the_transaction_after_a_failed_enqueue(
     assert payload == '{"after":"savepoint"}'
 
 
-async def test_typed_task_definitions(driver: Driver, kongtask_dsn: str):
+async def test_typed_task_definitions(driver: Driver, kongtask_dsn: str) -> None:
     from typed_tasks import Resize, resize, send_email
 
     def body(tx: Tx) -> list[Job]:

@@ -11,11 +11,9 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
-import pytest
 import trio
 from oracle import oracle_migrate, require_oracle, skip_or_fail
 
@@ -191,22 +189,6 @@ class OracleDatabases:
     async def clone(self, scratch: ScratchDatabases, schema: str = "graphile_worker") -> str:
         """A database of the caller's own, migrated by graphile-worker 0.18.0."""
         return await scratch.create(template=(await self.get(schema))[0])
-
-
-@pytest.fixture(name="scratch")
-def scratch_fixture(kongtask_server: PostgresServer) -> Iterator[ScratchDatabases]:
-    """Databases for one test, dropped afterwards."""
-    dbs = ScratchDatabases(kongtask_server)
-    yield dbs
-    dbs.drop_all()
-
-
-@pytest.fixture(name="oracle_dbs", scope="session")
-def oracle_dbs_fixture(kongtask_server: PostgresServer) -> Iterator[OracleDatabases]:
-    """graphile-worker 0.18.0 databases shared by the session (read or clone them only)."""
-    dbs = ScratchDatabases(kongtask_server)
-    yield OracleDatabases(dbs)
-    dbs.drop_all()
 
 
 async def snapshot(dsn: str, schema: str) -> Snapshot:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,9 @@ async def test_length_limits(db: Database, field: str, limit: int) -> None:
     for length in (limit + 1, limit * 4):
         with pytest.raises(ConfigError, match=str(limit)):
             await client.add_jobs([spec(length)])
+        too_long: dict[str, Any] = {"payload": {}, "identifier": "t", field: "k" * length}
         with pytest.raises(ConfigError, match=str(limit)):
-            await client.add_job(**{"payload": {}, "identifier": "t", field: "k" * length})
+            await client.add_job(**too_long)
     # Multi-byte characters count as characters, as in PostgreSQL's length().
     wide: dict[str, Any] = {"identifier": "t", "payload": {}}
     wide[field] = "é" * limit
@@ -528,7 +530,11 @@ async def test_handler_calling_sys_exit_fails_only_its_job(kongtask_dsn: str, db
         (await client.add_job("exits_in_thread", {}, max_attempts=1)).id,
     ]
     recorder = Recorder(1)
-    tasks = {"exits": exits, "exits_in_thread": exits_in_thread, "ok": recorder}
+    tasks: dict[str, Callable[..., Any]] = {
+        "exits": exits,
+        "exits_in_thread": exits_in_thread,
+        "ok": recorder,
+    }
     async with open_worker(kongtask_dsn, tasks, concurrency=2, poll_interval=0.2):
         with trio.fail_after(20):
             while True:

@@ -33,6 +33,12 @@ S = "graphile_worker"
 J = f"{S}._private_jobs"
 
 
+def _job_ids(event: kongtask.Event) -> list[int]:
+    ids = event["job_ids"]
+    assert isinstance(ids, list | tuple), event
+    return [int(i) for i in ids]
+
+
 def _via(dsn: str, port: int) -> str:
     url = urlsplit(dsn)
     return urlunsplit(url._replace(netloc=f"{url.username or 'postgres'}@127.0.0.1:{port}"))
@@ -235,5 +241,5 @@ async def test_the_jobs_of_a_claim_whose_reply_is_lost_are_returned(kongtask_dsn
         await _assert_nothing_lost(db, runs, 5)
     assert runs.names("worker:getJob:error")
     lost = [e for e in runs.names("job:returned") if e["reason"] == "lost claim"]
-    assert [sorted(e["job_ids"]) for e in lost] == [claimed]  # type: ignore[type-var]
+    assert [sorted(_job_ids(e)) for e in lost] == [claimed]
     assert max(runs.count.values()) == 1  # returned unstarted: none ran twice

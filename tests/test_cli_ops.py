@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _worker_helpers import worker_dsn as worker_dsn
 from test_cli_run import kongtask_argv
 from test_worker import wait_until
 

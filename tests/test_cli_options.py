@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
-from _worker_helpers import worker_dsn as worker_dsn
 from test_cli_run import kongtask_argv
 from test_worker import wait_until
 
@@ -41,14 +39,6 @@ async def report(job, ctx):
 
 tasks = {"report": report}
 """
-
-
-@pytest.fixture
-async def tdb(worker_dsn: str) -> AsyncIterator[Database]:
-    async with open_database(
-        worker_dsn, server_settings={"application_name": "kongtask-test"}
-    ) as d:
-        yield d
 
 
 @pytest.fixture

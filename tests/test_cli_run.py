@@ -9,16 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
-from _worker_helpers import worker_dsn as worker_dsn
 from test_worker import assert_clean, wait_until
 
 from kongtask._cli_run import load_task_directory
-from kongtask._pg import Database, open_database
+from kongtask._pg import Database
 from kongtask.testing import PostgresServer, run_sync_sql
 
 S = "graphile_worker"
@@ -44,13 +42,6 @@ async def mark(conn):
 
 tasks = {"hello": hello, "forever": forever}
 """
-
-
-@pytest.fixture
-async def tdb(worker_dsn: str) -> AsyncIterator[Database]:
-    settings = {"application_name": "kongtask-test"}
-    async with open_database(worker_dsn, server_settings=settings) as d:
-        yield d
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import trio
 from _cli_helpers import cli_status
-from _worker_helpers import worker_dsn as worker_dsn
 
 import kongtask
 

@@ -6,8 +6,6 @@ the ``any_dsn`` fixture. Database state is checked with SQL, not only through th
 No sleeps: concurrency is sequenced by waiting for observable lock waits.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from client_support are test arguments)
-
 from __future__ import annotations
 
 import json
@@ -19,13 +17,9 @@ from typing import Any
 import pytest
 import trio
 from _cli_helpers import cli_status
-from client_support import (  # the fixtures are used as test arguments
-    any_dsn,  # noqa: F401
+from client_support import (
     capture_notifications,
     counts,
-    gw_clone_dsn,  # noqa: F401
-    gw_template,  # noqa: F401
-    kongtask_migrated_dsn,  # noqa: F401
     wait_until_blocked_on_lock,
 )
 
@@ -46,9 +40,9 @@ async def client(any_dsn: str) -> AsyncIterator[Client]:
 
 
 @pytest.fixture
-async def kt_client(kongtask_migrated_dsn: str) -> AsyncIterator[Client]:
+async def kt_client(kongtask_dsn: str) -> AsyncIterator[Client]:
     """For checks that happen before anything is sent: one schema flavour is enough."""
-    async with kongtask.open_client(kongtask_migrated_dsn) as c:
+    async with kongtask.open_client(kongtask_dsn) as c:
         yield c
 
 
@@ -734,7 +728,8 @@ async def test_force_unlock_workers(client: Client) -> None:
     assert (rows[a.id]["locked_by"], rows[c.id]["locked_at"]) == (None, None)
     assert rows[b.id]["locked_by"] == "pool-alive"
     assert rows[a.id]["attempts"] == 1  # the interrupted attempt counts
-    queues = dict(await db.fetch(f"select queue_name, locked_by from {S}._private_job_queues"))
+    queue_rows = await db.fetch(f"select queue_name, locked_by from {S}._private_job_queues")
+    queues = {r["queue_name"]: r["locked_by"] for r in queue_rows}
     assert queues == {"qa": None, "qb": "pool-alive"}
     assert await client.force_unlock_workers([]) == {}
     with pytest.raises(ConfigError, match="not a single string"):
@@ -912,19 +907,19 @@ async def test_cli_add(any_dsn: str, capsys: pytest.CaptureFixture[str]) -> None
     ],
 )
 async def test_cli_add_bad_input_is_one_line(
-    kongtask_migrated_dsn: str,
+    kongtask_dsn: str,
     capsys: pytest.CaptureFixture[str],
     argv_tail: list[str],
     message: str,
 ) -> None:
-    code = await cli_status(["add", "-c", kongtask_migrated_dsn, *argv_tail])
+    code = await cli_status(["add", "-c", kongtask_dsn, *argv_tail])
     out, err = capsys.readouterr()
     assert code == 1
     assert out == ""
     assert err.startswith("kongtask: ")
     assert message in err
     assert err.count("\n") == 1
-    async with kongtask.open_client(kongtask_migrated_dsn) as c:
+    async with kongtask.open_client(kongtask_dsn) as c:
         assert await count_jobs(c) == 0
 
 

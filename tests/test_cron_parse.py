@@ -17,8 +17,10 @@ from kongtask import CronItem, CrontabError, crontab
 from kongtask._cron import format_fill, format_ts, js_json, parse_fill
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def one(line: str) -> CronItem:

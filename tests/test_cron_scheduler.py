@@ -42,8 +42,10 @@ MINUTE = timedelta(minutes=1)
 T0 = datetime(2026, 1, 31, 3, 59, 30, 500000, tzinfo=UTC)  # 29.5 s before 04:00
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 class FakeWallClock:
@@ -462,7 +464,7 @@ async def test_three_pools_share_a_crontab_and_a_backfill_window(
     rows = [dict(r) for r in await db.fetch(JOBS_SQL)]
     by_task: dict[str, list[datetime]] = {}
     for r in rows:
-        by_task.setdefault(str(r["task"]), []).append(r["run_at"])  # type: ignore[arg-type]
+        by_task.setdefault(str(r["task"]), []).append(r["run_at"])
     for task, stamps in by_task.items():
         assert len(stamps) == len(set(stamps)), f"duplicate jobs for {task}"
     assert {task: sorted(stamps) for task, stamps in by_task.items()} == {
@@ -470,7 +472,7 @@ async def test_three_pools_share_a_crontab_and_a_backfill_window(
     }
     for r in rows:
         payload = json.loads(str(r["payload"]))
-        ts: datetime = r["run_at"]  # type: ignore[assignment]
+        ts: datetime = r["run_at"]
         assert payload["_cron"] == {"ts": format_ts(ts), "backfilled": ts < live}
     recent = next(r for r in rows if r["task"] == "recent")
     assert (recent["queue_name"], recent["max_attempts"], recent["priority"]) == ("rq", 3, -1)
@@ -517,14 +519,9 @@ async def test_registration_marks_new_identifiers_without_backfill(db: Database)
 
 
 @pytest.fixture
-def second_gw_dsn(kongtask_database_factory: Callable[..., str]) -> str:
+def second_gw_dsn(gw_database_factory: Callable[[], str]) -> str:
     """Another database migrated by graphile-worker 0.18.0 (made outside trio)."""
-    from oracle import oracle_migrate, require_oracle
-
-    require_oracle("0.18.0")
-    dsn = kongtask_database_factory(migrated=False)
-    oracle_migrate(dsn, version="0.18.0")
-    return dsn
+    return gw_database_factory()
 
 
 @pytest.mark.oracle

@@ -17,8 +17,6 @@ lost adds under key contention, the permanently failed cleanup), the last tests 
 documented difference instead of equality.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from client_support are test arguments)
-
 from __future__ import annotations
 
 import json
@@ -33,11 +31,8 @@ from typing import Any
 import asyncpg
 import pytest
 import trio
-from client_support import (  # the fixtures are used as test arguments
+from client_support import (
     capture_notifications,
-    gw_clone_dsn,  # noqa: F401
-    gw_template,  # noqa: F401
-    kongtask_migrated_dsn,  # noqa: F401
     wait_until_blocked_on_lock,
 )
 from oracle import skip_or_fail
@@ -411,15 +406,15 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
-async def test_same_behaviour(name: str, gw_clone_dsn: str, kongtask_migrated_dsn: str) -> None:
-    gw = await run_scenario(gw_clone_dsn, SCENARIOS[name])
-    kt = await run_scenario(kongtask_migrated_dsn, SCENARIOS[name])
+async def test_same_behaviour(name: str, gw_dsn: str, kongtask_dsn: str) -> None:
+    gw = await run_scenario(gw_dsn, SCENARIOS[name])
+    kt = await run_scenario(kongtask_dsn, SCENARIOS[name])
     assert_same(gw, kt)
 
 
-async def test_transcripts_are_not_vacuous(gw_clone_dsn: str) -> None:
+async def test_transcripts_are_not_vacuous(gw_dsn: str) -> None:
     """The masking keeps what matters: errors, notifies and kept-vs-new run_at differ."""
-    transcript = await run_scenario(gw_clone_dsn, scenario_job_key_modes)
+    transcript = await run_scenario(gw_dsn, scenario_job_key_modes)
     by_step = {e["step"]: e for e in transcript}
     kept = by_step["preserve_run_at/pending: add again"]["rows"][0]["run_at"]
     moved = by_step["replace/pending: add again"]["rows"][0]["run_at"]
@@ -427,7 +422,7 @@ async def test_transcripts_are_not_vacuous(gw_clone_dsn: str) -> None:
     first_preserve = by_step["preserve_run_at/pending: first add"]["rows"][0]["run_at"]
     assert kept == first_preserve  # the same label as the first add's run_at (T1)
     assert moved != first_replace
-    errors = await run_scenario(gw_clone_dsn, scenario_errors)
+    errors = await run_scenario(gw_dsn, scenario_errors)
     assert sum("error" in e for e in errors) == 14
     assert {e["error"][0] for e in errors if "error" in e} == {
         "GWBKM",
@@ -473,14 +468,14 @@ async def race_580(dsn: str) -> tuple[asyncpg.Record, list[asyncpg.Record]]:
 
 
 async def test_580_graphile_worker_drops_the_job_kongtask_does_not(
-    gw_clone_dsn: str, kongtask_migrated_dsn: str
+    gw_dsn: str, kongtask_dsn: str
 ) -> None:
-    gw_row, gw_rows = await race_580(gw_clone_dsn)
+    gw_row, gw_rows = await race_580(gw_dsn)
     # Upstream: a row of NULLs, and the {"v":2} request is gone.
     assert all(value is None for value in gw_row.values())
     assert [json.loads(r["payload"]) for r in gw_rows] == [{"v": 1}]
 
-    kt_row, kt_rows = await race_580(kongtask_migrated_dsn)
+    kt_row, kt_rows = await race_580(kongtask_dsn)
     # kongtask: exactly one live job per keyed spec; the running one is retired.
     assert kt_row["id"] is not None
     assert json.loads(kt_row["payload"]) == {"v": 2}
@@ -526,18 +521,18 @@ async def remaining_tasks(dsn: str) -> list[str]:
 
 
 async def test_q5_delete_permafailed_jobs_also_takes_attempts_beyond_max(
-    gw_clone_dsn: str, kongtask_migrated_dsn: str, tmp_path: Path
+    gw_dsn: str, kongtask_dsn: str, tmp_path: Path
 ) -> None:
     if shutil.which("npm") is None:
         skip_or_fail("npm is needed for graphile-worker's own cleanup")
-    await arrange_failed_jobs(gw_clone_dsn)
+    await arrange_failed_jobs(gw_dsn)
     await trio.to_thread.run_sync(
-        graphile_worker_cleanup, gw_clone_dsn, "DELETE_PERMAFAILED_JOBS", tmp_path
+        graphile_worker_cleanup, gw_dsn, "DELETE_PERMAFAILED_JOBS", tmp_path
     )
     # Upstream matches attempts = max_attempts only.
-    assert await remaining_tasks(gw_clone_dsn) == ["beyond", "ok"]
+    assert await remaining_tasks(gw_dsn) == ["beyond", "ok"]
 
-    await arrange_failed_jobs(kongtask_migrated_dsn)
-    async with kongtask.open_client(kongtask_migrated_dsn) as client:
+    await arrange_failed_jobs(kongtask_dsn)
+    async with kongtask.open_client(kongtask_dsn) as client:
         assert await client.cleanup(["DELETE_PERMAFAILED_JOBS"]) == {"DELETE_PERMAFAILED_JOBS": 2}
-    assert await remaining_tasks(kongtask_migrated_dsn) == ["ok"]
+    assert await remaining_tasks(kongtask_dsn) == ["ok"]

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -330,12 +330,11 @@ def _without_timestamps(text: str) -> list[str]:
     [("migrate", 0), ("unreachable", 1), ("usage", 2), ("no verb", 2), ("too new", 57)],
 )
 async def test_trio_run_main_exits_as_the_command_does(
-    kongtask_database_factory: object, case: str, status: int
+    kongtask_database_factory: Callable[..., str], case: str, status: int
 ) -> None:
     async def database(*, migrated: bool) -> str:
-        make = partial(kongtask_database_factory, migrated=migrated)  # type: ignore[call-arg]
-        dsn: str = await trio.to_thread.run_sync(make)
-        return dsn
+        make = partial(kongtask_database_factory, migrated=migrated)
+        return await trio.to_thread.run_sync(make)
 
     async def argv() -> list[str]:
         if case == "migrate":

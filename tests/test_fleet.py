@@ -11,16 +11,14 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
-from _worker_helpers import worker_dsn as worker_dsn
 from test_worker import assert_clean, wait_until
 
 from kongtask._fleet import Fleet, FleetStatistics, combine_exit_codes
-from kongtask._pg import Database, open_database
+from kongtask._pg import Database
 
 S = "graphile_worker"
 J = f"{S}._private_jobs"
@@ -49,10 +47,10 @@ tasks = {"where": where}
 
 
 @pytest.fixture
-async def tdb(worker_dsn: str) -> AsyncIterator[Database]:
-    async with open_database(worker_dsn, server_settings={"application_name": "test"}) as d:
-        await d.execute("create table fleet_pids(pid int)")
-        yield d
+async def fleet_db(tdb: Database) -> Database:
+    """``tdb`` with the table the fleet's handlers write their process ids to."""
+    await tdb.execute("create table fleet_pids(pid int)")
+    return tdb
 
 
 @pytest.fixture
@@ -109,14 +107,14 @@ def alive(pid: int) -> bool:
 
 
 async def test_two_processes_share_the_queue_restart_after_a_crash_and_stop_on_sigterm(
-    tdb: Database, worker_dsn: str, project: Path
+    fleet_db: Database, worker_dsn: str, project: Path
 ) -> None:
-    await tdb.execute(f"select {S}.add_job('where') from generate_series(1, 2)")
+    await fleet_db.execute(f"select {S}.add_job('where') from generate_series(1, 2)")
     async with trio.open_nursery() as nursery:
         fleet = await start_fleet(nursery, worker_dsn, project)
         # each child holds its only slot until the other ran a job: both must be working
-        await wait_until(lambda: tdb.fetchval(f"select count(*) = 0 from {J}"), limit=60)
-        job_pids = {r["pid"] for r in await tdb.fetch("select pid from fleet_pids")}
+        await wait_until(lambda: fleet_db.fetchval(f"select count(*) = 0 from {J}"), limit=60)
+        job_pids = {r["pid"] for r in await fleet_db.fetch("select pid from fleet_pids")}
         assert len(job_pids) == 2
         assert fleet.proc.pid not in job_pids
         assert job_pids == set(fleet.started_pids())
@@ -128,10 +126,10 @@ async def test_two_processes_share_the_queue_restart_after_a_crash_and_stop_on_s
         assert replacement not in job_pids
         assert "exited with status -9; restarting it" in fleet.stderr
         # the replacement is a working member of the pool
-        await tdb.execute("truncate fleet_pids")
-        await tdb.execute(f"select {S}.add_job('where') from generate_series(1, 2)")
-        await wait_until(lambda: tdb.fetchval(f"select count(*) = 0 from {J}"), limit=60)
-        pids_now = {r["pid"] for r in await tdb.fetch("select pid from fleet_pids")}
+        await fleet_db.execute("truncate fleet_pids")
+        await fleet_db.execute(f"select {S}.add_job('where') from generate_series(1, 2)")
+        await wait_until(lambda: fleet_db.fetchval(f"select count(*) = 0 from {J}"), limit=60)
+        pids_now = {r["pid"] for r in await fleet_db.fetch("select pid from fleet_pids")}
         assert replacement in pids_now
 
         fleet.proc.send_signal(signal.SIGTERM)
@@ -140,17 +138,17 @@ async def test_two_processes_share_the_queue_restart_after_a_crash_and_stop_on_s
         assert code == 0, fleet.stderr
         survivors = [pid for pid in fleet.started_pids() if alive(pid)]
         assert survivors == []
-    await assert_clean(tdb)
+    await assert_clean(fleet_db)
 
 
 async def test_a_breaking_migration_stops_every_process_and_exits_57(
-    tdb: Database, worker_dsn: str, project: Path
+    fleet_db: Database, worker_dsn: str, project: Path
 ) -> None:
-    await tdb.execute(f"select {S}.add_job('where') from generate_series(1, 2)")
+    await fleet_db.execute(f"select {S}.add_job('where') from generate_series(1, 2)")
     async with trio.open_nursery() as nursery:
         fleet = await start_fleet(nursery, worker_dsn, project)
-        await wait_until(lambda: tdb.fetchval(f"select count(*) = 0 from {J}"), limit=60)
-        await tdb.execute(
+        await wait_until(lambda: fleet_db.fetchval(f"select count(*) = 0 from {J}"), limit=60)
+        await fleet_db.execute(
             """select pg_notify('worker:migrate', '{"migrationNumber":21,"breaking":true}')"""
         )
         with trio.fail_after(30):
@@ -158,13 +156,13 @@ async def test_a_breaking_migration_stops_every_process_and_exits_57(
         assert code == 57, fleet.stderr
         assert [pid for pid in fleet.started_pids() if alive(pid)] == []
         assert len(fleet.started_pids()) == 2  # not restarted
-    await assert_clean(tdb)
+    await assert_clean(fleet_db)
 
 
 async def test_once_fleet_from_the_environment_exits_0_when_the_queue_is_empty(
-    tdb: Database, worker_dsn: str, project: Path
+    fleet_db: Database, worker_dsn: str, project: Path
 ) -> None:
-    await tdb.execute(f"select {S}.add_job('where') from generate_series(1, 2)")
+    await fleet_db.execute(f"select {S}.add_job('where') from generate_series(1, 2)")
     async with trio.open_nursery() as nursery:
         # KONGTASK_PROCESSES reaches the children too: their --processes 1 must win
         env = {"KONGTASK_PROCESSES": "2"}
@@ -173,8 +171,8 @@ async def test_once_fleet_from_the_environment_exits_0_when_the_queue_is_empty(
             code = await fleet.proc.wait()
         assert code == 0, fleet.stderr
         assert len(fleet.started_pids()) == 2
-    assert await tdb.fetchval(f"select count(*) from {J}") == 0
-    await assert_clean(tdb)
+    assert await fleet_db.fetchval(f"select count(*) from {J}") == 0
+    await assert_clean(fleet_db)
 
 
 class RecordingFleet(Fleet):

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import trio
-from _worker_helpers import add_job_row, worker_dsn as worker_dsn
+from _worker_helpers import add_job_row
 
 import kongtask
 from kongtask import _held, _worker
@@ -449,7 +449,7 @@ async def test_a_slow_job_after_fast_ones_does_not_hold_the_rest(worker_dsn: str
 
 
 async def _only(ids: Any, job_id: int) -> bool:
-    return await ids == {job_id}
+    return bool(await ids == {job_id})
 
 
 async def test_lost_claim_reconcile_does_not_resurrect(worker_dsn: str) -> None:

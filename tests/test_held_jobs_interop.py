@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from _worker_helpers import add_job_row, worker_dsn as worker_dsn
+from _worker_helpers import add_job_row
 from test_held_jobs import CLAIM, Runs, locked_by, pinned_claims, recheck_always, wait_until
 
 import kongtask

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from _worker_helpers import worker_dsn as worker_dsn
 from test_worker import wait_until
 
 import kongtask
@@ -37,7 +36,7 @@ async def _state_of(client: kongtask.Client) -> dict[int, str]:
 def _by_pair(counts: list[kongtask.QueueCounts]) -> dict[tuple[str, str | None], dict[str, int]]:
     return {
         (c.task, c.queue): {
-            s: c.count(s)  # type: ignore[arg-type]
+            s: c.count(s)
             for s in (
                 "ready",
                 "waiting_on_queue",
@@ -46,7 +45,7 @@ def _by_pair(counts: list[kongtask.QueueCounts]) -> dict[tuple[str, str | None],
                 "running",
                 "permanently_failed",
             )
-            if c.count(s)  # type: ignore[arg-type]
+            if c.count(s)
         }
         for c in counts
     }
@@ -176,7 +175,7 @@ async def test_listing_filters_and_keyset_pages(worker_dsn: str) -> None:
         # distinct queues: every job's queue is unlocked, so every one is ready
         assert len(await client.list_jobs(states="ready", limit=100)) == 26
         with pytest.raises(ConfigError, match="unknown job state"):
-            await client.list_jobs(states="done")  # type: ignore[arg-type]
+            await client.list_jobs(states="done")
         with pytest.raises(ConfigError, match="limit"):
             await client.list_jobs(limit=0)
         with pytest.raises(ConfigError, match="after_id"):

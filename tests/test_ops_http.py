@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import trio
 from _cli_helpers import cli_status
-from _worker_helpers import worker_dsn as worker_dsn
 from test_worker import wait_until
 
 import kongtask

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from _worker_helpers import add_job_row, worker_dsn as worker_dsn
+from _worker_helpers import add_job_row
 from test_cli_run import kongtask_argv
 from test_worker import assert_clean, wait_until
 
 import kongtask
-from kongtask._pg import Database, open_database
+from kongtask._pg import Database
 
 S = "graphile_worker"
 J = f"{S}._private_jobs"
@@ -117,21 +117,13 @@ EXTRA_POISON: dict[str, tuple[Callable[..., Any], str]] = {
 }
 
 
-@pytest.fixture
-async def tdb(worker_dsn: str) -> AsyncIterator[Database]:
-    async with open_database(
-        worker_dsn, server_settings={"application_name": "kongtask-test"}
-    ) as d:
-        yield d
-
-
 async def _settled(db: Database, ids: list[int], attempts: int) -> bool:
     n = await db.fetchval(
         f"select count(*) from {J} where id = any($1) and attempts = $2 and locked_by is null",
         ids,
         attempts,
     )
-    return n == len(ids)
+    return bool(n == len(ids))
 
 
 async def test_poison_handlers_fail_only_their_job(tdb: Database, worker_dsn: str) -> None:

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import trio
-from _worker_helpers import worker_dsn as worker_dsn
 from process_tasks import crunch, stall
 from test_worker import wait_until
 
@@ -66,6 +65,6 @@ def _two_args(job: kongtask.Job, ctx: object, extra: object) -> None:
     return None
 
 
-async def _open_with(tasks: dict[str, object]) -> None:
-    async with open_worker("postgresql://nowhere.invalid/x", tasks):  # type: ignore[arg-type]
+async def _open_with(tasks: dict[str, kongtask.TaskSpec]) -> None:
+    async with open_worker("postgresql://nowhere.invalid/x", tasks):
         pass

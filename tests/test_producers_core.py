@@ -128,10 +128,10 @@ async def test_the_producers_retry_graphile_worker_580_as_the_client_does(
     from kongtask import KongtaskError
     from kongtask._enqueue import ADD_ATTEMPTS
 
-    def run() -> list[object]:
-        out: list[object] = []
+    def run() -> list[tuple[Any, int]]:
+        out: list[tuple[Any, int]] = []
         with psycopg.connect(kongtask_dsn, autocommit=True) as conn:
-            conn.execute(FLAKY)  # type: ignore[arg-type]
+            conn.execute(FLAKY)
 
             def calls_after(drop_first: int, drop_unkeyed: bool, add: Any) -> tuple[Any, int]:
                 conn.execute("truncate flaky.settings")

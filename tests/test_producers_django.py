@@ -66,7 +66,8 @@ class DjangoTx:
     def savepoint(self) -> AbstractContextManager[Any]:
         from django.db import transaction
 
-        return transaction.atomic(using=self.alias)
+        atomic: AbstractContextManager[Any] = transaction.atomic(using=self.alias)
+        return atomic
 
     def break_transaction(self) -> None:
         from django.db import DataError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from producer_scenarios import appdb as appdb, wait_until
+from producer_scenarios import wait_until
 
 import kongtask
 from kongtask._pg import Database

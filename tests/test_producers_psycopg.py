@@ -34,7 +34,7 @@ class SyncTx:
         return kongtask.add_jobs_sync(self.target, specs, **kwargs)
 
     def execute(self, sql: str) -> None:
-        self.conn.execute(sql)  # type: ignore[arg-type]
+        self.conn.execute(sql)
 
     def savepoint(self) -> AbstractContextManager[Any]:
         return self.conn.transaction()
@@ -50,7 +50,7 @@ class SyncDriver:
 
     def transaction(self, dsn: str, body: Callable[[Tx], T], *, commit: bool = True) -> T:
         # dict rows on the connection: the producer must not depend on the row factory
-        conn = psycopg.connect(dsn, row_factory=dict_row)  # type: ignore[arg-type]
+        conn = psycopg.connect(dsn, row_factory=dict_row)
         try:
             result = body(SyncTx(conn, self.use_cursor))
             if commit:

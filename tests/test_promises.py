@@ -9,31 +9,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import pytest
 import trio
-from _worker_helpers import worker_dsn as worker_dsn
 from test_worker import Recorder, assert_clean, wait_until
 
 import kongtask
-from kongtask._pg import Database, open_database
+from kongtask._pg import Database
 
 S = "graphile_worker"
 J = f"{S}._private_jobs"
 JQ = f"{S}._private_job_queues"
 #: Nothing listens here: a check that connected first would fail with a connection error.
 NOWHERE = "postgresql://nobody@127.0.0.1:9/nothing"
-
-
-@pytest.fixture
-async def tdb(worker_dsn: str) -> AsyncIterator[Database]:
-    async with open_database(
-        worker_dsn, server_settings={"application_name": "kongtask-test"}
-    ) as d:
-        yield d
 
 
 async def noop(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
@@ -54,7 +44,7 @@ async def noop(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
     ],
 )
 async def test_open_worker_rejects_bad_options_before_connecting(
-    option: str, value: object, message: str
+    option: str, value: Any, message: str
 ) -> None:
     with pytest.raises(kongtask.ConfigError, match=message):
         async with kongtask.open_worker(NOWHERE, {"t": noop}, **{option: value}):
@@ -113,20 +103,22 @@ async def test_job_start_complete_and_pool_release_events(tdb: Database, worker_
 
     async with kongtask.open_worker(worker_dsn, {"t": handler}, on_event=rec.on_event) as w:
         await wait_until(lambda: len(rec.names("job:complete")) == 2)
-    starts = sorted(e["job"].id for e in rec.names("job:start"))  # type: ignore[attr-defined]
-    completes = sorted(e["job"].id for e in rec.names("job:complete"))  # type: ignore[attr-defined]
+    starts = sorted(cast(kongtask.Job, e["job"]).id for e in rec.names("job:start"))
+    completes = sorted(cast(kongtask.Job, e["job"]).id for e in rec.names("job:complete"))
     # job:complete follows every run, failed or not, once per job
     assert starts == completes == sorted([ok_id, bad_id])
     names = [e.name for e in rec.events]
     for job_id in (ok_id, bad_id):
         start = next(
-            i for i, e in enumerate(rec.events) if e.name == "job:start" and e["job"].id == job_id
-        )  # type: ignore[attr-defined]
+            i
+            for i, e in enumerate(rec.events)
+            if e.name == "job:start" and cast(kongtask.Job, e["job"]).id == job_id
+        )
         complete = next(
             i
             for i, e in enumerate(rec.events)
-            if e.name == "job:complete" and e["job"].id == job_id
-        )  # type: ignore[attr-defined]
+            if e.name == "job:complete" and cast(kongtask.Job, e["job"]).id == job_id
+        )
         assert start < complete
     # pool:release once, after every job event and before stop
     assert names.count("pool:release") == 1

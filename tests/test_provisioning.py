@@ -52,7 +52,9 @@ def test_local_cluster_runs_unprivileged_and_is_deleted() -> None:
             server.dsn,
             "select current_setting('fsync') as fsync, current_setting('port') as port",
         )
-        (row,) = rows[0]  # type: ignore[misc]
+        result = rows[0]
+        assert isinstance(result, list)
+        (row,) = result
         assert row["fsync"] == "off"
         assert row["port"] != "5432"  # a private port: a server on 5432 is never touched
         data_dirs = [

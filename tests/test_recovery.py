@@ -299,8 +299,8 @@ async def _listen(db: Database) -> AsyncIterator[_Notes]:
     send, recv = trio.open_memory_channel[str](100)
     conn = await db.connect()
 
-    def on_notify(_c: object, _pid: int, _chan: str, payload: str) -> None:
-        send.send_nowait(payload)
+    def on_notify(_c: object, _pid: int, _chan: str, payload: object) -> None:
+        send.send_nowait(str(payload))
 
     try:
         await db.run(conn.add_listener, "jobs:insert", on_notify)

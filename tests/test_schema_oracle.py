@@ -16,13 +16,11 @@ from typing import Any
 import asyncpg
 import pytest
 import trio
-from schema_dump import (  # noqa: F401  (fixtures)
+from schema_dump import (
     OracleDatabases,
     ScratchDatabases,
     assert_same,
-    oracle_dbs_fixture,
     run_oracle,
-    scratch_fixture,
     snapshot,
 )
 

@@ -9,19 +9,18 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import pytest
 import trio
-from _worker_helpers import add_job_row, worker_dsn as worker_dsn
+from _worker_helpers import add_job_row
 from test_worker import assert_clean
 
 import kongtask
 from kongtask._config import quote_ident
 from kongtask._migrate import migrate, own_function_statement, refresh_own_bodies, render_sql
-from kongtask._pg import Database, open_database
+from kongtask._pg import Database
 
 S = "graphile_worker"
 J = f"{S}._private_jobs"
@@ -103,14 +102,6 @@ async def test_handlers_that_can_take_job_and_ctx_are_accepted() -> None:
 
 
 # --- ready jobs that no pool supports ---------------------------------------------------
-
-
-@pytest.fixture
-async def tdb(worker_dsn: str) -> AsyncIterator[Database]:
-    async with open_database(
-        worker_dsn, server_settings={"application_name": "kongtask-test"}
-    ) as d:
-        yield d
 
 
 async def test_ready_jobs_of_unsupported_tasks_are_reported(

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -80,7 +81,10 @@ async def test_the_worker_runs_task_definitions(kongtask_dsn: str) -> None:
         got.append(send_email.payload_of(job))
         done.set()
 
-    tasks = [resize.with_handler(do_resize), send_email.with_handler(do_send, timeout=5)]
+    tasks: list[kongtask.TaskDef[Any]] = [
+        resize.with_handler(do_resize),
+        send_email.with_handler(do_send, timeout=5),
+    ]
     async with kongtask.open_worker(kongtask_dsn, tasks) as w:
         await w.add_jobs([resize.spec(Resize("a.png", 3), priority=-1)])
         await w.add_jobs([send_email.spec({"to": "c@example.com"})])

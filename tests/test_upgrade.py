@@ -11,14 +11,12 @@ from typing import Any
 
 import pytest
 import trio
-from schema_dump import (  # noqa: F401  (fixtures)
+from schema_dump import (
     OracleDatabases,
     ScratchDatabases,
     assert_same,
     jobs_snapshot,
-    oracle_dbs_fixture,
     run_oracle,
-    scratch_fixture,
     snapshot,
 )
 

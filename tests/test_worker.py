@@ -11,33 +11,22 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import trio
-from _worker_helpers import worker_dsn as worker_dsn
 
 import kongtask
-from kongtask._pg import Database, open_database
+from kongtask._pg import Database
 
 log = logging.getLogger("tests.worker")
 S = "graphile_worker"
 J = f"{S}._private_jobs"
 JQ = f"{S}._private_job_queues"
 HOLD = 0.02
-
-
-@pytest.fixture
-async def tdb(worker_dsn: str) -> AsyncIterator[Database]:
-    # the test's own connections carry another application_name, so that "no kongtask
-    # connection left" can be checked through them
-    async with open_database(
-        worker_dsn, server_settings={"application_name": "kongtask-test"}
-    ) as d:
-        yield d
 
 
 @dataclass
@@ -90,7 +79,7 @@ async def assert_clean(db: Database) -> None:
             "select count(*) from pg_stat_activity where application_name = 'kongtask' "
             "and datname = current_database()"
         )
-        return n == 0
+        return bool(n == 0)
 
     # the server ends a closed session asynchronously
     # (docs/design/stack.md#server-side-cancel-is-asynchronous)
@@ -400,7 +389,7 @@ async def test_batch_job_partial_failure_and_timeout(tdb: Database, worker_dsn: 
     b = await tdb.fetchval(f"select id from {S}.add_job('batch', '[1, 2, 3, 4, 5]')")
     await tdb.execute(f"select {S}.add_job('wrong', '[1, 2, 3]')")
     h = await tdb.fetchval(f"select id from {S}.add_job('hangs')")
-    tasks = {
+    tasks: dict[str, Callable[..., Any] | kongtask.TaskSpec] = {
         "batch": batch,
         "wrong": wrong_length,
         "hangs": kongtask.task(hangs, timeout=0.2),
@@ -629,7 +618,7 @@ async def test_job_cancel_scope_cancels_only_its_own_job(tdb: Database, worker_d
         ids[name] = await tdb.fetchval(
             f"select id from {S}.add_job($1, priority => $2, max_attempts => 1)", name, priority
         )
-    tasks = {
+    tasks: dict[str, Callable[..., Any] | kongtask.TaskSpec] = {
         "self": cancels_itself,
         "returns": cancels_and_returns,
         "keeps": keeps_context,

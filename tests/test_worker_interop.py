@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import trio
-from _worker_helpers import worker_dsn as worker_dsn
 from test_worker import assert_clean, wait_until
 
 import kongtask

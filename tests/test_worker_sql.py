@@ -11,10 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 import trio
-from _worker_helpers import (
-    add_job_row as add,
-    worker_dsn as worker_dsn,
-)
+from _worker_helpers import add_job_row as add
 
 from kongtask._pg import Database, open_database
 from kongtask._sql import (
