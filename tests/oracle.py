@@ -116,6 +116,17 @@ def skip_or_fail(reason: str) -> NoReturn:
     pytest.skip(message)
 
 
+def node_command(
+    script: str, folder: Path, version: str = "0.18.0"
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run the Node ``script`` (its text, written to
+    ``folder``) against graphile-worker ``version``; skips (or fails) without the oracle."""
+    package = require_oracle(version)
+    path = folder / "gw.js"
+    path.write_text(script)
+    return [node_for(version), str(path)], {**os.environ, "ORACLE_DIR": str(package)}
+
+
 def require_oracle(version: str = "0.18.0") -> Path:
     """``oracle_dir(version)``, or :func:`skip_or_fail` with the reason npm cannot provide it."""
     try:

@@ -340,20 +340,12 @@ order by j.id
 """
 
 
-@pytest.fixture(params=["kongtask", "graphile-worker"])
-def cron_dsn(request: pytest.FixtureRequest) -> str:
-    """A database migrated by kongtask, or by graphile-worker 0.18.0 (its SQL functions)."""
-    name = "kongtask_dsn" if request.param == "kongtask" else "gw_dsn"
-    dsn: str = request.getfixturevalue(name)
-    return dsn
-
-
 @pytest.fixture
-async def three_pools(cron_dsn: str) -> AsyncIterator[list[Database]]:
+async def three_pools(any_dsn: str) -> AsyncIterator[list[Database]]:
     async with (
-        open_database(cron_dsn, max_size=2) as a,
-        open_database(cron_dsn, max_size=2) as b,
-        open_database(cron_dsn, max_size=2) as c,
+        open_database(any_dsn, max_size=2) as a,
+        open_database(any_dsn, max_size=2) as b,
+        open_database(any_dsn, max_size=2) as c,
     ):
         yield [a, b, c]
 

@@ -6,7 +6,6 @@ either kind of pool; the replacements and the untouched jobs run exactly once.""
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 from _worker_helpers import add_job_row
+from oracle import node_command
 from test_held_jobs import CLAIM, Runs, locked_by, pinned_claims, recheck_always, wait_until
 
 import kongtask
@@ -66,12 +66,7 @@ main().catch((e) => { console.error(e); process.exit(1); });
 
 @pytest.fixture
 def node(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
-    from oracle import node_for, require_oracle
-
-    folder = require_oracle("0.18.0")
-    script = tmp_path / "gw.js"
-    script.write_text(NODE_SCRIPT)
-    return [node_for("0.18.0"), str(script)], {**os.environ, "ORACLE_DIR": str(folder)}
+    return node_command(NODE_SCRIPT, tmp_path)
 
 
 async def _record(conn: Any, job_id: int, value: str | None) -> None:

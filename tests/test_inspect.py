@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from oracle import node_command
 from test_worker import wait_until
 
 import kongtask
@@ -233,12 +233,7 @@ main().catch((e) => { console.error(e); process.exit(1); });
 
 @pytest.fixture
 def node_script(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
-    from oracle import node_for, require_oracle
-
-    folder = require_oracle("0.18.0")
-    script = tmp_path / "gw.js"
-    script.write_text(NODE_SCRIPT)
-    return [node_for("0.18.0"), str(script)], {**os.environ, "ORACLE_DIR": str(folder)}
+    return node_command(NODE_SCRIPT, tmp_path)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from _worker_helpers import add_job_row
+from _worker_helpers import JOB_FIELDS, add_job_row
 
 import kongtask
 from kongtask import Job
@@ -28,24 +28,6 @@ from kongtask._sql import _CLAIM_RETURNING, WorkerQueries, claim_jobs, register_
 Q = WorkerQueries("graphile_worker")
 J = "graphile_worker._private_jobs"
 POOL = "pool-ffffffffffffffffff"
-FIELDS = (
-    "id",
-    "task_identifier",
-    "payload",
-    "queue_name",
-    "priority",
-    "run_at",
-    "attempts",
-    "max_attempts",
-    "key",
-    "flags",
-    "last_error",
-    "created_at",
-    "updated_at",
-    "locked_at",
-    "locked_by",
-    "revision",
-)
 # the claims' clock: ahead of the database's, so that jobs added without run_at are due;
 # with microseconds, so that locked_at is checked to the microsecond
 NOW = datetime(2030, 6, 15, 12, 34, 56, 123457, tzinfo=UTC)
@@ -88,7 +70,7 @@ async def stored(db: Database, ids: list[int]) -> dict[int, Job]:
 
 
 def assert_same(got: Job, want: Job) -> None:
-    for name in FIELDS:
+    for name in JOB_FIELDS:
         a, b = getattr(got, name), getattr(want, name)
         assert type(a) is type(b), (name, a, b)
         assert a == b, (name, a, b)
@@ -281,7 +263,7 @@ class OldJob:
 
 
 def as_old(job: Job) -> OldJob:
-    return OldJob(*(getattr(job, name) for name in FIELDS))
+    return OldJob(*(getattr(job, name) for name in JOB_FIELDS))
 
 
 async def test_job_behaves_like_the_frozen_dataclass(db: Database) -> None:
@@ -298,23 +280,23 @@ async def test_job_behaves_like_the_frozen_dataclass(db: Database) -> None:
         hash(as_old(dict_job))
     with pytest.raises(TypeError):
         hash(dict_job)
-    assert hash(str_job) == hash(Job(*(getattr(str_job, n) for n in FIELDS)))
+    assert hash(str_job) == hash(Job(*(getattr(str_job, n) for n in JOB_FIELDS)))
     assert len({str_job, copy.copy(str_job)}) == 1
 
     # equality by value, across constructors; other types are not equal
-    rebuilt = Job(*(getattr(dict_job, n) for n in FIELDS))
+    rebuilt = Job(*(getattr(dict_job, n) for n in JOB_FIELDS))
     assert rebuilt == dict_job
     assert (rebuilt != dict_job) is False
-    assert Job(**{n: getattr(dict_job, n) for n in FIELDS}) == dict_job
+    assert Job(**{n: getattr(dict_job, n) for n in JOB_FIELDS}) == dict_job
     assert dict_job != str_job
     assert dict_job != as_old(dict_job)
     assert dict_job != dict_job.id
-    other = {n: getattr(dict_job, n) for n in FIELDS}
+    other = {n: getattr(dict_job, n) for n in JOB_FIELDS}
     for name, value in [("payload", {"a": [2]}), ("locked_at", None), ("flags", None)]:
         assert Job(**{**other, name: value}) != dict_job
 
     # immutable: the frozen dataclass's error (an AttributeError)
-    for name in (*FIELDS, "is_permanently_failed", "anything", "_row", "_cache"):
+    for name in (*JOB_FIELDS, "is_permanently_failed", "anything", "_row", "_cache"):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(dict_job, name, 1)
         with pytest.raises(AttributeError):
