@@ -144,9 +144,9 @@ def _load_run_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         tasks.update(load_task_directory(args.task_directory))
     if not tasks:
         raise ConfigError("no tasks: give --tasks MODULE[:ATTR] and/or --task-directory DIR")
-    from ._worker import _runners
+    from ._worker import runners_of
 
-    _runners(tasks)  # the checks open_worker makes: identifiers, callables, signatures
+    runners_of(tasks)  # the checks open_worker makes: identifiers, callables, signatures
     crontab_path = args.crontab or _default_crontab()
     crontab = None
     if crontab_path:

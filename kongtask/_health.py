@@ -74,11 +74,12 @@ def readiness(worker: Worker) -> Readiness:
     reasons = []
     if worker.stopping:
         reasons.append("the pool is shutting down")
-    if not worker._listening.is_set():
+    stats = worker.statistics()
+    if not stats.listening:
         reasons.append("the LISTEN connection is down (liveness lock not held)")
     io = worker._io
     age = trio.current_time() - io.last_claim_at
-    if age > 2 * worker._poll_interval and not worker._fetch_full:
+    if age > 2 * worker._poll_interval and stats.fetcher != "waiting for capacity":
         reasons.append(
             "no claim has succeeded yet"
             if io.last_claim_at == -math.inf
@@ -109,7 +110,7 @@ async def _respond_to(
     if method not in ("GET", "HEAD"):
         return _json(405, "Method Not Allowed", {"error": "only GET and HEAD"})
     if path == "/healthz":
-        if worker._stopped.is_set():
+        if worker.statistics().state == "stopped":
             return _json(503, "Service Unavailable", {"status": "stopped"})
         return _json(200, "OK", {"status": "ok", "pool_id": worker.pool_id})
     if path == "/readyz":

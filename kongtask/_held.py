@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 #: Seconds a held job may wait after its claim (or its last recheck) and still start
 #: without being looked at again. Longer than a held job waits under a steady load (the
-#: fetcher keeps PREFETCH_LOOKAHEAD of work ahead), so a busy pool rarely pays a recheck;
+#: fetcher keeps a tenth of a second of work ahead), so a busy pool rarely pays a recheck;
 #: a change made less than this (plus a recheck's round trip) before a job starts may be
 #: missed (docs/reliability.md).
 RECHECK_AFTER: Final = 0.25
@@ -58,13 +58,20 @@ def claim_snapshot(jobs: Iterable[Job]) -> Snapshot:
     return ids, attempts, revisions, updated, keys, queues
 
 
-def needs_recheck(now: float, claimed_at: float, covered_up_to: float, checked_at: float) -> bool:
+def needs_recheck(
+    now: float,
+    claimed_at: float,
+    covered_up_to: float,
+    checked_at: float,
+    after: float = RECHECK_AFTER,
+) -> bool:
     """Whether a held job claimed at ``claimed_at`` must be looked at before it starts.
 
     ``covered_up_to`` is the claim time of the newest job the last recheck covered (held
     jobs are in claim order, so it covered every job claimed up to then), ``checked_at``
-    when its answer came. All times are on the trio clock.
+    when its answer came, ``after`` the threshold (:data:`RECHECK_AFTER` unless the
+    pool's timing says otherwise). All times are on the trio clock.
     """
-    if now - claimed_at < RECHECK_AFTER:
+    if now - claimed_at < after:
         return False
-    return claimed_at > covered_up_to or now - checked_at >= RECHECK_AFTER
+    return claimed_at > covered_up_to or now - checked_at >= after

@@ -110,7 +110,9 @@ async def test_commit_wakes_an_idle_pool(
 
     # poll_interval=3600: only the commit's NOTIFY can wake the pool in time
     async with kongtask.open_worker(kongtask_dsn, {"t": handler}, poll_interval=3600) as w:
-        await wait_until(lambda: w._fetch_idle)  # the first claim found nothing
+        await wait_until(
+            lambda: w.statistics().fetcher == "waiting for jobs"
+        )  # the first claim found nothing
         added = await in_thread(driver, kongtask_dsn, body)
         with trio.fail_after(10):
             await all_seen.wait()

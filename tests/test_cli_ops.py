@@ -716,7 +716,7 @@ async def test_database_outage_logs_one_warning_and_one_reconnected(
 
 
 async def _listening(worker: Any) -> bool:
-    return bool(worker._listening.is_set())
+    return bool(worker.statistics().listening)
 
 
 async def _reconnected(logs: Records) -> bool:

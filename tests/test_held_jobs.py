@@ -3,11 +3,12 @@ while held never starts, and no hand-back path resurrects it (issue: "a removed 
 replaced job must never run").
 
 How a job is held deterministically: one worker (concurrency 1) runs a "block" job whose
-handler waits on a trio.Event, and the pool's claim size is pinned (``pinned_claims``) so
-that its first claim takes every ready job at once. The keyed jobs are then locked by the
-pool and unstarted for as long as the test wants. ``RECHECK_AFTER`` is set to 1 ms where a
-test needs every held job rechecked before it starts (the real threshold is a trade of
-round trips against a window, see docs/reliability.md, and is tested as pure logic).
+handler waits on a trio.Event, and the pool's claim size is pinned (``PINNED``: a minimum
+prefetch) so that its first claim takes every ready job at once. The keyed jobs are then
+locked by the pool and unstarted for as long as the test wants. The recheck threshold is
+set to 1 ms (``RECHECK_ALWAYS``) where a test needs every held job rechecked before it
+starts (the real threshold is a trade of round trips against a window, see
+docs/reliability.md, and is tested as pure logic).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import Any
 import pytest
 import trio
 from _worker_helpers import add_job_row
+from test_recovery import FailingClaims
 
 import kongtask
-from kongtask import _held, _worker
+from kongtask import _held
 from kongtask._held import needs_recheck
 from kongtask._pg import Database, open_database
 from kongtask._sql import WorkerQueries
+from kongtask.testing import WorkerTiming
 
 S = "graphile_worker"
 J = f"{S}._private_jobs"
@@ -32,24 +35,12 @@ JQ = f"{S}._private_job_queues"
 CLAIM = 40
 
 
-@pytest.fixture
-def pinned_claims(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pools claim up to CLAIM jobs whatever their measured rate."""
-
-    def claim_size(self: _worker.Worker) -> int:
-        in_flight = len(self._local) + len(self._running)
-        self._refill_below = 0
-        return max(0, CLAIM - in_flight)
-
-    monkeypatch.setattr(_worker.Worker, "_claim_size", claim_size)
-
-
-@pytest.fixture
-def recheck_always(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Held jobs are rechecked unless claimed or rechecked within the last millisecond
-    (every job of these tests waits far longer while the block job holds the worker)."""
-    monkeypatch.setattr(_held, "RECHECK_AFTER", 0.001)
-    monkeypatch.setattr(_worker, "RECHECK_AFTER", 0.001)
+#: Pools claim up to CLAIM jobs whatever their measured rate (with ``batch_size=CLAIM``).
+PINNED = WorkerTiming(min_prefetch=CLAIM)
+#: Pinned claims, and held jobs are rechecked unless claimed or rechecked within the last
+#: millisecond (every job of these tests waits far longer while the block job holds the
+#: worker).
+RECHECK_ALWAYS = WorkerTiming(min_prefetch=CLAIM, recheck_after=0.001)
 
 
 class Runs:
@@ -152,16 +143,14 @@ def test_recheck_policy() -> None:
 
 
 @pytest.mark.parametrize("shutdown", [False, True], ids=["carry-on", "shutdown"])
-async def test_removed_or_replaced_held_job_never_runs(
-    worker_dsn: str, pinned_claims: None, recheck_always: None, shutdown: bool
-) -> None:
+async def test_removed_or_replaced_held_job_never_runs(worker_dsn: str, shutdown: bool) -> None:
     await _reproduction(worker_dsn, shutdown)
 
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("shutdown", [False, True], ids=["carry-on", "shutdown"])
 async def test_removed_or_replaced_held_job_never_runs_on_graphile_workers_schema(
-    gw_dsn: str, pinned_claims: None, recheck_always: None, shutdown: bool
+    gw_dsn: str, shutdown: bool
 ) -> None:
     await _reproduction(gw_dsn, shutdown)
 
@@ -171,7 +160,7 @@ async def _reproduction(dsn: str, shutdown: bool) -> None:
     async with open_database(dsn) as db, kongtask.open_client(dsn) as client:
         old = await add_scenario(db)
         async with kongtask.open_worker(
-            dsn, runs.tasks(), batch_size=CLAIM, on_event=runs.on_event
+            dsn, runs.tasks(), batch_size=CLAIM, on_event=runs.on_event, timing=RECHECK_ALWAYS
         ) as worker:
             with trio.fail_after(20):
                 await runs.blocking.wait()
@@ -190,7 +179,9 @@ async def _reproduction(dsn: str, shutdown: bool) -> None:
         if shutdown:
             assert len(runs.ran) == 0
             # a later pool drains what is runnable
-            async with kongtask.open_worker(dsn, runs.tasks(), once=True) as again:
+            async with kongtask.open_worker(
+                dsn, runs.tasks(), once=True, timing=RECHECK_ALWAYS
+            ) as again:
                 await again.wait_stopped()
         check_runs(runs, old, new)
         # the removed and replaced old rows are left as graphile-worker intends: no key,
@@ -209,7 +200,7 @@ async def _reproduction(dsn: str, shutdown: bool) -> None:
 # hand-back paths
 
 
-async def test_ttl_hand_back_does_not_resurrect(worker_dsn: str, pinned_claims: None) -> None:
+async def test_ttl_hand_back_does_not_resurrect(worker_dsn: str) -> None:
     """TTL expiry returns a removed held job with attempts = max_attempts, and gives an
     untouched one its attempt back (also on its final attempt)."""
     runs = Runs()
@@ -225,6 +216,7 @@ async def test_ttl_hand_back_does_not_resurrect(worker_dsn: str, pinned_claims: 
             batch_size=CLAIM,
             local_queue_ttl=0.5,
             on_event=runs.on_event,
+            timing=PINNED,
         ) as worker:
             with trio.fail_after(20):
                 await runs.blocking.wait()
@@ -246,7 +238,9 @@ async def test_ttl_hand_back_does_not_resurrect(worker_dsn: str, pinned_claims: 
             assert rows[final] == (0, None)
             runs.release.set()
         # the untouched ones run once; the removed ones never
-        async with kongtask.open_worker(worker_dsn, runs.tasks(), once=True) as again:
+        async with kongtask.open_worker(
+            worker_dsn, runs.tasks(), once=True, timing=PINNED
+        ) as again:
             await again.wait_stopped()
         ran = sorted(job_id for job_id, _, _ in runs.ran)
         assert ran == sorted([kept, final])
@@ -331,7 +325,7 @@ async def test_dead_pool_release_and_force_unlock_keep_attempts(db: Database) ->
 
 
 async def test_admin_actions_reach_held_jobs(
-    worker_dsn: str, pinned_claims: None, recheck_always: None
+    worker_dsn: str,
 ) -> None:
     runs = Runs()
     later = datetime.now(UTC) + timedelta(days=1)
@@ -344,7 +338,11 @@ async def test_admin_actions_reach_held_jobs(
         untouched = await add_job_row(db, "rec", priority=2)
         queued_next = await add_job_row(db, "rec", priority=3, queue="q1")
         async with kongtask.open_worker(
-            worker_dsn, runs.tasks(), batch_size=CLAIM, on_event=runs.on_event
+            worker_dsn,
+            runs.tasks(),
+            batch_size=CLAIM,
+            on_event=runs.on_event,
+            timing=RECHECK_ALWAYS,
         ) as worker:
             with trio.fail_after(20):
                 await runs.blocking.wait()
@@ -380,16 +378,14 @@ async def test_admin_actions_reach_held_jobs(
         assert await db.fetchval(f"select count(*) from {JQ} where locked_by is not null") == 0
 
 
-async def test_admin_action_on_a_running_job_lets_it_finish(
-    worker_dsn: str, pinned_claims: None
-) -> None:
+async def test_admin_action_on_a_running_job_lets_it_finish(worker_dsn: str) -> None:
     """complete_jobs on a job that is already running: the row goes, the run finishes,
     and the named queue it held is unlocked when it ends."""
     runs = Runs()
     async with open_database(worker_dsn) as db, kongtask.open_client(worker_dsn) as client:
         running = await add_job_row(db, "block", queue="q")
         after = await add_job_row(db, "rec", queue="q")
-        async with kongtask.open_worker(worker_dsn, runs.tasks(), batch_size=CLAIM):
+        async with kongtask.open_worker(worker_dsn, runs.tasks(), batch_size=CLAIM, timing=PINNED):
             with trio.fail_after(20):
                 await runs.blocking.wait()
             done = await client.complete_jobs([running])
@@ -463,12 +459,14 @@ async def test_lost_claim_reconcile_does_not_resurrect(worker_dsn: str) -> None:
         kept = await add_job_row(db, "rec", max_attempts=2)
         rec_id = (await db.with_own_connection(register_tasks, q, ["rec"]))["rec"]
         # the pool runs another task only, so it never claims these itself
-        async with kongtask.open_worker(worker_dsn, {"other": Runs().rec}) as pool:
+        claim_fails = FailingClaims()
+        async with kongtask.open_worker(
+            worker_dsn, {"other": Runs().rec}, forbidden_flags=claim_fails.flags
+        ) as pool:
             rows = await db.with_own_connection(claim_jobs, q, pool.pool_id, [rec_id], 10)
             assert {int(r["id"]) for r in rows} == {gone, kept}
             await client.remove_job("gone")
-            pool._schedule_reconcile()
-            pool._wake_fetcher()
+            claim_fails.fail_next()  # the pool's next claim fails: it looks for lost jobs
             await wait_until(lambda: _only_empty(locked_by(db, pool.pool_id)))
             state = {
                 int(r["id"]): (r["attempts"], r["locked_by"])
@@ -481,16 +479,14 @@ async def _only_empty(ids: Any) -> bool:
     return not await ids
 
 
-async def test_the_real_threshold_rechecks_jobs_held_longer(
-    worker_dsn: str, pinned_claims: None
-) -> None:
+async def test_the_real_threshold_rechecks_jobs_held_longer(worker_dsn: str) -> None:
     """Without a patched threshold: jobs held longer than RECHECK_AFTER are rechecked
     before they start (the sleep only ages the held jobs; nothing waits on a result)."""
     runs = Runs()
     async with open_database(worker_dsn) as db, kongtask.open_client(worker_dsn) as client:
         old = await add_scenario(db, keys=8)
         async with kongtask.open_worker(
-            worker_dsn, runs.tasks(), batch_size=CLAIM, local_queue_ttl=60
+            worker_dsn, runs.tasks(), batch_size=CLAIM, local_queue_ttl=60, timing=PINNED
         ) as worker:
             with trio.fail_after(20):
                 await runs.blocking.wait()

@@ -18,6 +18,7 @@ from test_worker import Recorder, assert_clean, wait_until
 
 import kongtask
 from kongtask._pg import Database
+from kongtask.testing import WorkerTiming
 
 S = "graphile_worker"
 J = f"{S}._private_jobs"
@@ -171,7 +172,7 @@ async def test_a_job_that_ends_within_the_grace_completes(tdb: Database, worker_
             await running.wait()
         w.shutdown_nowait()
         # the pool has handed back what it held and now waits out the grace period
-        await wait_until(lambda: w._grace_scope is not None)
+        await wait_until(lambda: w.statistics().state == "grace")
         release.set()  # the job ends during the grace period
         with trio.fail_after(20):
             await w.wait_stopped()
@@ -251,10 +252,10 @@ async def test_statistics_count_jobs_returned_at_shutdown(tdb: Database, worker_
         await gate.wait()
 
     await tdb.execute(f"select {S}.add_job('t') from generate_series(1, 5)")
-    async with kongtask.open_worker(worker_dsn, {"t": h}, concurrency=1) as w:
+    # claim four ahead of the busy worker, as a high job rate would
+    ahead = WorkerTiming(min_prefetch=4)
+    async with kongtask.open_worker(worker_dsn, {"t": h}, concurrency=1, timing=ahead) as w:
         await wait_until(lambda: started)
-        w._rate = 10_000.0  # as a high job rate would: claim ahead of the busy worker
-        w._wake_fetcher()
         await wait_until(lambda: w.statistics().queued_locally == 4)
         assert w.statistics().returned == 0
         gate.set()

@@ -10,11 +10,11 @@ import json
 import math
 from datetime import UTC, datetime, timedelta
 
-import trio
-import trio.testing
 from hypothesis import given, strategies as st
 
 from kongtask._cron import _parse_pattern, js_json
+from kongtask._worker._claim_sizing import ClaimSizer
+from kongtask._worker._timing import WorkerTiming
 
 FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31), ("month", 1, 12), ("dow", 0, 6))
 
@@ -127,27 +127,18 @@ def test_claim_size_never_overfills_and_never_starves(
     """Whatever the load: a claim takes at most batch_size, the pool holds at most its
     concurrency plus 0.1 s of work at the observed rate, and an idle slot with nothing
     queued locally always gets a claim."""
-    from collections import deque
-
-    from test_worker_timing import make_worker
-
-    from kongtask._worker import PREFETCH_LOOKAHEAD, _JobSlot
-
     running = min(running, concurrency)
-
-    async def check() -> None:
-        w = make_worker(concurrency=concurrency, batch_size=batch_size)
-        w._started = 0
-        await trio.sleep(1)
-        w._started = jobs_per_second  # a second later: this rate
-        w._running = {i: _JobSlot() for i in range(running)}
-        w._local = deque((object(), 0.0) for _ in range(local))  # type: ignore[misc]
-        w._idle_workers = concurrency - running
-        size = w._claim_size()
-        prefetch = min(batch_size, int(jobs_per_second * PREFETCH_LOOKAHEAD))
-        assert 0 <= size <= batch_size
-        assert size == 0 or running + local + size <= concurrency + prefetch
-        if running < concurrency and local == 0:
-            assert size >= 1
-
-    trio.run(check, clock=trio.testing.MockClock(autojump_threshold=0))
+    lookahead = WorkerTiming().prefetch_lookahead
+    sizer = ClaimSizer(concurrency, batch_size, lookahead=lookahead)
+    # a second after the start: this rate
+    size = sizer.size(
+        1.0,
+        started=jobs_per_second,
+        in_flight=running + local,
+        idle_worker_waits=running < concurrency and local == 0,
+    )
+    prefetch = min(batch_size, int(jobs_per_second * lookahead))
+    assert 0 <= size <= batch_size
+    assert size == 0 or running + local + size <= concurrency + prefetch
+    if running < concurrency and local == 0:
+        assert size >= 1

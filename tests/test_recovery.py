@@ -27,6 +27,7 @@ from kongtask._liveness import (
 )
 from kongtask._liveness_sql import LOCK_HELD
 from kongtask._pg import Database
+from kongtask.testing import WorkerTiming
 
 S = "graphile_worker"
 
@@ -326,7 +327,7 @@ _CLI = "import sys, trio, kongtask; sys.exit(trio.run(kongtask.main))"
 
 
 async def test_killed_worker_jobs_run_elsewhere_within_seconds(
-    kongtask_dsn: str, ldb: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    kongtask_dsn: str, ldb: Database, tmp_path: Path
 ) -> None:
     """kill -9 a real ``kongtask run`` holding jobs: the live pool's dead-pool sweep
     releases them (a ``pool:sweep`` event naming the dead pool) and they run there.
@@ -342,7 +343,7 @@ async def test_killed_worker_jobs_run_elsewhere_within_seconds(
 
     # The test server may have started moments ago; the restart grace protects
     # reconnecting pools after a server restart and is not what this test is about.
-    monkeypatch.setattr("kongtask._liveness.DEFAULT_RESTART_GRACE", 0.0)
+    no_restart_grace = WorkerTiming(dead_pool_restart_grace=0.0)
     client = Client(ldb, S)
     jobs = [
         (await client.add_job("block", {"i": i}, queue_name="serial" if i == 0 else None)).id
@@ -406,7 +407,11 @@ async def test_killed_worker_jobs_run_elsewhere_within_seconds(
                 sweeps.append(event)
 
         async with open_worker(
-            kongtask_dsn, {"block": block}, poll_interval=0.2, on_event=on_event
+            kongtask_dsn,
+            {"block": block},
+            poll_interval=0.2,
+            on_event=on_event,
+            timing=no_restart_grace,
         ):
             proc.send_signal(signal.SIGKILL)
             killed_at = trio.current_time()
@@ -460,6 +465,23 @@ async def test_pool_retakes_its_lock_after_losing_its_listener(
             await ran.wait()
 
 
+class FailingClaims:
+    """``forbidden_flags`` for a pool whose next claim fails, on demand: what a claim whose
+    reply was lost looks like to the pool (it cannot tell whether it committed)."""
+
+    def __init__(self) -> None:
+        self._fail = False
+
+    def fail_next(self) -> None:
+        self._fail = True
+
+    def flags(self) -> list[str]:
+        if self._fail:
+            self._fail = False
+            raise ConnectionError("the claim's reply was lost (simulated)")
+        return []
+
+
 async def test_jobs_of_a_lost_claim_reply_are_returned(kongtask_dsn: str, ldb: Database) -> None:
     """A claim that committed although its reply was lost leaves jobs locked by a live
     pool that does not know them: the pool finds them and gives them back."""
@@ -472,7 +494,10 @@ async def test_jobs_of_a_lost_claim_reply_are_returned(kongtask_dsn: str, ldb: D
         raise AssertionError("not due yet: never runs")
 
     later = datetime.now(UTC) + timedelta(hours=1)
-    async with open_worker(kongtask_dsn, {"job": job}, poll_interval=0.2) as worker:
+    claim_fails = FailingClaims()
+    async with open_worker(
+        kongtask_dsn, {"job": job}, poll_interval=0.2, forbidden_flags=claim_fails.flags
+    ) as worker:
         job_id = (await Client(ldb, S).add_job("job", {}, run_at=later)).id
         # Simulate the lost reply: lock the job for this pool behind its back, as a claim
         # that committed would have.
@@ -482,8 +507,7 @@ async def test_jobs_of_a_lost_claim_reply_are_returned(kongtask_dsn: str, ldb: D
             worker.pool_id,
             job_id,
         )
-        worker._schedule_reconcile()  # what a failed claim does
-        worker._wake_fetcher()
+        claim_fails.fail_next()  # a failed claim: the pool looks for jobs it lost
         await _poll(
             ldb,
             f"select locked_by is null and attempts = 0 from {S}._private_jobs where id = $1",
@@ -522,28 +546,32 @@ async def test_pgbouncer_mode_pools_are_unmarked_and_keep_the_4_hour_rule(
 
 
 async def test_jobs_of_a_lost_claim_that_commits_late_are_returned(
-    kongtask_dsn: str, ldb: Database, monkeypatch: pytest.MonkeyPatch
+    kongtask_dsn: str, ldb: Database
 ) -> None:
     """The statement of a claim given up on may commit on the server after the pool's
     first look for its jobs: the pool looks again later and gives them back then."""
     from datetime import datetime, timedelta
 
-    from kongtask import Client, _worker
-
-    monkeypatch.setattr(_worker, "RECONCILE_AGAIN_AFTER", (0.5,))
+    from kongtask import Client, open_worker
 
     async def job(job: object, ctx: object) -> None:
         raise AssertionError("not due yet: never runs")
 
     later = datetime.now(UTC) + timedelta(hours=1)
-    async with _worker.open_worker(kongtask_dsn, {"job": job}, poll_interval=30) as worker:
+    claim_fails = FailingClaims()
+    async with open_worker(
+        kongtask_dsn,
+        {"job": job},
+        poll_interval=0.2,
+        forbidden_flags=claim_fails.flags,
+        timing=WorkerTiming(reconcile_again_after=(2.0,)),
+    ) as worker:
         job_id = (await Client(ldb, S).add_job("job", {}, run_at=later)).id
-        worker._schedule_reconcile()  # what a failed claim does
-        first_look = trio.current_time()
-        worker._wake_fetcher()
+        assert worker.statistics().lost_claim_checks == 0
+        claim_fails.fail_next()  # a failed claim: a look now, and one 2 s later
         with trio.fail_after(10):  # until the first look is done
             while True:
-                if not worker._reconcile_due or worker._reconcile_due[0] > first_look:
+                if worker.statistics().lost_claim_checks == 1:
                     break
                 await trio.sleep(0.01)
         # now the lost claim commits
@@ -558,18 +586,17 @@ async def test_jobs_of_a_lost_claim_that_commits_late_are_returned(
             f"select locked_by is null and attempts = 0 from {S}._private_jobs where id = $1",
             job_id,
         )
-        assert worker._reconcile_due == []
+        assert worker.statistics().lost_claim_checks == 0
 
 
 async def test_outcomes_that_keep_failing_stop_the_pool_and_lose_nothing(
-    kongtask_dsn: str, ldb: Database, monkeypatch: pytest.MonkeyPatch
+    kongtask_dsn: str, ldb: Database
 ) -> None:
     """A completion that fails with a non-transient error GIVE_UP_AFTER times in a row
     stops the pool with exit code 1; the job stays in the table and is handed back."""
-    from kongtask import Client, _worker
+    from kongtask import Client, open_worker
 
-    monkeypatch.setattr(_worker, "retry_delay", lambda attempt: 0.01)
-    monkeypatch.setattr(_worker, "FLUSH_TIMEOUT", 0.5)
+    timing = WorkerTiming(retry_cap=0.01, flush_timeout=0.5)
     await ldb.execute(
         f"""create function {S}.no_deletes() returns trigger language plpgsql as $$
         begin raise exception 'deleting jobs is disabled today'; end $$;
@@ -588,14 +615,14 @@ async def test_outcomes_that_keep_failing_stop_the_pool_and_lose_nothing(
             errors.append(event.get("error"))
 
     job_id = (await Client(ldb, S).add_job("job", {})).id
-    async with _worker.open_worker(
-        kongtask_dsn, {"job": job}, poll_interval=0.2, on_event=on_event
+    async with open_worker(
+        kongtask_dsn, {"job": job}, poll_interval=0.2, on_event=on_event, timing=timing
     ) as worker:
         with trio.fail_after(20):
             await worker.wait_stopped()
     assert ran == [job_id]
     assert worker.exit_code == 1
-    assert len(errors) >= _worker.GIVE_UP_AFTER
+    assert len(errors) >= timing.give_up_after
     assert "deleting jobs is disabled today" in str(errors[-1])
     # nothing lost: the job is still there, locked by the stopped pool (its handler ran,
     # so it is not handed back to run again while the database refuses the outcome)
@@ -606,6 +633,6 @@ async def test_outcomes_that_keep_failing_stop_the_pool_and_lose_nothing(
     # once the database is fixed, `kongtask unlock` hands it to the next pool
     await ldb.execute(f"drop trigger no_deletes on {S}._private_jobs")
     await Client(ldb, S).force_unlock_workers([worker.pool_id])
-    async with _worker.open_worker(kongtask_dsn, {"job": job}, poll_interval=0.2):
+    async with open_worker(kongtask_dsn, {"job": job}, poll_interval=0.2):
         await _poll(ldb, f"select not exists (select 1 from {S}._private_jobs)")
     assert ran == [job_id, job_id]

@@ -10,7 +10,7 @@ import functools
 import itertools
 import logging
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import trio
@@ -19,8 +19,15 @@ from test_worker import assert_clean
 
 import kongtask
 from kongtask._config import quote_ident
+from kongtask._events import EventEmitter
 from kongtask._migrate import migrate, own_function_statement, refresh_own_bodies, render_sql
+from kongtask._outage import OutageLog
 from kongtask._pg import Database
+from kongtask._sql import WorkerQueries
+from kongtask._worker._claim_sizing import ClaimSizer
+from kongtask._worker._fetcher import FetchWakeup, TaskRegistry
+from kongtask._worker._housekeeping import Housekeeping, watch_unsupported_tasks
+from kongtask.testing import WorkerTiming
 
 S = "graphile_worker"
 J = f"{S}._private_jobs"
@@ -128,9 +135,10 @@ async def test_ready_jobs_of_unsupported_tasks_are_reported(
         worker_dsn, {"ours": ours}, forbidden_flags=["never"], poll_interval=60
     ) as worker:
         ours_id = await add_job_row(tdb, "ours", run_at=long_ago, flags=["never"])
+        check = await unsupported_task_check(tdb, worker.pool_id, ["ours"])
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kongtask.worker"):
-            found = await worker._report_unsupported_tasks()
+            found = await check.report_unsupported_tasks()
         assert found == {"nobody_runs_this": 3, "nor_this": 1}
         [record] = [r for r in caplog.records if "does not support" in r.getMessage()]
         text = record.getMessage()
@@ -143,38 +151,67 @@ async def test_ready_jobs_of_unsupported_tasks_are_reported(
         )
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kongtask.worker"):
-            assert await worker._report_unsupported_tasks() == {}
+            assert await check.report_unsupported_tasks() == {}
         assert not [r for r in caplog.records if "does not support" in r.getMessage()]
     await tdb.execute(f"delete from {J} where id = any($1)", [locked, ours_id])
     await assert_clean(tdb)
 
 
 async def test_the_unsupported_task_check_runs_rarely(
-    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     """First after 60-120 s, then every 270-330 s: a warning at most every few minutes."""
-    from kongtask import _worker
-
     calls: list[float] = []
 
-    class Stub:
-        _runners: ClassVar[dict[str, None]] = {"t": None}
-
-        async def _report_unsupported_tasks(self) -> dict[str, int]:
-            calls.append(trio.current_time())
-            return {}
+    async def report() -> dict[str, int]:
+        calls.append(trio.current_time())
+        return {}
 
     with trio.move_on_after(60 + 120 + 4 * 330):
-        await _worker.Worker._unsupported_task_watch(Stub())  # type: ignore[arg-type]
+        await watch_unsupported_tasks(report)
     assert 60 <= calls[0] <= 120
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert len(gaps) >= 3
     assert all(270 <= gap <= 330 for gap in gaps)
-    monkeypatch.setattr(Stub, "_runners", {})
-    calls.clear()
-    with trio.move_on_after(10_000):
-        await _worker.Worker._unsupported_task_watch(Stub())  # type: ignore[arg-type]
-    assert calls == []
+
+
+async def test_a_pool_without_tasks_does_not_watch_for_unsupported_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A cron-only pool knows no task to compare: it starts no watch."""
+    started: list[object] = []
+
+    class Nursery:
+        def start_soon(self, fn: object, *args: object) -> None:
+            started.append(fn)
+
+    with_tasks = Housekeeping(None, None, "pool-x", **_housekeeping_parts(["t"]))  # type: ignore[arg-type]
+    with_tasks.start(Nursery())  # type: ignore[arg-type]
+    assert watch_unsupported_tasks in started
+    started.clear()
+    without = Housekeeping(None, None, "pool-x", **_housekeeping_parts([]))  # type: ignore[arg-type]
+    without.start(Nursery())  # type: ignore[arg-type]
+    assert started
+    assert watch_unsupported_tasks not in started
+
+
+def _housekeeping_parts(identifiers: list[str], db: Any = None) -> dict[str, Any]:
+    pool_id = "pool-test"
+    return {
+        "schema": "graphile_worker",
+        "tasks": TaskRegistry(db, WorkerQueries("graphile_worker"), identifiers),
+        "wakeup": FetchWakeup(ClaimSizer(1, 1, lookahead=0.1)),
+        "events": EventEmitter(None, pool_id),
+        "outage": OutageLog(logging.getLogger("kongtask.worker"), pool_id),
+        "timing": WorkerTiming(),
+    }
+
+
+async def unsupported_task_check(db: Database, pool_id: str, ours: list[str]) -> Housekeeping:
+    """The check for unsupported tasks of a pool that runs ``ours``."""
+    parts = _housekeeping_parts(ours, db)
+    await parts["tasks"].register()
+    return Housekeeping(db, WorkerQueries("graphile_worker"), pool_id, **parts)
 
 
 # --- add_jobs keeps the batch's order ------------------------------------------------------

@@ -21,6 +21,7 @@ import trio
 
 import kongtask
 from kongtask._pg import Database
+from kongtask.testing import WorkerTiming
 
 log = logging.getLogger("tests.worker")
 S = "graphile_worker"
@@ -277,7 +278,7 @@ async def test_notify_wakes_an_idle_worker(tdb: Database, worker_dsn: str) -> No
 
     async with kongtask.open_worker(worker_dsn, {"t": h}, poll_interval=3600) as w:
         # let the first (empty) claim happen, so only the notification can wake the pool
-        await wait_until(lambda: w._fetch_idle)  # claimed nothing, waits for news
+        await wait_until(lambda: w.statistics().fetcher == "waiting for jobs")  # found none
         await tdb.execute(f"select {S}.add_job('t')")
         with trio.fail_after(20):  # far below the 3600 s poll: only the NOTIFY can do it
             await started.wait()
@@ -327,11 +328,10 @@ async def test_unstarted_claimed_jobs_are_returned(tdb: Database, worker_dsn: st
         await gate.wait()
 
     await tdb.execute(f"select {S}.add_job('t') from generate_series(1, 5)")
-    async with kongtask.open_worker(worker_dsn, {"t": h}, concurrency=1) as w:
+    # claim four ahead of the busy worker, as a high job rate would
+    ahead = WorkerTiming(min_prefetch=4)
+    async with kongtask.open_worker(worker_dsn, {"t": h}, concurrency=1, timing=ahead) as w:
         await wait_until(lambda: started)
-        # force a batch into the local queue, as a high job rate would
-        w._rate = 10_000.0
-        w._wake_fetcher()
         await wait_until(lambda: w.statistics().queued_locally == 4)
         counts = await tdb.fetchval(f"select count(*) from {J} where locked_by = $1", w.pool_id)
         assert counts == 5
@@ -469,7 +469,7 @@ async def test_listen_connection_is_reestablished(tdb: Database, worker_dsn: str
         assert killed == 1
         await wait_until(lambda: len(rec.names("pool:listen:success")) == 2)
         assert rec.names("pool:listen:error")
-        await wait_until(lambda: w._fetch_idle)
+        await wait_until(lambda: w.statistics().fetcher == "waiting for jobs")
         await tdb.execute(f"select {S}.add_job('t')")
         await wait_until(lambda: len(rec.intervals) == 1, limit=2)
         await wait_until(lambda: w.statistics().completed == 1)
@@ -509,12 +509,12 @@ async def test_claimed_jobs_waiting_past_the_ttl_are_returned(
         await gate.wait()
 
     await tdb.execute(f"select {S}.add_job('t') from generate_series(1, 5)")
+    # claim four ahead of the busy worker, as a high job rate would
+    ahead = WorkerTiming(min_prefetch=4)
     async with kongtask.open_worker(
-        worker_dsn, {"t": h}, local_queue_ttl=0.3, on_event=rec.on_event
+        worker_dsn, {"t": h}, local_queue_ttl=0.3, on_event=rec.on_event, timing=ahead
     ) as w:
         await wait_until(lambda: started)
-        w._rate = 10_000.0  # as a high job rate would: claim ahead of the busy worker
-        w._wake_fetcher()
         await wait_until(lambda: w.statistics().queued_locally == 4)
         # nobody starts them: after the TTL they go back to the table for other pools
         await wait_until(lambda: [e for e in rec.names("job:returned") if e["reason"] == "ttl"])

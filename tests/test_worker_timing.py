@@ -7,38 +7,24 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from kongtask._worker import (
-    Worker,
-    _JobSlot,
-    _runners,
+from kongtask._events import EventEmitter
+from kongtask._worker._claim_sizing import ClaimSizer
+from kongtask._worker._housekeeping import run_stale_sweeps
+from kongtask._worker._lifecycle import Lifecycle
+from kongtask._worker._timing import (
+    WorkerTiming,
     failure_delay,
     listen_reconnect_delay,
     parse_insert_count,
     retry_delay,
 )
 
-
-def make_worker(**overrides: Any) -> Worker:
-    options: dict[str, Any] = {
-        "concurrency": 4,
-        "poll_interval": 2.0,
-        "batch_size": 500,
-        "forbidden_flags": None,
-        "on_event": None,
-        "crontab": None,
-        "grace": 5.0,
-        "local_queue_ttl": 300.0,
-        "once": False,
-        "marked": True,
-    }
-    options.update(overrides)
-    return Worker(None, "graphile_worker", _runners({"t": lambda job, ctx: None}), **options)  # type: ignore[arg-type]
+LOOKAHEAD = WorkerTiming().prefetch_lookahead
 
 
 def test_failure_delay_follows_exp_of_attempts_capped_at_10() -> None:
@@ -75,12 +61,11 @@ def test_parse_insert_count() -> None:
 async def test_sweep_schedule(autojump_clock: trio.testing.MockClock) -> None:
     times: list[float] = []
 
-    class Stub:
-        async def _sweep_once(self) -> None:
-            times.append(trio.current_time())
+    async def sweep_once() -> None:
+        times.append(trio.current_time())
 
     with trio.move_on_after(4000):
-        await Worker._sweeper(Stub())  # type: ignore[arg-type]
+        await run_stale_sweeps(sweep_once)
     assert 0 <= times[0] < 60
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) >= 6
@@ -88,39 +73,66 @@ async def test_sweep_schedule(autojump_clock: trio.testing.MockClock) -> None:
     assert len(set(gaps)) > 1  # jittered
 
 
+def test_timing_retry_delay_is_capped_by_its_setting() -> None:
+    assert WorkerTiming().retry_delay(50) <= 10.0
+    assert WorkerTiming(retry_cap=0.01).retry_delay(50) <= 0.01
+    assert WorkerTiming(retry_cap=0.01).retry_delay(50) >= 0.005
+
+
 async def test_grace_deadline_and_forceful_second_stop(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    w = make_worker(grace=5.0)
+    lifecycle = Lifecycle("pool-test", EventEmitter(None, "pool-test"), default_grace=5.0)
     await trio.sleep(10)
-    w.shutdown_nowait()
-    assert w.stopping
-    assert w._grace_deadline == 15.0
-    scope = trio.CancelScope(deadline=w._grace_deadline)
-    w._grace_scope = scope
+    lifecycle.request_stop()
+    assert lifecycle.stopping
+    assert lifecycle.stop_requested.is_set()
+    assert lifecycle.grace_deadline == 15.0
+    scope = lifecycle.grace_scope()
+    assert scope.deadline == 15.0
     await trio.sleep(1)
-    w.shutdown_nowait(grace=30)  # a longer grace never extends the first
-    assert w._grace_deadline == 15.0
-    w.shutdown_nowait(grace=0)  # the second signal: now
-    assert w._grace_deadline == scope.deadline == 11.0
+    lifecycle.request_stop(grace=30)  # a longer grace never extends the first
+    assert lifecycle.grace_deadline == scope.deadline == 15.0
+    lifecycle.request_stop(grace=0)  # the second signal: now
+    assert lifecycle.grace_deadline == scope.deadline == 11.0
 
 
-async def test_claim_size_tracks_capacity_and_job_rate(
+async def test_the_first_exit_code_asked_for_is_kept(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    w = make_worker(concurrency=4, batch_size=500)
+    lifecycle = Lifecycle("pool-test", EventEmitter(None, "pool-test"), default_grace=5.0)
+    assert lifecycle.exit_code is None
+    lifecycle.request_stop(exit_code=57)
+    lifecycle.request_stop(exit_code=1)
+    assert lifecycle.exit_code == 57
+
+
+def test_claim_size_tracks_capacity_and_job_rate() -> None:
+    sizer = ClaimSizer(4, 500, lookahead=LOOKAHEAD)
     # idle, no rate known: claim exactly the free slots
-    assert w._claim_size() == 4
+    assert sizer.size(0.0, started=0, in_flight=0, idle_worker_waits=True) == 4
     # all four running: nothing to claim, a refill is due when a quarter (one) is free
-    w._running = {i: _JobSlot() for i in range(4)}
-    assert w._claim_size() == 0
-    assert w._refill_below == 3
+    assert sizer.size(0.0, started=0, in_flight=4, idle_worker_waits=False) == 0
+    assert sizer.refill_below == 3
     # a high job rate adds a prefetch (0.1 s of work), capped by batch_size
-    w._started = 0
-    await trio.sleep(1)
-    w._started = 3000
-    size = w._claim_size()
+    size = sizer.size(1.0, started=3000, in_flight=4, idle_worker_waits=False)
     assert size == 300  # 3000 jobs/s * 0.1 s, workers busy
-    w._started = 1_000_000
-    await trio.sleep(1)
-    assert w._claim_size() == 500
+    assert sizer.size(2.0, started=1_003_000, in_flight=4, idle_worker_waits=False) == 500
+
+
+def test_claim_size_follows_a_falling_rate_with_a_short_memory() -> None:
+    sizer = ClaimSizer(1, 10_000, lookahead=LOOKAHEAD)
+    sizer.size(1.0, started=10_000, in_flight=1, idle_worker_waits=False)
+    assert sizer.rate == 10_000  # up at once
+    sizer.size(1.1, started=10_000, in_flight=1, idle_worker_waits=False)
+    assert sizer.rate == pytest.approx(5_000)  # halfway down after half the memory
+    sizer.size(1.5, started=10_000, in_flight=1, idle_worker_waits=False)
+    assert sizer.rate == 0
+
+
+def test_claim_size_keeps_the_minimum_prefetch() -> None:
+    sizer = ClaimSizer(1, 40, lookahead=LOOKAHEAD, min_prefetch=40)
+    assert sizer.size(0.0, started=0, in_flight=0, idle_worker_waits=True) == 40
+    # a small deficit waits for a quarter of the target to be free, unless a worker idles
+    assert sizer.size(0.0, started=0, in_flight=40, idle_worker_waits=False) == 0
+    assert sizer.size(0.0, started=0, in_flight=40, idle_worker_waits=True) == 1

@@ -1,9 +1,11 @@
-"""Testing helpers: a real PostgreSQL for tests (and the pytest plugin's fixtures), and a
-TCP proxy that breaks connections on demand (:class:`TcpProxy`).
+"""Testing helpers: a real PostgreSQL for tests (and the pytest plugin's fixtures), a TCP
+proxy that breaks connections on demand (:class:`TcpProxy`), and the worker's timing
+policy (:class:`WorkerTiming`), which tests shorten: ``open_worker(..., timing=...)``.
 
 The hypothesis lifecycle harness lives in :mod:`kongtask.testing.lifecycle`.
 """
 
+from .._worker._timing import WorkerTiming as WorkerTiming
 from ._postgres import (
     NO_SERVER_MESSAGE as NO_SERVER_MESSAGE,
     PostgresServer as PostgresServer,
@@ -18,6 +20,7 @@ __all__ = [
     "NO_SERVER_MESSAGE",
     "PostgresServer",
     "TcpProxy",
+    "WorkerTiming",
     "docker_engine_available",
     "find_pg_bindir",
     "provide_postgres",

@@ -66,7 +66,7 @@ MUTANTS = (
     ),
     Mutant(
         "a completion is dropped",
-        "_worker.py",
+        "_worker/_completer.py",
         "            self._ok.append(write.job)\n",
         "            pass\n",
         (WORKER_PROPS,),
@@ -95,8 +95,8 @@ MUTANTS = (
     ),
     Mutant(
         "LISTEN is ignored",
-        "_worker.py",
-        "            if parse_insert_count(payload) > 0:\n                self._wake_fetcher()",
+        "_worker/_notifier.py",
+        "            if parse_insert_count(payload) > 0:\n                self._wakeup.nudge()",
         "            if parse_insert_count(payload) > 0:\n                pass",
         ("tests/test_worker.py::test_notify_wakes_an_idle_worker",),
     ),
@@ -116,16 +116,16 @@ MUTANTS = (
     ),
     Mutant(
         "the local-queue TTL never fires",
-        "_worker.py",
-        "while self._local and self._local[0][1] <= limit:",
+        "_worker/_local_queue.py",
+        "while held and held[0][1] <= limit:",
         "while False:",
         ("tests/test_worker.py::test_claimed_jobs_waiting_past_the_ttl_are_returned",),
     ),
     Mutant(
         "the shutdown grace is ignored",
-        "_worker.py",
-        "with trio.move_on_at(self._grace_deadline) as grace_scope:",
-        "with trio.move_on_at(-math.inf) as grace_scope:",
+        "_worker/_lifecycle.py",
+        "scope = trio.CancelScope(deadline=self._grace_deadline)",
+        "scope = trio.CancelScope(deadline=-math.inf)",
         (f"{PROMISES}::test_a_job_that_ends_within_the_grace_completes",),
     ),
     Mutant(
