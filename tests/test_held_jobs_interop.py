@@ -14,14 +14,12 @@ import pytest
 import trio
 from _worker_helpers import add_job_row
 from oracle import node_command
-from test_held_jobs import CLAIM, Runs, locked_by, pinned_claims, recheck_always, wait_until
+from test_held_jobs import CLAIM, RECHECK_ALWAYS, Runs, locked_by, wait_until
 
 import kongtask
 from kongtask._pg import open_database
 
 pytestmark = pytest.mark.oracle
-# fixtures used by name
-__all__ = ["pinned_claims", "recheck_always"]
 # (WorkerUtils of 0.18 has addJob but no removeJob: Node code calls the SQL function)
 
 S = "graphile_worker"
@@ -77,8 +75,6 @@ async def _record(conn: Any, job_id: int, value: str | None) -> None:
 async def test_node_removes_and_replaces_jobs_a_kongtask_pool_holds(
     worker_dsn: str,
     node: tuple[list[str], dict[str, str]],
-    pinned_claims: None,
-    recheck_always: None,
     shutdown: bool,
 ) -> None:
     argv, env = node
@@ -96,7 +92,12 @@ async def test_node_removes_and_replaces_jobs_a_kongtask_pool_holds(
             for n in range(1, 11)
         }
         async with trio.open_nursery() as nursery:
-            async with kongtask.open_worker(worker_dsn, tasks, batch_size=CLAIM) as pool:
+            # held for as long as the test wants: the Node admin script may start later
+            # than the default TTL, which would hand the jobs back (and let add_job
+            # update an unlocked row in place) before it runs
+            async with kongtask.open_worker(
+                worker_dsn, tasks, batch_size=CLAIM, local_queue_ttl=60, timing=RECHECK_ALWAYS
+            ) as pool:
                 with trio.fail_after(20):
                     await runs.blocking.wait()
                 assert set(old.values()) <= await locked_by(db, pool.pool_id)

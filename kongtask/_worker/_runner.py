@@ -19,7 +19,7 @@ from .._logging import job_extra
 from .._observe import JobObserver
 from ._completer import Completer
 from ._context import JobContext, JobSlot, PoolServices
-from ._fetcher import FetchWakeup
+from ._fetcher import WAITING_FOR_CAPACITY, FetchWakeup
 from ._handlers import Runner
 from ._lifecycle import Lifecycle
 from ._local_queue import HeldRecheck, LocalQueue
@@ -241,13 +241,16 @@ class JobRunner:
             timed_out = (cancelled is not None and slot.cancelled_by is None) or (
                 not runner.is_async and trio.current_time() - start > runner.timeout
             )
-        error, message = classify(
-            error,
-            cancelled=cancelled is not None,
-            also=also,
-            cancelled_by_pool=slot.cancelled_by == "pool",
-            timed_out_after=runner.timeout if timed_out else None,
-        )
+        if error is not None or cancelled is not None or timed_out:
+            error, message = classify(
+                error,
+                cancelled=cancelled is not None,
+                also=also,
+                cancelled_by_pool=slot.cancelled_by == "pool",
+                timed_out_after=runner.timeout if timed_out else None,
+            )
+        else:
+            message = ""  # the handler returned: what classify() says of such a run
         replacement: str | None = None
         if error is None:
             batch = self._batch_outcome(job, result)
@@ -278,7 +281,9 @@ class JobRunner:
             events.emit("job:complete", job=job)
             self._log_failure(job, error, message, final)
         # capacity freed: tell a fetcher that waits for it
-        self._wakeup.capacity_freed(len(self._queue.held) + len(self.running))
+        wakeup = self._wakeup
+        if wakeup.state is WAITING_FOR_CAPACITY:
+            wakeup.capacity_freed(len(self._queue.held) + len(self.running))
         if cancelled is not None:
             raise cancelled
 
