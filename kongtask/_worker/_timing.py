@@ -69,6 +69,9 @@ class WorkerTiming:
         return retry_delay(attempt, cap=self.retry_cap)
 
 
+# its public home (kongtask.testing loads it on first use): named so in docs and reprs
+WorkerTiming.__module__ = "kongtask.testing"
+
 DEFAULT_TIMING = WorkerTiming()
 
 

@@ -5,7 +5,9 @@ policy (:class:`WorkerTiming`), which tests shorten: ``open_worker(..., timing=.
 The hypothesis lifecycle harness lives in :mod:`kongtask.testing.lifecycle`.
 """
 
-from .._worker._timing import WorkerTiming as WorkerTiming
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._postgres import (
     NO_SERVER_MESSAGE as NO_SERVER_MESSAGE,
     PostgresServer as PostgresServer,
@@ -15,6 +17,9 @@ from ._postgres import (
     run_sync_sql as run_sync_sql,
 )
 from ._proxy import TcpProxy as TcpProxy
+
+if TYPE_CHECKING:
+    from .._worker._timing import WorkerTiming as WorkerTiming
 
 __all__ = [
     "NO_SERVER_MESSAGE",
@@ -26,3 +31,17 @@ __all__ = [
     "provide_postgres",
     "run_sync_sql",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The worker's package loads on first use, as in ``kongtask``: the pytest plugin
+    # imports this package in every test session, most of which never start a pool.
+    if name != "WorkerTiming":
+        raise AttributeError(f"module 'kongtask.testing' has no attribute {name!r}")
+    value = importlib.import_module("kongtask._worker._timing").WorkerTiming
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
