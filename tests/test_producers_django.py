@@ -125,7 +125,7 @@ async def test_a_view_saves_a_model_and_enqueues_in_one_atomic_block(django_dsn:
         open_database(django_dsn) as db,
         kongtask.open_worker(django_dsn, {"confirm_order": confirm_order}, poll_interval=3600) as w,
     ):
-        await wait_until(lambda: w._fetch_idle)
+        await wait_until(lambda: w.statistics().fetcher == "waiting for jobs")
         with pytest.raises(ValueError, match="negative order numbers"):
             await trio.to_thread.run_sync(_post, -1)
         assert await db.fetchval("select count(*) from orders_order where number = -1") == 0

@@ -76,7 +76,9 @@ async def test_the_examples_run(
     ]
 
     async with kongtask.open_worker(kongtask_dsn, tasks, poll_interval=3600) as w:
-        await wait_until(lambda: w._fetch_idle and w.statistics().completed == 3)
+        await wait_until(
+            lambda: w.statistics().fetcher == "waiting for jobs" and w.statistics().completed == 3
+        )
         assert "added job" in await _run(tmp_path, kongtask_dsn, "script.py")
         out = await _run(
             tmp_path,

@@ -20,6 +20,7 @@ from test_worker import assert_clean, wait_until
 
 import kongtask
 from kongtask._pg import Database, open_database
+from kongtask.testing import WorkerTiming
 
 pytestmark = pytest.mark.oracle
 
@@ -176,14 +177,21 @@ async def test_named_queue_is_serial_across_kongtask_and_node_pools(
         node = await nursery.start(run_node)
         await wait_until(lambda: ran("node"), limit=30)
         tasks = {"rec": recorder("kongA")}
+        # a large local queue in our pools while the serial queue drains (the prefetch of
+        # a 5,000 jobs/s rate)
+        ahead = WorkerTiming(min_prefetch=500)
         async with (
-            kongtask.open_worker(worker_dsn, tasks, concurrency=4, poll_interval=0.05) as a,
             kongtask.open_worker(
-                worker_dsn, {"rec": recorder("kongB")}, concurrency=4, poll_interval=0.05
-            ) as b,
+                worker_dsn, tasks, concurrency=4, poll_interval=0.05, timing=ahead
+            ),
+            kongtask.open_worker(
+                worker_dsn,
+                {"rec": recorder("kongB")},
+                concurrency=4,
+                poll_interval=0.05,
+                timing=ahead,
+            ),
         ):
-            # a large local queue in our pools while the serial queue drains
-            a._rate = b._rate = 5_000.0
             # The pool that finishes a queue's job learns of the unlock first, so one
             # pool may keep a serial queue to itself for a while (fair enough, but this
             # test wants every pool in it): top the queue up until both of ours ran some.
