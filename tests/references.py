@@ -40,12 +40,8 @@ GENERATED = ("docs/_build/",)
 #: files of this repository; spelled in pieces so that this file does not mention them.
 BRIEF_DOCUMENTS = tuple(f"{name}.md" for name in ("SCHEMA", "STACK", "ARCHITECTURE", "STYLE"))
 
-#: Files allowed to keep mentions of those documents for now, each with the reason. The
-#: worker module is being split into a package by another branch that rewrites its
-#: comments; remove the entry when that branch is merged.
-PENDING_BRIEF_CLEANUP: dict[str, str] = {
-    "kongtask/_worker.py": "rewritten into kongtask/_worker/ by the worker split",
-}
+#: Files allowed to keep mentions of those documents for now, each with the reason.
+PENDING_BRIEF_CLEANUP: dict[str, str] = {}
 
 _EXTENSIONS = r"(?:md|py|toml|sql|cjs|js|json|txt|sh|cfg|ini|yml|yaml|html|css)"
 # a path from the top of the repository, maybe with an anchor: docs/worker.md#shutdown
