@@ -600,6 +600,7 @@ async def open_client(
         min_size=1,
         max_size=max_connections,
         prepared_statements=prepared_statements,
+        keep_spare=True,
     ) as db:
         client = Client(db, schema_name)
         client._tracing = tracer

@@ -314,6 +314,24 @@ def own_function_statement(name: str) -> tuple[str, str]:
     raise LookupError(f"no migration defines {name}")
 
 
+def _own_body_query(name: str) -> str:
+    """The body of function ``name``(job_spec[], ...) in schema ``$1``; no row when missing."""
+    return (
+        "select p.prosrc from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
+        f"where n.nspname = $1 and p.proname = {name} and p.proargtypes[0] = "
+        "(select t.typarray from pg_type t where t.typnamespace = n.oid "
+        "and t.typname = 'job_spec') limit 1"
+    )
+
+
+def _is_stale_own_body(current: str | None, wanted: str, quoted_schema: str) -> bool:
+    """Whether ``current`` is a body an older kongtask wrote (graphile-worker's bodies,
+    those of this release and missing functions are left alone)."""
+    if current is None or current == wanted:
+        return False
+    return OWN_BODY_MARKER in current.replace(quoted_schema, "")
+
+
 async def refresh_own_bodies(conn: asyncpg.Connection, schema: str) -> list[str]:
     """Re-create the functions of :data:`OWN_BODY_FUNCTIONS` whose body was written by an
     older kongtask release; returns their names.
@@ -337,18 +355,9 @@ async def refresh_own_bodies(conn: asyncpg.Connection, schema: str) -> list[str]
             latest = await conn.fetchval(f"select max(id) from {q}.migrations")
             if latest != latest_known_migration():
                 return refreshed
-            current = await conn.fetchval(
-                "select p.prosrc from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
-                "where n.nspname = $1 and p.proname = $2 and p.proargtypes[0] = "
-                "(select t.typarray from pg_type t where t.typnamespace = n.oid "
-                "and t.typname = 'job_spec')",
-                schema,
-                name,
-            )
-            if current is None or current == wanted:
+            current = await conn.fetchval(_own_body_query("$2"), schema, name)
+            if not _is_stale_own_body(current, wanted, q):
                 continue
-            if OWN_BODY_MARKER not in current.replace(q, ""):
-                continue  # graphile-worker's body (a database it migrated)
             await conn.execute(render_sql(statement, schema))
         log.info("updated the body of %s.%s to this kongtask release's", q, name)
         refreshed.append(name)
@@ -429,7 +438,47 @@ async def migrate(db: Database, schema: str | None = None) -> None:
       MigrationError: PostgreSQL is older than 12, or a migration failed (rolled back).
     """
     schema = resolve_schema(schema)
+    if await db.with_own_connection(_up_to_date, schema):
+        return
     await db.with_connection(migrate_connection, schema)
+
+
+async def _up_to_date(conn: asyncpg.Connection, schema: str) -> bool:
+    """Whether there is nothing to migrate: one read-only statement (asyncio side).
+
+    The usual start of a worker finds the schema at the newest migration with this
+    release's function bodies; this answers that in one round trip, without the
+    transaction and table lock that :func:`refresh_own_bodies` takes to change a body.
+    Anything else (no schema yet, an older or newer one, a stale body, an error) is left
+    to :func:`migrate_connection`, which reads the state again and does the work.
+    """
+    q = quote_ident(schema)
+    try:
+        row = await conn.fetchrow(
+            f"""
+            select
+              current_setting('server_version_num')::int as server_version_num,
+              (select id from {q}.migrations order by id desc limit 1) as latest,
+              array(
+                select ({_own_body_query("f.name")})
+                from unnest($2::text[]) with ordinality as f(name, n) order by f.n
+              ) as bodies
+            """,
+            schema,
+            list(OWN_BODY_FUNCTIONS),
+        )
+    except asyncpg.PostgresError:
+        return False
+    assert row is not None
+    if row["server_version_num"] < MIN_SERVER_VERSION_NUM:
+        return False
+    if row["latest"] != latest_known_migration():
+        return False
+    for name, current in zip(OWN_BODY_FUNCTIONS, row["bodies"], strict=True):
+        wanted = own_function_statement(name)[1].replace(SCHEMA_PLACEHOLDER, q)
+        if _is_stale_own_body(current, wanted, q):
+            return False
+    return True
 
 
 async def check_schema(db: Database, schema: str | None = None) -> SchemaStatus:
@@ -442,7 +491,7 @@ async def check_schema(db: Database, schema: str | None = None) -> SchemaStatus:
       SchemaTooNewError: the database holds a breaking migration newer than kongtask knows.
     """
     schema = resolve_schema(schema)
-    return await db.with_connection(check_schema_connection, schema)
+    return await db.with_own_connection(check_schema_connection, schema)
 
 
 def migrate_sync(dsn: str, schema: str | None = None) -> None:

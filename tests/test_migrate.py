@@ -16,6 +16,7 @@ import pytest
 import trio
 from _cli_helpers import cli_status
 
+import kongtask
 from kongtask._config import quote_ident
 from kongtask._errors import ConfigError, MigrationError, SchemaTooNewError
 from kongtask._migrate import (
@@ -154,6 +155,48 @@ async def test_newer_non_breaking_migration_warns_and_continues(
         for m in warnings
     ), warnings
     assert await cli_status(["migrate", "-c", kongtask_dsn, "--silent"]) == 0
+
+
+async def test_migrate_on_a_current_schema_takes_no_lock(kongtask_dsn: str) -> None:
+    """A worker's start usually finds nothing to migrate: that is answered by a read, which
+    does not queue behind a migrator's (or a body refresh's) lock on the migrations table."""
+    async with open_database(kongtask_dsn) as db:
+        holder = await db.connect()
+        try:
+            await db.run(holder.execute, "begin")
+            await db.run(
+                holder.execute, "lock table graphile_worker.migrations in share row exclusive mode"
+            )
+            with trio.fail_after(10):
+                await migrate(db)
+                status = await check_schema(db)
+        finally:
+            await db.close_connection(holder)
+    assert status.latest == latest_known_migration()
+
+
+async def test_worker_refused_at_start_leaves_no_connection_open(kongtask_dsn: str) -> None:
+    """The start opens the worker's own connections while it migrates: a start that fails
+    closes them too."""
+    async with open_database(kongtask_dsn, max_size=1) as db:
+        await db.execute("insert into graphile_worker.migrations (id, breaking) values (21, true)")
+
+        async def noop(job: Any, ctx: Any) -> None:
+            pass
+
+        for migrate_at_start in (True, False):
+            with pytest.raises(SchemaTooNewError):
+                async with kongtask.open_worker(
+                    kongtask_dsn, {"noop": noop}, migrate=migrate_at_start, handle_signals=False
+                ):
+                    pytest.fail("the worker started on a too-new schema")
+        with trio.fail_after(10):
+            # a closed session leaves pg_stat_activity right after its socket closes
+            while await db.fetchval(  # noqa: ASYNC110
+                "select count(*) from pg_stat_activity where datname = current_database()"
+                " and backend_type = 'client backend' and pid <> pg_backend_pid()"
+            ):
+                await trio.sleep(0.02)
 
 
 @pytest.mark.parametrize(

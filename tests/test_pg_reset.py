@@ -9,6 +9,7 @@ back on that same backend or seen from another connection.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -27,11 +28,29 @@ APP = "kongtask-reset-test"
 LOCK_KEY = 872_364_001
 
 
-@pytest.fixture
-async def one(kongtask_dsn: str) -> AsyncIterator[Database]:
-    """A one-connection pool with its own application_name, to find its backend."""
+@pytest.fixture(params=[False, True], ids=["pool", "spare"])
+async def one(kongtask_dsn: str, request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+    """A one-connection pool with its own application_name, to find its backend;
+    with and without the spare connection the client keeps."""
     async with open_database(
-        kongtask_dsn, min_size=1, max_size=1, server_settings={"application_name": APP}
+        kongtask_dsn,
+        min_size=1,
+        max_size=1,
+        server_settings={"application_name": APP},
+        keep_spare=request.param,
+    ) as database:
+        yield database
+
+
+@pytest.fixture
+async def spare(kongtask_dsn: str) -> AsyncIterator[Database]:
+    """A one-connection pool that keeps a spare, as the client's does."""
+    async with open_database(
+        kongtask_dsn,
+        min_size=1,
+        max_size=1,
+        server_settings={"application_name": APP},
+        keep_spare=True,
     ) as database:
         yield database
 
@@ -277,3 +296,104 @@ async def test_dedicated_connection_settings_apply_to_that_session_only(one: Dat
         await one.close_connection(conn)
     # the pool's sessions: the server's own values, not set by the client
     assert all(source != "client" for _, _, source in await one.with_connection(show))
+
+
+# --- the spare connection (open_database(keep_spare=True), as open_client does) ----------
+
+
+async def test_spare_stays_checked_out_for_the_next_own_statement(spare: Database) -> None:
+    pid = await spare.fetchval("select pg_backend_pid()")
+    # kept out of the pool: the next unit of own work takes it without the pool's hand-offs
+    assert spare.pool.get_idle_size() == 0
+    assert await spare.fetchval("select pg_backend_pid()") == pid
+
+
+async def test_lent_code_gets_the_spare_instead_of_waiting_for_the_pool(spare: Database) -> None:
+    """The one connection of the pool is the spare: user code must take it, not wait for
+    the pool, and hand it back reset."""
+    client = Client(spare, S)
+    await client.add_job("reset_test")
+    with trio.fail_after(10):
+        pid = await spare.with_connection(dirty_the_session)
+    # released through the pool (and reset), not kept as the spare
+    assert spare.pool.get_idle_size() == 1
+    with trio.fail_after(10):
+        state = await spare.with_connection(session_state)
+    assert state["pid"] == pid
+    assert state["statement_timeout"] != "12345ms"
+    assert state["advisory"] == 0
+
+
+async def test_a_spare_whose_backend_died_is_replaced(spare: Database, db: Database) -> None:
+    client = Client(spare, S)
+    await client.add_job("reset_test")
+    pid = (await backend(db))["pid"]
+    assert await db.fetchval("select pg_terminate_backend($1)", pid)
+    # asyncpg notices the lost connection by itself and gives the slot back to the pool
+    with trio.fail_after(10):
+        while spare.pool.get_idle_size() == 0:  # noqa: ASYNC110 (asyncpg has no event for it)
+            await trio.sleep(0.01)
+    assert spare._spare  # still parked: the next unit of work must notice
+
+    with trio.fail_after(10):
+        job = await client.add_job("reset_test", {"after": "restart"})
+    assert job.payload == {"after": "restart"}
+    assert (await backend(db))["pid"] != pid
+
+
+async def test_closing_hands_the_spare_back_first(
+    kongtask_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool's close waits for every checked-out connection (10 s, then it is torn
+    down with a warning): the spare goes back first, so the close is orderly."""
+    with caplog.at_level(logging.WARNING, logger="kongtask.pg"):
+        async with open_database(kongtask_dsn, max_size=1, keep_spare=True) as database:
+            await database.fetchval("select 1")
+            assert database._spare
+    assert "did not close" not in caplog.text
+    assert not database._spare
+
+
+# --- the crossing (Database.run) ---------------------------------------------------------
+
+
+async def test_a_unit_cancelled_before_it_starts_raises_cancelled(spare: Database) -> None:
+    """The trio side is cancelled before the asyncio task's first step: the task never
+    runs the unit, and the caller still gets its Cancelled (not a hang)."""
+    ran = False
+
+    async def unit() -> None:
+        nonlocal ran
+        ran = True
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await spare.run(unit)
+    assert scope.cancelled_caught
+    assert not ran
+    with trio.fail_after(10):
+        assert await spare.fetchval("select 42") == 42
+
+
+async def test_the_crossing_carries_results_errors_and_cancellations(spare: Database) -> None:
+    assert await spare.fetchval("select $1::int + 1", 41) == 42
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await spare.fetchval("select 1 / 0")
+
+    with trio.move_on_after(0.3) as scope:
+        await spare.fetchval("select pg_sleep(30)")
+    assert scope.cancelled_caught
+
+    # asyncio's cancellation is delivered once: a unit may finish its cleanup and return
+    async def swallows_the_cancel() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)  # cleanup still runs after the cancel
+            return "cleaned up"
+        return "not cancelled"
+
+    with trio.move_on_after(0.3):
+        assert await spare.run(swallows_the_cancel) == "cleaned up"
+    with trio.fail_after(10):
+        assert await spare.fetchval("select 42") == 42

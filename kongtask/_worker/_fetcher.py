@@ -180,6 +180,8 @@ class Fetcher:
         self._once = once
         # trio times at which to look for jobs of a claim whose reply was lost (sorted)
         self.reconcile_due: list[float] = []
+        # the claiming connection opened during the pool's start (preopen), until used
+        self._preopened: Any = None
 
     def claim_size(self) -> int:
         """How many jobs to claim now (0 = wait for capacity)."""
@@ -287,6 +289,20 @@ class Fetcher:
             # the fetcher must not block on the round trip: the completer writes it
             self._completer.send_returns(expired, "ttl")
 
+    async def preopen(self) -> None:
+        """Open the claiming connection now (the pool's start overlaps it with the schema
+        check); the claim loop uses it. A failure is left to the loop, which retries."""
+        try:
+            self._preopened = await self._connect()
+        except Exception as exc:
+            log.debug("pool %s: opening the claiming connection failed: %s", self._pool_id, exc)
+
+    async def close_preopened(self) -> None:
+        """Close the preopened connection if the claim loop never took it."""
+        conn, self._preopened = self._preopened, None
+        if conn is not None:
+            await self._db.close_connection(conn)
+
     async def _warm_up(self) -> Any:
         """Open the claiming connection and run the claim once with a limit of 0.
 
@@ -295,8 +311,13 @@ class Fetcher:
         real claim's planning (tens of ms on a busy server) off the start-to-first-job
         path: it overlaps with the LISTEN set-up instead.
         """
+        conn, self._preopened = self._preopened, None
+        if conn is not None and conn.is_closed():
+            await self._db.close_connection(conn)
+            conn = None
         try:
-            conn = await self._connect()
+            if conn is None:
+                conn = await self._connect()
         except Exception:
             return None  # the claim loop connects (and retries) on its own
         try:

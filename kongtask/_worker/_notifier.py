@@ -65,6 +65,8 @@ class Notifier:
         self._io = io
         self._timing = timing
         self.listening = trio.Event()
+        # the LISTEN connection opened during the pool's start (preopen), until used
+        self._preopened: Any = None
 
     def _on_jobs_insert(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
@@ -85,6 +87,41 @@ class Notifier:
         except Exception:
             log.exception("worker:migrate handler failed")
 
+    async def preopen(self) -> None:
+        """Open the LISTEN connection (and take the liveness lock on it) now: the pool's
+        start overlaps it with the schema check. LISTEN itself waits for :meth:`run`, so
+        that the start's own migrations never reach this pool's ``worker:migrate``
+        listener. A failure is left to :meth:`run`, which retries."""
+        try:
+            self._preopened = await self._connect()
+        except Exception as exc:
+            log.debug("pool %s: opening the LISTEN connection failed: %s", self._pool_id, exc)
+
+    async def close_preopened(self) -> None:
+        """Close the preopened connection if :meth:`run` never took it."""
+        conn, self._preopened = self._preopened, None
+        if conn is not None:
+            await self._db.close_connection(conn)
+
+    async def _connect(self) -> Any:
+        """A connection for LISTEN, holding this pool's liveness lock if it has one."""
+        conn = await self._db.connect()
+        if self._liveness_lock:
+            try:
+                await self._db.run(hold_liveness_lock, conn, self._pool_id)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._db.close_connection(conn)
+                raise
+        return conn
+
+    async def _take_connection(self) -> Any:
+        conn, self._preopened = self._preopened, None
+        if conn is not None and conn.is_closed():
+            await self._db.close_connection(conn)
+            conn = None
+        return conn if conn is not None else await self._connect()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the LISTEN connection up; started once the first attempt is done."""
         attempt = 0
@@ -92,11 +129,9 @@ class Notifier:
         while True:
             conn: Any = None
             try:
-                conn = await self._db.connect()
+                conn = await self._take_connection()
                 lost = trio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                if self._liveness_lock:
-                    await self._db.run(hold_liveness_lock, conn, self._pool_id)
                 await self._db.run(conn.add_listener, "jobs:insert", self._on_jobs_insert)
                 await self._db.run(conn.add_listener, "worker:migrate", self._on_migrate)
                 attempt = 0

@@ -102,6 +102,8 @@ class PoolOptions:
     #: give the claiming connection its session settings (needs a real session)
     claim_session_settings: bool
     check_schema: bool = True
+    #: install or upgrade the schema at the start (instead of only checking it)
+    migrate: bool = False
     timing: WorkerTiming = DEFAULT_TIMING
 
 
@@ -355,6 +357,9 @@ class Worker:
                 outer.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
+                # a start that failed (or a stop before the loops took them)
+                await self._fetcher.close_preopened()
+                await self._notifier.close_preopened()
                 # 4. nothing is claimed before the start is done: nothing to release
                 if started:
                     await self._final_release()
@@ -364,9 +369,17 @@ class Worker:
                 lifecycle.stopped.set()
 
     async def _start(self) -> None:
-        if self._options.check_schema:
-            await check_schema(self._db, self.schema)
-        await self._tasks.register()
+        # Opening a connection is the slowest step of a start: the fetcher's and the
+        # LISTEN connections open while the pool's own connection migrates or checks the
+        # schema and registers the tasks.
+        async with trio.open_nursery() as opening:
+            opening.start_soon(self._fetcher.preopen)
+            opening.start_soon(self._notifier.preopen)
+            if self._options.migrate:
+                await migrate_schema(self._db, self.schema)
+            elif self._options.check_schema:
+                await check_schema(self._db, self.schema)
+            await self._tasks.register()
         if self._options.once:
             await self._housekeeping.sweep_once()
 
@@ -512,17 +525,18 @@ async def open_worker(
         liveness_lock=has_sessions,
         claim_session_settings=has_sessions,
         check_schema=not migrate,  # the migration checks it
+        migrate=migrate,
         timing=DEFAULT_TIMING if timing is None else timing,
     )
     with log_to_stderr_unless_configured():
         async with open_database(
             resolve_dsn(dsn),
-            min_size=1,
+            # the pool's first connection opens at the start's first statement, beside
+            # the fetcher's and the LISTEN connections (Worker._start)
+            min_size=0,
             max_size=max_pool_size,
             prepared_statements=prepared_statements,
         ) as db:
-            if migrate:
-                await migrate_schema(db, schema_name)
             worker = Worker(
                 db,
                 schema_name,
