@@ -203,6 +203,60 @@ trio.run(main)
 }
 
 
+# The programs whose real output a sample shows (``<!-- output: NAME -->``): the sample
+# must equal their output, times and pool ids aside; a JSON sample must have the keys, in
+# order, and the types of the real object.
+OUTPUTS: dict[str, str] = {
+    # docs/cron.md: the errors of a malformed crontab's lines
+    "crontab errors": """\
+import os
+import tempfile
+from pathlib import Path
+
+import kongtask
+
+os.chdir(tempfile.mkdtemp())  # not the page's ./crontab
+good = "# a line that is fine\\n"
+for bad in [good * 2 + "0 9 * * MON standup\\n", good * 6 + "0 4 * * * cleanup ?fill=soon\\n"]:
+    Path("crontab").write_text(bad)
+    try:
+        kongtask.load_crontab_file("./crontab")
+    except kongtask.CrontabError as error:
+        print(error)
+""",
+    # docs/worker.md: the job:start record of `kongtask run --log-format json`
+    "json job record": """\
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import psycopg
+
+# a database of its own: the page's other workers neither take the job nor see a migration
+dsn = os.environ["DATABASE_URL"]
+name = "json_sample_" + str(os.getpid())
+with psycopg.connect(dsn, autocommit=True) as conn:
+    conn.execute(f"create database {name}")
+env = {**os.environ, "DATABASE_URL": dsn.rsplit("/", 1)[0] + "/" + name}
+Path("mail_tasks.py").write_text(
+    "def send_email(job, ctx):\\n    pass\\n\\n\\ntasks = {'send_email': send_email}\\n"
+)
+try:
+    add = ["kongtask", "add", "send_email", '{"to": "a@example.com"}']
+    subprocess.run(["kongtask", "migrate"], env=env, check=True, capture_output=True)
+    subprocess.run(add, env=env, check=True, capture_output=True)
+    run = ["kongtask", "run", "--log-format", "json", "--tasks", "mail_tasks", "--once"]
+    done = subprocess.run(run, env=env, check=True, capture_output=True, text=True)
+finally:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"drop database {name} with (force)")
+records = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()]
+print(json.dumps(next(r for r in records if r.get("event") == "job:start")))
+""",
+}
+
+
 @dataclass(frozen=True)
 class Block:
     page: str
@@ -214,7 +268,9 @@ class Block:
 
     @property
     def runs(self) -> bool:
-        return self.lang in CODE_LANGUAGES or self.lang in CHECKED_LANGUAGES
+        return (
+            self.lang in CODE_LANGUAGES or self.lang in CHECKED_LANGUAGES or self.marker == "output"
+        )
 
     @property
     def where(self) -> str:
@@ -224,7 +280,7 @@ class Block:
 def _check_marker(page: str, marker: str | None, note: str | None) -> None:
     if marker is None:
         return
-    if marker == "file" and note:
+    if (marker == "file" and note) or (marker == "output" and note in OUTPUTS):
         return
     if marker == "run" and note is not None:
         if note in RUN_MODES:
@@ -270,6 +326,8 @@ def console_output(body: str) -> list[str]:
     return shown
 
 
+# pool ids are random: ``pool-`` (``otpool-`` for a run-once pool) and hex digits
+_POOL_ID = re.compile(r"(?:ot)?pool-[0-9a-f]+(?:\.\.\.|…)?")
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)")
 _LAST_EXECUTION = re.compile(r"(last execution: ).*")
 
@@ -278,9 +336,33 @@ def comparable(lines: list[str]) -> list[str]:
     """Output lines with what differs between runs (times) replaced by placeholders."""
     out = []
     for line in lines:
-        line = _TIMESTAMP.sub("<time>", line.rstrip())
+        line = _POOL_ID.sub("pool-<id>", _TIMESTAMP.sub("<time>", line.rstrip()))
         out.append(_LAST_EXECUTION.sub(r"\1<time or never>", line))
     return [line for line in out if line]
+
+
+def same_shape(sample: object, real: object) -> bool:
+    """JSON values of the same shape: objects with the same keys in the same order and
+    values of the same shapes; strings equal but for times, pool ids and numbers."""
+    if isinstance(sample, dict) and isinstance(real, dict):
+        return list(sample) == list(real) and all(same_shape(sample[k], real[k]) for k in real)
+    if isinstance(sample, str) and isinstance(real, str):
+        [a, b] = [re.sub(r"\d+", "<n>", comparable([text])[0]) for text in (sample, real)]
+        return a == b
+    return sample is None or real is None or type(sample) is type(real)
+
+
+def check_output(block: Block, body: str, real: str) -> None:
+    """The sample ``body`` shows ``real``, the output of OUTPUTS[block.note]."""
+    if block.lang == "json":
+        [sample, got] = [[json.loads(line) for line in t.splitlines()] for t in (body, real)]
+        assert len(sample) == len(got), f"{block.where}: real output:\n{real}"
+        for shown, actual in zip(sample, got, strict=True):
+            assert same_shape(shown, actual), f"{block.where}: real output:\n{real}"
+    else:
+        assert comparable(body.splitlines()) == comparable(real.splitlines()), (
+            f"{block.where}: the output shown is not the real one:\n{real}"
+        )
 
 
 def with_context(name: str, body: str) -> tuple[str, str]:
@@ -531,7 +613,11 @@ def run_page(page: str, dsn: str, workdir: Path, text: str | None = None) -> Pag
             elif block.note == "pytest":
                 lang = "pytest"
             first = body.splitlines()[0] if body.strip() else ""
-            if lang in CHECKED_LANGUAGES:
+            if block.marker == "output":
+                assert block.note is not None
+                program = _command("python", OUTPUTS[block.note], workdir, block.line)
+                check_output(block, body, _run(program, block, env, workdir))
+            elif lang in CHECKED_LANGUAGES:
                 result.outputs.append(_check_config(block, body, env, workdir))
             elif lang == "python" and first.startswith("# file: "):
                 (workdir / first.removeprefix("# file: ").strip()).write_text(body)
