@@ -555,7 +555,10 @@ def _check_systemd_unit(block: Block, body: str, env: dict[str, str], workdir: P
             text=True,
             timeout=BLOCK_TIMEOUT,
         )
+        # it exits 0 on unknown keys and bad values, which it reports, naming the file
+        complaints = [line for line in done.stderr.splitlines() if str(unit) in line]
         assert done.returncode == 0, f"{block.where}: systemd-analyze verify:\n{done.stderr}"
+        assert not complaints, f"{block.where}: systemd-analyze verify:\n{done.stderr}"
     return shown
 
 
