@@ -27,6 +27,8 @@ Rules (docs/writing-docs.md explains them to authors):
   - ``<!-- run: installed -->``: a ``pip install`` line; every requirement it names must
     be satisfied by the environment the examples run in.
   - ``<!-- file: NAME -->``: the block is also written to ``NAME`` (a crontab, a config).
+  - ``<!-- output: NAME -->``: a sample of output; the program ``OUTPUTS[NAME]`` prints
+    the real one and the sample must match it (times, pool ids and, in JSON, numbers aside).
 """
 
 from __future__ import annotations
@@ -511,7 +513,7 @@ def _check_config(block: Block, body: str, env: dict[str, str], workdir: Path) -
             assert "file pyproject.toml" in sources[key], f"{block.where}: {key}:\n{shown}"
         return shown
     if block.lang == "yaml":
-        import yaml
+        import yaml  # type: ignore[import-untyped]
 
         shown = ""
         for document in yaml.safe_load_all(body):
@@ -606,8 +608,8 @@ def run_page(page: str, dsn: str, workdir: Path, text: str | None = None) -> Pag
             body = block.body
             for example in EXAMPLE_DSNS:
                 body = body.replace(example, dsn)
-            if block.marker == "file":
-                (workdir / block.note).write_text(body)  # type: ignore[operator]
+            if block.marker == "file" and block.note:
+                (workdir / block.note).write_text(body)
             lang = block.lang
             if block.note and block.note.startswith("inside "):
                 lang, body = with_context(block.note.removeprefix("inside "), body)
