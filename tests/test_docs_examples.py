@@ -23,7 +23,12 @@ OWN_TESTS = {"producers.md": "tests/test_producers_docs.py"}
 # pages whose blocks need graphile-worker (Node) itself
 NEEDS_ORACLE = {"testing.md"}
 
-PAGES = sorted(p.name for p in DOCS.glob("*.md") if p.name not in OWN_TESTS)
+# every page, docs/design/ and other folders included (not the build's output)
+PAGES = sorted(
+    str(p.relative_to(DOCS))
+    for p in DOCS.rglob("*.md")
+    if not p.relative_to(DOCS).parts[0].startswith("_") and p.name not in OWN_TESTS
+)
 
 
 def test_every_block_names_its_language() -> None:
