@@ -58,6 +58,21 @@ def test_a_wrong_output_sample_fails(kongtask_dsn: str, tmp_path: Path) -> None:
     assert run_page("check.md", kongtask_dsn, tmp_path, right).outputs
 
 
+FAILING_BLOCKS = {
+    "fragment": "<!-- run: inside trio -->\n```python\nawait trio.sleep(0)\nexit(3)\n```\n",
+    "test module": "<!-- run: pytest -->\n```python\ndef test_it():\n    assert 1 == 2\n```\n",
+    "arguments": "<!-- run: arguments -->\n```sh\npython stress/chaos.py kill --roundz 3\n```\n",
+    "by .ci/run": "<!-- run: by .ci/run -->\n```sh\npython3 docs/build.py --fast\n```\n",
+    "installed": "<!-- run: installed -->\n```sh\npython3 -m pip install no-such-package\n```\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAILING_BLOCKS))
+def test_a_failing_block_fails_the_page(kind: str, kongtask_dsn: str, tmp_path: Path) -> None:
+    with pytest.raises(AssertionError):
+        run_page("check.md", kongtask_dsn, tmp_path, FAILING_BLOCKS[kind])
+
+
 BAD_CONFIGURATION = {
     # an unknown key of [tool.kongtask]: `kongtask run --print-config` refuses it
     "toml": ("[tool.kongtask]\nconcurency = 10\n", AssertionError, "print-config.* exited 2"),
