@@ -7,11 +7,19 @@ import importlib
 import inspect
 import re
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 
-# the public modules; each one's __all__ is its public face
-PUBLIC_MODULES = ["kongtask", "kongtask.aio", "kongtask.testing", "kongtask.testing.lifecycle"]
+# the public modules (those docs/api.md documents); each one's __all__ is its public face,
+# or, without one, the public names it defines (the pytest plugin's fixtures)
+PUBLIC_MODULES = [
+    "kongtask",
+    "kongtask.aio",
+    "kongtask.testing",
+    "kongtask.testing.lifecycle",
+    "kongtask.testing.pytest_plugin",
+]
 
 
 def _own_doc(obj: object) -> str | None:
@@ -42,12 +50,22 @@ def _members(cls: type) -> Iterator[tuple[str, object]]:
             yield name, value
 
 
+def public_names(module: ModuleType) -> list[str]:
+    if hasattr(module, "__all__"):
+        return list(module.__all__)
+    return [
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
+    ]
+
+
 def undocumented(module_name: str) -> list[str]:
     module = importlib.import_module(module_name)
     missing = []
     if not _own_doc(module):
         missing.append(module_name)
-    for name in module.__all__:
+    for name in public_names(module):
         value = getattr(module, name)
         if isinstance(value, str | int | float | tuple | frozenset | dict | list):
             continue  # constants: described by the module and the reference pages
@@ -88,3 +106,25 @@ def test_the_check_sees_an_undocumented_property() -> None:
         assert undocumented("kongtask") == ["kongtask.Job.run_at"]
     finally:
         kongtask.Job.__doc__ = original
+
+
+def test_every_module_the_reference_documents_is_checked() -> None:
+    from docs_examples import DOCS
+
+    api = (DOCS / "api.md").read_text()
+    documented = set(re.findall(r"^\.\. automodule:: ([\w.]+)", api, re.MULTILINE))
+    assert documented == set(PUBLIC_MODULES)
+
+
+def test_the_check_sees_a_fixture_without_a_docstring() -> None:
+    from kongtask.testing import pytest_plugin
+
+    fixture = pytest_plugin.kongtask_dsn
+    original = fixture.__doc__
+    fixture.__doc__ = None
+    try:
+        assert "kongtask.testing.pytest_plugin.kongtask_dsn" in undocumented(
+            "kongtask.testing.pytest_plugin"
+        )
+    finally:
+        fixture.__doc__ = original

@@ -26,6 +26,8 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="session")
 def kongtask_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server: ``$KONGTASK_TEST_DSN``, else a throwaway cluster
+    of local binaries, else a Docker container (see :func:`kongtask.testing.provide_postgres`)."""
     with provide_postgres() as server:
         yield server
 
@@ -55,6 +57,8 @@ DatabaseFactory = Callable[..., str]
 def kongtask_database_factory(
     kongtask_server: PostgresServer, request: pytest.FixtureRequest
 ) -> Iterator[DatabaseFactory]:
+    """``make(migrated=True)`` returns the DSN of a new database on the session's server
+    (migrated to kongtask's schema, or empty); every one is dropped after the test."""
     made: list[str] = []
 
     def make(*, migrated: bool = True) -> str:
