@@ -20,6 +20,7 @@ import pytest
 import trio
 
 import kongtask
+from kongtask._migrate import migrate
 from kongtask._pg import Database
 from kongtask.testing import WorkerTiming
 
@@ -368,6 +369,24 @@ async def test_non_breaking_migration_notification_is_ignored(
         await tdb.execute(
             """select pg_notify('worker:migrate', '{"migrationNumber":21,"breaking":false}')"""
         )
+        await tdb.execute(f"select {S}.add_job('t')")
+        await wait_until(lambda: w.statistics().completed == 1)
+        assert not w.stopping
+        assert w.exit_code is None
+
+
+async def test_migrating_another_schema_of_the_database_does_not_stop_the_pool(
+    tdb: Database, worker_dsn: str
+) -> None:
+    # worker:migrate is one channel per database: installing a second schema announces
+    # its breaking migrations (1, 3, 11, ...) to every pool listening there
+    rec = Recorder()
+    async with kongtask.open_worker(
+        worker_dsn, {"t": rec.handler}, on_event=rec.on_event, poll_interval=3600
+    ) as w:
+        await wait_until(lambda: rec.names("pool:listen:success"))
+        await migrate(tdb, "another_app_jobs")
+        # delivered on the pool's LISTEN connection after the migration's notices
         await tdb.execute(f"select {S}.add_job('t')")
         await wait_until(lambda: w.statistics().completed == 1)
         assert not w.stopping

@@ -65,6 +65,8 @@ class Notifier:
         self._io = io
         self._timing = timing
         self.listening = trio.Event()
+        #: the highest migration the pool's schema had at the start (0: not read)
+        self.schema_revision = 0
         # the LISTEN connection opened during the pool's start (preopen), until used
         self._preopened: Any = None
 
@@ -82,7 +84,20 @@ class Notifier:
         try:
             data = json.loads(payload) if payload else {}
             if isinstance(data, dict) and data.get("breaking") is True:
-                log.warning(runtime_breaking_message(int(data.get("migrationNumber", 0))))
+                number = int(data.get("migrationNumber", 0))
+                # The channel is the database's, not the schema's: a migration this
+                # pool's schema already had at the start was another schema's.
+                if number <= self.schema_revision:
+                    log.info(
+                        "pool %s: ignoring a breaking migration notice for revision %d: "
+                        "this pool's schema was already at revision %d (another schema "
+                        "in this database was migrated)",
+                        self._pool_id,
+                        number,
+                        self.schema_revision,
+                    )
+                    return
+                log.warning(runtime_breaking_message(number))
                 self._lifecycle.request_stop(exit_code=BREAKING_MIGRATION_EXIT)
         except Exception:
             log.exception("worker:migrate handler failed")

@@ -23,7 +23,7 @@ from .._health import IoCounters, serve_http
 from .._liveness import new_pool_id
 from .._log_fallback import log_to_stderr_unless_configured
 from .._logging import install_pool_filters
-from .._migrate import check_schema, migrate as migrate_schema
+from .._migrate import check_schema, latest_known_migration, migrate as migrate_schema
 from .._observe import combine
 from .._outage import OutageLog
 from .._pg import Database, open_database
@@ -377,8 +377,10 @@ class Worker:
             opening.start_soon(self._notifier.preopen)
             if self._options.migrate:
                 await migrate_schema(self._db, self.schema)
+                self._notifier.schema_revision = latest_known_migration()
             elif self._options.check_schema:
-                await check_schema(self._db, self.schema)
+                status = await check_schema(self._db, self.schema)
+                self._notifier.schema_revision = status.latest or 0
             await self._tasks.register()
         if self._options.once:
             await self._housekeeping.sweep_once()
