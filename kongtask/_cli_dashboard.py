@@ -9,16 +9,16 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from ._client import open_client
 from ._config import resolve_dsn
+from ._cron import CronItem, load_crontab_file
+from ._dashboard import DashboardApp, DashboardAuth
 from ._errors import ConfigError
-
-if TYPE_CHECKING:
-    from ._cron import CronItem
-    from ._dashboard import DashboardApp, DashboardAuth
+from ._settings import AddConnectionOptions
 
 log = logging.getLogger("kongtask.dashboard")
 
@@ -53,9 +53,6 @@ async def open_dashboard(
         async with kongtask.open_dashboard(dsn, auth=DashboardAuth(token=token)) as app:
             await hypercorn.trio.serve(app, config)
     """
-    from ._client import open_client
-    from ._dashboard import DashboardApp
-
     async with open_client(dsn, schema=schema, max_connections=4) as client:
         yield DashboardApp(client, read_only=read_only, auth=auth, crontab=crontab)
 
@@ -93,9 +90,7 @@ async def serve_dashboard(
     await serve(app, config, task_status=task_status, mode="asgi")
 
 
-def add_dashboard_verb(
-    verbs: Any, add_connection_options: Callable[[argparse.ArgumentParser], None]
-) -> None:
+def add_dashboard_verb(verbs: Any, add_connection_options: AddConnectionOptions) -> None:
     parser = verbs.add_parser(
         "dashboard",
         help="serve the web dashboard (needs the kongtask[dashboard] extra)",
@@ -114,9 +109,6 @@ def add_dashboard_verb(
 
 
 async def _dashboard_verb(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
-    from ._cron import load_crontab_file
-    from ._dashboard import DashboardAuth
-
     auth = DashboardAuth.from_env(os.environ if env is None else env)
     if not 0 <= args.port <= 65535:
         raise ConfigError("--port must be from 0 to 65535")
