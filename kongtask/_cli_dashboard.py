@@ -9,16 +9,18 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._client import open_client
 from ._config import resolve_dsn
 from ._cron import CronItem, load_crontab_file
-from ._dashboard import DashboardApp, DashboardAuth
 from ._errors import ConfigError
 from ._settings import AddConnectionOptions
+
+if TYPE_CHECKING:
+    from ._dashboard import DashboardApp, DashboardAuth
 
 log = logging.getLogger("kongtask.dashboard")
 
@@ -53,6 +55,10 @@ async def open_dashboard(
         async with kongtask.open_dashboard(dsn, auth=DashboardAuth(token=token)) as app:
             await hypercorn.trio.serve(app, config)
     """
+    # The dashboard module loads only when a dashboard opens: every other command of the
+    # command line starts without it.
+    from ._dashboard import DashboardApp
+
     async with open_client(dsn, schema=schema, max_connections=4) as client:
         yield DashboardApp(client, read_only=read_only, auth=auth, crontab=crontab)
 
@@ -109,6 +115,8 @@ def add_dashboard_verb(verbs: Any, add_connection_options: AddConnectionOptions)
 
 
 async def _dashboard_verb(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
+    from ._dashboard import DashboardAuth  # see open_dashboard
+
     auth = DashboardAuth.from_env(os.environ if env is None else env)
     if not 0 <= args.port <= 65535:
         raise ConfigError("--port must be from 0 to 65535")

@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from ._client import open_client
-from ._config import resolve_dsn, resolve_schema
+from ._config import quote_ident, resolve_dsn, resolve_schema
 from ._connect_wait import wait_for_database
 from ._cron import load_crontab_file
 from ._errors import ConfigError
@@ -35,8 +35,6 @@ from ._settings import (
     add_log_options,
     add_option,
 )
-from .testing import provide_postgres
-from .testing._postgres import dsn_with_database
 
 log = logging.getLogger("kongtask")
 
@@ -284,6 +282,9 @@ async def _demo_broken(job: Any, ctx: Any) -> None:
 
 
 async def _demo_verb(args: argparse.Namespace) -> int:
+    # The test server loads only for the demo: every other command starts without it.
+    from .testing import provide_postgres
+
     print("Starting a throwaway PostgreSQL ...", flush=True)
     # A blocking start: nothing else runs yet, so the trio loop may wait for it.
     with provide_postgres() as server:
@@ -292,10 +293,11 @@ async def _demo_verb(args: argparse.Namespace) -> int:
 
 async def _demo(maintenance_dsn: str, count: int, concurrency: int) -> int:
     from ._worker import open_worker  # see _load_run_inputs
+    from .testing._postgres import dsn_with_database  # see _demo_verb
 
     name = f"kongtask_demo_{os.getpid()}"
     async with open_database(maintenance_dsn, max_size=1) as admin:
-        await admin.execute(f'create database "{name}"')
+        await admin.execute(f"create database {quote_ident(name)}")
     dsn = dsn_with_database(maintenance_dsn, name)
     try:
         async with open_database(dsn, max_size=1) as db:
@@ -351,4 +353,4 @@ async def _demo(maintenance_dsn: str, count: int, concurrency: int) -> int:
     finally:
         with trio.CancelScope(shield=True):
             async with open_database(maintenance_dsn, max_size=1) as admin:
-                await admin.execute(f'drop database if exists "{name}" with (force)')
+                await admin.execute(f"drop database if exists {quote_ident(name)} with (force)")
