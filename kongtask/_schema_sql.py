@@ -13,7 +13,7 @@ built as ``AreaQueries(schema)`` once by whatever owns it (a pool, a client, a s
   method of the same class, assembled from constant clauses of its module only;
 - statements that do not name the schema (advisory locks, settings) are module constants.
 
-docs/sql-convention.md says the same for people writing a new statement.
+docs/design/sql-convention.md says the same for people writing a new statement.
 """
 
 from __future__ import annotations

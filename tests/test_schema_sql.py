@@ -1,4 +1,4 @@
-"""The one convention for a schema's SQL (kongtask._schema_sql, docs/sql-convention.md)."""
+"""The one convention for a schema's SQL (kongtask._schema_sql, docs/design/sql-convention.md)."""
 
 from __future__ import annotations
 
