@@ -5,14 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
+import asyncpg
 import trio
 
+from ._cli_client import add_client_verbs
+from ._cli_cron import add_cron_verbs
+from ._cli_dashboard import add_dashboard_verb
+from ._cli_ops import add_ops_verbs
+from ._cli_run import add_run_verbs
 from ._config import resolve_dsn, resolve_schema
 from ._errors import KongtaskError
 from ._log_fallback import host_handles_kongtask_logs
 from ._logging import configure_cli_logging, print_failure
+from ._migrate import migrate
+from ._pg import open_database
 from ._settings import (
     COMMON_KEYS,
     CONNECTION,
@@ -27,8 +35,6 @@ from ._settings import (
 from ._version import __version__
 
 log = logging.getLogger("kongtask")
-
-Verb = Callable[[argparse.Namespace], Awaitable[int]]
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -54,32 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--silent", action="store_true", help="print and log nothing on success")
     migrate.set_defaults(func=_migrate_verb)
 
-    from ._cli_client import add_client_verbs
-
     add_client_verbs(verbs, _add_connection_options)
-
-    from ._cli_cron import add_cron_verbs
 
     add_cron_verbs(verbs, _add_connection_options)
 
-    from ._cli_run import add_run_verbs
-
     add_run_verbs(verbs, _add_connection_options)
 
-    from ._cli_ops import add_ops_verbs
-
     add_ops_verbs(verbs, _add_connection_options)
-
-    from ._cli_dashboard import add_dashboard_verb
 
     add_dashboard_verb(verbs, _add_connection_options)
     return parser
 
 
 async def _migrate_verb(args: argparse.Namespace) -> int:
-    from ._migrate import migrate
-    from ._pg import open_database
-
     schema = resolve_schema(args.schema)
     migrate_log = logging.getLogger("kongtask.migrate")
     level = migrate_log.level
@@ -137,8 +130,6 @@ async def _run_command(argv: Sequence[str] | None) -> int:
         print_failure(f"cannot reach the database: {exc}", args.log_format)
         return 1
     except Exception as exc:
-        import asyncpg
-
         if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
             print_failure(f"database error: {exc}", args.log_format)
             return 1

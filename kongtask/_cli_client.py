@@ -10,16 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
-from ._client import CLEANUP_TASKS, CleanupTask, JobKeyMode, add_job, open_client
+from ._client import CLEANUP_TASKS, CleanupTask, add_job, open_client
 from ._config import resolve_dsn
 from ._errors import ConfigError
 from ._job import Job
-
-AddConnectionOptions = Callable[[argparse.ArgumentParser], None]
+from ._settings import AddConnectionOptions
+from ._validate import JobKeyMode
 
 
 def add_client_verbs(

@@ -6,14 +6,15 @@ Kept apart from ``_cli.py`` (which only registers it) so the cron code stays tog
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 
 from ._config import resolve_dsn, resolve_schema
 from ._cron import CronItem, KnownCrontab, format_fill, format_ts, load_crontab_file, utc_now
+from ._cron_sql import CronQueries
 from ._errors import ConfigError
-
-AddConnectionOptions = Callable[[argparse.ArgumentParser], None]
+from ._pg import open_database
+from ._settings import AddConnectionOptions
 
 
 def add_cron_verbs(
@@ -83,9 +84,6 @@ def render_cron_list(
 
 
 async def _list_verb(args: argparse.Namespace) -> int:
-    from ._cron_sql import known_crontabs_sql
-    from ._pg import open_database
-
     try:
         items = load_crontab_file(args.crontab)
     except FileNotFoundError:
@@ -94,7 +92,7 @@ async def _list_verb(args: argparse.Namespace) -> int:
         raise ConfigError("--next must be 0 or more")
     schema = resolve_schema(args.schema)
     async with open_database(resolve_dsn(args.connection), max_size=1) as db:
-        rows = await db.fetch(known_crontabs_sql(schema))
+        rows = await db.fetch(CronQueries(schema).known_crontabs)
     known = {
         r["identifier"]: KnownCrontab(r["identifier"], r["known_since"], r["last_execution"])
         for r in rows

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._client import open_client
 from ._config import resolve_dsn
+from ._cron import CronItem, load_crontab_file
 from ._errors import ConfigError
+from ._settings import AddConnectionOptions
 
 if TYPE_CHECKING:
-    from ._cron import CronItem
     from ._dashboard import DashboardApp, DashboardAuth
 
 log = logging.getLogger("kongtask.dashboard")
@@ -53,7 +55,8 @@ async def open_dashboard(
         async with kongtask.open_dashboard(dsn, auth=DashboardAuth(token=token)) as app:
             await hypercorn.trio.serve(app, config)
     """
-    from ._client import open_client
+    # The dashboard module loads only when a dashboard opens: every other command of the
+    # command line starts without it.
     from ._dashboard import DashboardApp
 
     async with open_client(dsn, schema=schema, max_connections=4) as client:
@@ -93,9 +96,7 @@ async def serve_dashboard(
     await serve(app, config, task_status=task_status, mode="asgi")
 
 
-def add_dashboard_verb(
-    verbs: Any, add_connection_options: Callable[[argparse.ArgumentParser], None]
-) -> None:
+def add_dashboard_verb(verbs: Any, add_connection_options: AddConnectionOptions) -> None:
     parser = verbs.add_parser(
         "dashboard",
         help="serve the web dashboard (needs the kongtask[dashboard] extra)",
@@ -114,8 +115,7 @@ def add_dashboard_verb(
 
 
 async def _dashboard_verb(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
-    from ._cron import load_crontab_file
-    from ._dashboard import DashboardAuth
+    from ._dashboard import DashboardAuth  # see open_dashboard
 
     auth = DashboardAuth.from_env(os.environ if env is None else env)
     if not 0 <= args.port <= 65535:

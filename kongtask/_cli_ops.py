@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -25,8 +26,9 @@ from ._errors import ConfigError
 from ._inspect import MAX_PAGE_SIZE, JobInfo, PoolInfo, QueueCounts
 from ._inspect_sql import JOB_STATES
 from ._job import Job
-
-AddConnectionOptions = Callable[[argparse.ArgumentParser], None]
+from ._migrate import check_schema
+from ._pg import open_database
+from ._settings import AddConnectionOptions
 
 #: Actions touching more jobs than this ask first (``--confirm-above`` changes it).
 DEFAULT_CONFIRM_ABOVE: Final = 10
@@ -231,6 +233,8 @@ _SHORT: Final = {
 
 
 def _status_renderable(doc: dict[str, Any]) -> Any:
+    # rich and urllib.request load only in the verbs that print tables or probe a port:
+    # together they cost more start-up than the rest of the command line.
     from rich.console import Group
     from rich.table import Table
 
@@ -275,8 +279,6 @@ def _status_renderable(doc: dict[str, Any]) -> Any:
 
 
 def _console() -> Any:
-    import os
-
     from rich.console import Console
 
     # Piped output has no terminal width; rich would fold the tables to 80 columns.
@@ -472,6 +474,7 @@ async def _action_verb(args: argparse.Namespace) -> int:
 
 
 def _probe(host: str, port: int, timeout: float) -> tuple[int, str]:
+    # loaded here, not at the top: see _status_renderable
     import urllib.error
     import urllib.request
 
@@ -498,9 +501,6 @@ async def _healthcheck_verb(args: argparse.Namespace) -> int:
             reasons = body.strip()
         print(f"kongtask: unready (HTTP {code}): {reasons}", file=sys.stderr)
         return 1
-    from ._migrate import check_schema
-    from ._pg import open_database
-
     with trio.fail_after(args.timeout):
         async with open_database(resolve_dsn(args.connection), max_size=1) as db:
             await check_schema(db, args.schema)

@@ -10,17 +10,26 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from ._config import resolve_dsn, resolve_schema
+from ._client import open_client
+from ._config import quote_ident, resolve_dsn, resolve_schema
+from ._connect_wait import wait_for_database
+from ._cron import load_crontab_file
 from ._errors import ConfigError
+from ._fleet import run_fleet_from_cli
+from ._job import JobSpec
+from ._migrate import migrate
+from ._pg import open_database
 from ._settings import (
     LOG_KEYS,
     RUN_OPTIONS,
+    AddConnectionOptions,
     SettingsError,
     add_config_options,
     add_log_options,
@@ -28,8 +37,6 @@ from ._settings import (
 )
 
 log = logging.getLogger("kongtask")
-
-AddConnectionOptions = Callable[[argparse.ArgumentParser], None]
 
 
 def add_run_verbs(
@@ -144,14 +151,14 @@ def _load_run_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         tasks.update(load_task_directory(args.task_directory))
     if not tasks:
         raise ConfigError("no tasks: give --tasks MODULE[:ATTR] and/or --task-directory DIR")
+    # The worker loads only for the verbs that run one: every other command (add-job,
+    # status, --help) starts without it.
     from ._worker import runners_of
 
     runners_of(tasks)  # the checks open_worker makes: identifiers, callables, signatures
     crontab_path = args.crontab or _default_crontab()
     crontab = None
     if crontab_path:
-        from ._cron import load_crontab_file
-
         crontab = load_crontab_file(crontab_path)
     return tasks, crontab
 
@@ -163,8 +170,6 @@ def _default_crontab() -> str | None:
 
 async def _wait_for_database_or_signal(args: argparse.Namespace, dsn: str | None) -> bool:
     """Wait for the database (``--connect-timeout``); ``False`` if SIGINT/SIGTERM came first."""
-    from ._connect_wait import wait_for_database
-
     stopped_by: list[str] = []
     failure: Exception | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -192,9 +197,7 @@ async def _wait_for_database_or_signal(args: argparse.Namespace, dsn: str | None
 
 
 async def _run_verb(args: argparse.Namespace) -> int:
-    from ._migrate import migrate
-    from ._pg import open_database
-    from ._worker import open_worker
+    from ._worker import open_worker  # see _load_run_inputs
 
     if args.print_config:
         print(args.resolved_settings.render(), end="")
@@ -221,8 +224,6 @@ async def _run_verb(args: argparse.Namespace) -> int:
         return 0
     flags = args.forbidden_flags
     if args.processes > 1:
-        from ._fleet import run_fleet_from_cli
-
         return await run_fleet_from_cli(args)
     log.info(
         "kongtask worker: %d task(s), concurrency %d, schema %r",
@@ -281,6 +282,7 @@ async def _demo_broken(job: Any, ctx: Any) -> None:
 
 
 async def _demo_verb(args: argparse.Namespace) -> int:
+    # The test server loads only for the demo: every other command starts without it.
     from .testing import provide_postgres
 
     print("Starting a throwaway PostgreSQL ...", flush=True)
@@ -290,18 +292,12 @@ async def _demo_verb(args: argparse.Namespace) -> int:
 
 
 async def _demo(maintenance_dsn: str, count: int, concurrency: int) -> int:
-    from datetime import UTC, datetime, timedelta
-
-    from ._client import open_client
-    from ._job import JobSpec
-    from ._migrate import migrate
-    from ._pg import open_database
-    from ._worker import open_worker
-    from .testing._postgres import dsn_with_database
+    from ._worker import open_worker  # see _load_run_inputs
+    from .testing._postgres import dsn_with_database  # see _demo_verb
 
     name = f"kongtask_demo_{os.getpid()}"
     async with open_database(maintenance_dsn, max_size=1) as admin:
-        await admin.execute(f'create database "{name}"')
+        await admin.execute(f"create database {quote_ident(name)}")
     dsn = dsn_with_database(maintenance_dsn, name)
     try:
         async with open_database(dsn, max_size=1) as db:
@@ -357,4 +353,4 @@ async def _demo(maintenance_dsn: str, count: int, concurrency: int) -> int:
     finally:
         with trio.CancelScope(shield=True):
             async with open_database(maintenance_dsn, max_size=1) as admin:
-                await admin.execute(f'drop database if exists "{name}" with (force)')
+                await admin.execute(f"drop database if exists {quote_ident(name)} with (force)")

@@ -22,23 +22,19 @@ from typing import Any, Concatenate, Final, Literal, ParamSpec, TypeVar
 
 import asyncpg
 
-from ._client_sql import ClientQueries, client_queries
+from ._client_sql import ClientQueries
 from ._config import resolve_dsn, resolve_schema
 from ._enqueue import (
     ADD_ATTEMPTS as ADD_ATTEMPTS,
-    JOB_KEY_MODES as JOB_KEY_MODES,
-    JobKeyMode as JobKeyMode,
-    check_aware,
-    check_ids,
-    check_max_attempts,
-    check_smallint,
-    check_text,
+    add_job_gave_up,
+    add_jobs_gave_up,
     checked_add_job,
     checked_specs,
+    dropped_by_580,
     dumps_specs,
     encode_specs,
 )
-from ._errors import ConfigError, KongtaskError, schema_not_installed
+from ._errors import ConfigError, schema_not_installed
 from ._inspect import (
     JobInfo,
     PoolInfo,
@@ -48,10 +44,19 @@ from ._inspect import (
     pools_from_rows,
     queue_counts_from_rows,
 )
-from ._inspect_sql import InspectQueries, JobState, inspect_queries
+from ._inspect_sql import InspectQueries, JobState
 from ._job import Job, JobSpec, JSONValue
+from ._migrate import migrate as migrate_db
 from ._pg import Database, open_database
 from ._tracing import ProducerTracer
+from ._validate import (
+    JobKeyMode,
+    check_aware,
+    check_ids,
+    check_max_attempts,
+    check_smallint,
+    check_text,
+)
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -85,8 +90,8 @@ class Client:
     def __init__(self, db: Database, schema: str) -> None:
         self._db = db
         self._schema = schema
-        self._queries: ClientQueries = client_queries(schema)
-        self._inspect: InspectQueries = inspect_queries(schema)
+        self._queries: ClientQueries = ClientQueries(schema)
+        self._inspect: InspectQueries = InspectQueries(schema)
         self._tracing: ProducerTracer | None = None
         self._task_names: dict[int, str] = {}
         self._queue_names: dict[int, str] = {}
@@ -475,7 +480,7 @@ class Client:
           ConfigError: an unknown state or an invalid argument (nothing was sent).
         """
         query, args = list_jobs_statement(
-            self._schema,
+            self._inspect,
             ids=ids,
             tasks=tasks,
             queues=queues,
@@ -624,8 +629,6 @@ async def migrate(dsn: str | None = None, *, schema: str | None = None) -> None:
         knows (a newer graphile-worker ran); nothing is changed.
       MigrationError: PostgreSQL is older than 12, or a migration failed (rolled back).
     """
-    from ._migrate import migrate as migrate_db
-
     schema_name = resolve_schema(schema)
     async with open_database(resolve_dsn(dsn), max_size=1) as db:
         await migrate_db(db, schema_name)
@@ -711,10 +714,7 @@ async def _add_job_unit(
         if row is not None and row["id"] is not None:
             rows = [row]
             return rows, await _resolve_names(conn, queries, rows, task_names, queue_names)
-    raise KongtaskError(
-        f"add_job({args[0]!r}, job_key={args[5]!r}) returned no job {ADD_ATTEMPTS} times in a "
-        "row (graphile-worker bug #580: the keyed job kept getting locked mid-update)"
-    )
+    raise add_job_gave_up(args)
 
 
 async def _add_jobs_unit(
@@ -733,20 +733,9 @@ async def _add_jobs_unit(
         rows.extend(got)
         if len(got) == len(pending):
             return rows, await _resolve_names(conn, queries, rows, task_names, queue_names)
-        # #580 only ever drops keyed specs: resend those whose key came back nowhere.
-        returned_keys = {row["key"] for row in got}
-        dropped = [s for s in pending if s.get("job_key") not in returned_keys]
-        if len(dropped) != len(pending) - len(got) or any("job_key" not in s for s in dropped):
-            raise KongtaskError(
-                f"add_jobs returned {len(got)} jobs for {len(pending)} specs, and not "
-                "because of keyed jobs getting locked; the add_jobs function misbehaves"
-            )
-        pending = dropped
+        pending = dropped_by_580(pending, [row["key"] for row in got])
         encoded = dumps_specs(pending)
-    raise KongtaskError(
-        f"add_jobs dropped {len(pending)} keyed job(s) {ADD_ATTEMPTS} times in a row "
-        "(graphile-worker bug #580: the keyed jobs kept getting locked mid-update)"
-    )
+    raise add_jobs_gave_up(pending)
 
 
 async def _admin_unit(

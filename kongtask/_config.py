@@ -7,10 +7,9 @@ import re
 from urllib.parse import urlencode
 
 from ._errors import ConfigError
+from ._validate import validate_identifier
 
 DEFAULT_SCHEMA = "graphile_worker"
-# PostgreSQL truncates identifiers at NAMEDATALEN - 1 bytes.
-MAX_IDENTIFIER_BYTES = 63
 
 
 def resolve_schema(schema: str | None = None) -> str:
@@ -22,22 +21,6 @@ def resolve_schema(schema: str | None = None) -> str:
     if schema is None:
         schema = os.environ.get("GRAPHILE_WORKER_SCHEMA") or DEFAULT_SCHEMA
     return validate_identifier(schema, what="schema name")
-
-
-def validate_identifier(name: str, *, what: str = "identifier") -> str:
-    if not isinstance(name, str):
-        raise ConfigError(f"{what} must be a string, not {type(name).__name__}")
-    if name == "":
-        raise ConfigError(f"{what} must not be empty")
-    if "\x00" in name:
-        raise ConfigError(f"{what} {name!r} contains a NUL character, which PostgreSQL cannot hold")
-    size = len(name.encode("utf-8"))
-    if size > MAX_IDENTIFIER_BYTES:
-        raise ConfigError(
-            f"{what} {name!r} is {size} bytes long; PostgreSQL identifiers hold at most "
-            f"{MAX_IDENTIFIER_BYTES} bytes"
-        )
-    return name
 
 
 def quote_ident(name: str) -> str:

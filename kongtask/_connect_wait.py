@@ -16,6 +16,7 @@ from typing import TypeVar
 import trio
 
 from ._errors import KongtaskError
+from ._pg import open_database
 
 log = logging.getLogger("kongtask")
 
@@ -93,7 +94,6 @@ async def wait_for_database(
     dsn: str | None, give_up_after: float, *, prepared_statements: bool = True
 ) -> None:
     """Return once a connection to ``dsn`` answers ``select 1`` (see the module doc)."""
-    from ._pg import open_database
 
     async def probe() -> None:
         async with open_database(dsn, max_size=1, prepared_statements=prepared_statements) as db:

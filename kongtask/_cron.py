@@ -13,6 +13,7 @@ Time is matched in UTC, like graphile-worker. :class:`CronItem` has a Python-onl
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -21,17 +22,28 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from os import PathLike
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import asyncpg
 import json5
 import trio
 
-from ._config import validate_identifier
+from ._cron_sql import CronQueries
 from ._errors import ConfigError
 from ._job import JSONValue
 from ._pg import Database
+from ._validate import (
+    CRON_JOB_KEY_MODES,
+    MAX_KEY_LENGTH,
+    MAX_NAME_LENGTH,
+    SMALLINT_MAX,
+    SMALLINT_MIN,
+    CronJobKeyMode,
+    check_int,
+    validate_identifier,
+)
 
 log = logging.getLogger("kongtask.cron")
 
@@ -62,7 +74,6 @@ BACKOFF_START = 0.2
 BACKOFF_FACTOR = 1.5
 BACKOFF_MAX = 60.0
 
-JobKeyMode = Literal["replace", "preserve_run_at"]
 Matcher = Callable[[datetime], bool]
 
 
@@ -99,10 +110,6 @@ class CrontabError(ConfigError):
         if self.column is not None:
             where.append(f"column {self.column}")
         return f"crontab {', '.join(where)}: {self.reason}" if where else self.reason
-
-    def with_source(self, source: str) -> CrontabError:
-        """The same error, naming the file it came from."""
-        return CrontabError(self.reason, line=self.line, column=self.column, source=source)
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,7 +259,6 @@ _FILL_RE = re.compile(r"(?:[0-9]+[smhdw])+")
 _QUEUE_RE = re.compile(r"[-a-zA-Z0-9_:]+")
 _FILL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _OPTION_KEYS = ("id", "fill", "max", "queue", "priority", "jobKey", "jobKeyMode")
-_SMALLINT = (-32768, 32767)
 
 
 def parse_fill(text: str) -> timedelta:
@@ -288,8 +294,10 @@ def _validate_task(task: object) -> str:
             f"invalid task identifier {task!r}: expected a letter or '_' followed by letters, "
             "digits, '_', '-', ':' or '/'"
         )
-    if len(task) > 128:
-        raise CrontabError(f"task identifier is {len(task)} characters long: expected at most 128")
+    if len(task) > MAX_NAME_LENGTH:
+        raise CrontabError(
+            f"task identifier is {len(task)} characters long: expected at most {MAX_NAME_LENGTH}"
+        )
     return task
 
 
@@ -300,12 +308,6 @@ def _validate_cron_id(identifier: object) -> str:
             "letters, digits, '_' or '-'"
         )
     return identifier
-
-
-def _check_int(value: object, what: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise CrontabError(f"{what} {value!r}: expected an integer from {low} to {high}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,8 +358,6 @@ def _js_key_order(keys: Iterable[str]) -> list[str]:
 
 
 def _js_string(s: str) -> str:
-    import json
-
     out = json.dumps(s, ensure_ascii=False)
     # Well-formed JSON.stringify escapes lone surrogates; json.dumps would leave them raw.
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", out)
@@ -448,7 +448,7 @@ class CronItem:
     queue_name: str | None = None
     priority: int | None = None
     job_key: str | None = None
-    job_key_mode: JobKeyMode | None = None
+    job_key_mode: CronJobKeyMode | None = None
     tz: str | None = None
     _pattern: _Pattern | None = field(init=False, repr=False, compare=False)
     _zone: ZoneInfo | None = field(init=False, repr=False, compare=False)
@@ -475,25 +475,25 @@ class CronItem:
         if not isinstance(self.fill, timedelta) or self.fill < timedelta(0):
             raise CrontabError(f"fill {self.fill!r}: expected a timedelta of zero or more")
         if self.max_attempts is not None:
-            _check_int(self.max_attempts, "max_attempts", 1, _SMALLINT[1])
+            check_int(self.max_attempts, "max_attempts", 1, SMALLINT_MAX, error=CrontabError)
         if self.priority is not None:
-            _check_int(self.priority, "priority", *_SMALLINT)
+            check_int(self.priority, "priority", SMALLINT_MIN, SMALLINT_MAX, error=CrontabError)
         if self.queue_name is not None and (
             not isinstance(self.queue_name, str)
             or not _QUEUE_RE.fullmatch(self.queue_name)
-            or len(self.queue_name) > 128
+            or len(self.queue_name) > MAX_NAME_LENGTH
         ):
             raise CrontabError(
-                f"invalid queue name {self.queue_name!r}: expected 1 to 128 letters, digits, "
-                "'-', '_' or ':'"
+                f"invalid queue name {self.queue_name!r}: expected 1 to {MAX_NAME_LENGTH} "
+                "letters, digits, '-', '_' or ':'"
             )
         if self.job_key is not None and (
-            not isinstance(self.job_key, str) or not 1 <= len(self.job_key) <= 512
+            not isinstance(self.job_key, str) or not 1 <= len(self.job_key) <= MAX_KEY_LENGTH
         ):
             raise CrontabError(
-                f"job_key {self.job_key!r}: expected a string of 1 to 512 characters"
+                f"job_key {self.job_key!r}: expected a string of 1 to {MAX_KEY_LENGTH} characters"
             )
-        if self.job_key_mode not in (None, "replace", "preserve_run_at"):
+        if self.job_key_mode not in (None, *CRON_JOB_KEY_MODES):
             raise CrontabError(
                 f"job_key_mode {self.job_key_mode!r}: expected 'replace' or 'preserve_run_at' "
                 "(cron jobs cannot use 'unsafe_dedupe')"
@@ -563,7 +563,7 @@ class CronItem:
         )
 
     @property
-    def effective_job_key_mode(self) -> JobKeyMode | None:
+    def effective_job_key_mode(self) -> CronJobKeyMode | None:
         """``job_key_mode``, defaulting to ``"replace"`` when there is a ``job_key``."""
         if self.job_key is None:
             return self.job_key_mode
@@ -612,19 +612,19 @@ def _parse_options(text: str, column: int) -> dict[str, str]:
         elif key == "fill" and not _FILL_RE.fullmatch(value):
             problem = "expected a duration such as 30m, 1h or 4w3d2h1m (units s, m, h, d, w)"
         elif key == "max" and not (
-            value.isascii() and value.isdigit() and 1 <= int(value) <= _SMALLINT[1]
+            value.isascii() and value.isdigit() and 1 <= int(value) <= SMALLINT_MAX
         ):
             # Stricter than Node (which accepts 0 and then fails in add_job every minute).
-            problem = f"expected an integer from 1 to {_SMALLINT[1]}"
-        elif key == "queue" and not (_QUEUE_RE.fullmatch(value) and len(value) <= 128):
-            problem = "expected 1 to 128 letters, digits, '-', '_' or ':'"
+            problem = f"expected an integer from 1 to {SMALLINT_MAX}"
+        elif key == "queue" and not (_QUEUE_RE.fullmatch(value) and len(value) <= MAX_NAME_LENGTH):
+            problem = f"expected 1 to {MAX_NAME_LENGTH} letters, digits, '-', '_' or ':'"
         elif key == "priority" and not (
-            re.fullmatch(r"-?[0-9]+", value) and _SMALLINT[0] <= int(value) <= _SMALLINT[1]
+            re.fullmatch(r"-?[0-9]+", value) and SMALLINT_MIN <= int(value) <= SMALLINT_MAX
         ):
-            problem = f"expected an integer from {_SMALLINT[0]} to {_SMALLINT[1]}"
-        elif key == "jobKey" and not 1 <= len(value) <= 512:
-            problem = "expected 1 to 512 characters"
-        elif key == "jobKeyMode" and value not in ("replace", "preserve_run_at"):
+            problem = f"expected an integer from {SMALLINT_MIN} to {SMALLINT_MAX}"
+        elif key == "jobKey" and not 1 <= len(value) <= MAX_KEY_LENGTH:
+            problem = f"expected 1 to {MAX_KEY_LENGTH} characters"
+        elif key == "jobKeyMode" and value not in CRON_JOB_KEY_MODES:
             problem = "expected 'replace' or 'preserve_run_at'"
         if problem:
             raise CrontabError(f"invalid {key} value {value!r}: {problem}", column=vcol)
@@ -795,19 +795,16 @@ class PgCronBackend:
     """The real backend: the statements of :mod:`kongtask._cron_sql`."""
 
     def __init__(self, db: Database, schema: str) -> None:
-        from ._cron_sql import register_sql, schedule_sql
-
         validate_identifier(schema, what="schema name")
         self._db = db
-        self._register = register_sql(schema)
-        self._schedule = schedule_sql(schema)
+        self._queries = CronQueries(schema)
         #: How many jobs this backend added (the stress script and tests read it).
         self.jobs_added = 0
 
     async def register(
         self, identifiers: Sequence[str], start: datetime
     ) -> dict[str, KnownCrontab]:
-        rows = await self._db.fetch(self._register, list(identifiers), start)
+        rows = await self._db.fetch(self._queries.register, list(identifiers), start)
         return {
             r["identifier"]: KnownCrontab(r["identifier"], r["known_since"], r["last_execution"])
             for r in rows
@@ -825,7 +822,7 @@ class PgCronBackend:
             [i.priority for i in items],
             [i.effective_job_key_mode for i in items],
         )
-        ids = await self._db.run(_schedule_with_retry, self._db.pool, self._schedule, args)
+        ids = await self._db.run(_schedule_with_retry, self._db.pool, self._queries.schedule, args)
         self.jobs_added += len(ids)
 
 
@@ -833,8 +830,6 @@ async def _schedule_with_retry(pool: Any, sql: str, args: tuple[Any, ...]) -> li
     # asyncio side (one crossing). Two schedulers upserting several identifiers can
     # deadlock when a Node process locks them in another order; the victim simply
     # retries, and by then the winner's claims make the retry add nothing twice.
-    import asyncpg
-
     for attempt in range(5):
         try:
             rows = await pool.fetch(sql, *args)

@@ -28,17 +28,18 @@ import math
 import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._config import quote_ident
-from ._cron_sql import known_crontabs_sql
+from ._cron_sql import CronQueries
+from ._dashboard_views import SCRIPT, STYLE, TEMPLATES
 from ._errors import ConfigError
 from ._inspect import MAX_PAGE_SIZE, JobInfo, QueueCounts
 from ._inspect_sql import JOB_STATES
+from ._schema_sql import SchemaSql
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -184,21 +185,34 @@ def format_ts(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _failures_sql(schema: str) -> str:
-    # A failure sets run_at = greatest(now(), run_at) + exp(least(attempts, 10)) seconds, so
-    # run_at minus that backoff is when the latest failure happened (exact when the job was
-    # due at the time, as claimed jobs are). Completed jobs are deleted: not countable.
-    jobs = f"{quote_ident(schema)}._private_jobs"
-    return f"""
+@dataclass(frozen=True, slots=True, repr=False)
+class _DashboardQueries(SchemaSql):
+    """The dashboard's own statements (the rest are the client's), for one schema.
+
+    Attributes:
+      failures: ``minutes_ago, n``: jobs whose latest failure was that many minutes ago,
+        over the last hour.
+    """
+
+    failures: str = field(init=False)
+
+    def _render(self, s: str) -> dict[str, str]:
+        # A failure sets run_at = greatest(now(), run_at) + exp(least(attempts, 10))
+        # seconds, so run_at minus that backoff is when the latest failure happened (exact
+        # when the job was due at the time, as claimed jobs are). Completed jobs are
+        # deleted: not countable.
+        return dict(
+            failures=f"""
 select floor(extract(epoch from now() - failed_at) / 60)::int as minutes_ago, count(*) as n
 from (
   select run_at - exp(least(attempts, 10)) * interval '1 second' as failed_at
-  from {jobs}
+  from {s}._private_jobs
   where last_error is not null and locked_at is null and attempts > 0
 ) f
 where failed_at > now() - interval '1 hour' and failed_at <= now()
 group by 1
 """
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +255,6 @@ class DashboardApp:
             raise ConfigError(
                 "the dashboard needs jinja2: pip install 'kongtask[dashboard]'"
             ) from exc
-        from ._dashboard_views import SCRIPT, STYLE, TEMPLATES
-
         self.client = client
         self.read_only = read_only
         self.auth = auth
@@ -376,7 +388,9 @@ class DashboardApp:
             nursery.start_soon(
                 get,
                 "failures",
-                functools.partial(self.client._db.fetch, _failures_sql(self.client.schema)),
+                functools.partial(
+                    self.client._db.fetch, _DashboardQueries(self.client.schema).failures
+                ),
             )
         counts: list[QueueCounts] = found["counts"]
         oldest: float | None = found["oldest"]
@@ -491,7 +505,7 @@ class DashboardApp:
         )
 
     async def _cron(self) -> tuple[str, str, dict[str, Any]]:
-        rows = await self.client._db.fetch(known_crontabs_sql(self.client.schema))
+        rows = await self.client._db.fetch(CronQueries(self.client.schema).known_crontabs)
         known = {r["identifier"]: r for r in rows}
         now = datetime.now(UTC)
         items = []

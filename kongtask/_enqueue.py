@@ -13,24 +13,22 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeAlias
 
-from ._config import quote_ident
 from ._errors import ConfigError, KongtaskError, schema_not_installed
 from ._job import Job, JobSpec, JSONValue
-
-JobKeyMode = Literal["replace", "preserve_run_at", "unsafe_dedupe"]
-
-JOB_KEY_MODES: Final = ("replace", "preserve_run_at", "unsafe_dedupe")
-
-SMALLINT_MIN: Final = -32768
-SMALLINT_MAX: Final = 32767
-BIGINT_MIN: Final = -(2**63)
-BIGINT_MAX: Final = 2**63 - 1
-MAX_NAME_LENGTH: Final = 128  # tasks_identifier_check, job_queues_queue_name_check
-MAX_KEY_LENGTH: Final = 512  # jobs_key_check
+from ._schema_sql import SchemaSql
+from ._validate import (
+    MAX_KEY_LENGTH,
+    check_aware,
+    check_job_key_mode,
+    check_max_attempts,
+    check_name,
+    check_smallint,
+    check_text,
+)
 
 # graphile-worker's own add_jobs can drop a keyed spec when the keyed row gets locked
 # between its retire step and its upsert (graphile-worker #580). A retry resolves it: the
@@ -167,74 +165,6 @@ def encode_specs(specs: list[dict[str, Any]]) -> str:
     return text
 
 
-def check_job_key_mode(mode: object) -> str | None:
-    if mode is None or (isinstance(mode, str) and mode in JOB_KEY_MODES):
-        return mode
-    raise ConfigError(f"job_key_mode must be one of {', '.join(JOB_KEY_MODES)}, not {mode!r}")
-
-
-def check_text(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{what} must be a string, not {type(value).__name__}")
-    if "\x00" in value:
-        raise ConfigError(
-            f"{what} {value!r} contains a NUL character, which PostgreSQL cannot hold"
-        )
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise ConfigError(f"{what} {value!r} is not valid Unicode (lone surrogate)") from None
-    return value
-
-
-def check_name(value: object, what: str) -> str:
-    name = check_text(value, what)
-    if len(name) > MAX_NAME_LENGTH:
-        raise ConfigError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}")
-    return name
-
-
-def check_int(value: object, what: str, low: int, high: int) -> int:
-    # bool is an int subclass; True as a priority is a bug, not 1.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{what} must be an integer, not {type(value).__name__}")
-    if not low <= value <= high:
-        raise ConfigError(f"{what} must be between {low} and {high}, not {value}")
-    return value
-
-
-def check_smallint(value: int | None, what: str) -> int | None:
-    return None if value is None else check_int(value, what, SMALLINT_MIN, SMALLINT_MAX)
-
-
-def check_max_attempts(value: int | None, what: str) -> int | None:
-    return None if value is None else check_int(value, what, 1, SMALLINT_MAX)
-
-
-def check_aware(value: object, what: str) -> datetime:
-    if not isinstance(value, datetime):
-        raise ConfigError(f"{what} must be a datetime, not {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ConfigError(
-            f"{what} must be timezone-aware (e.g. datetime.now(timezone.utc)); "
-            "a naive datetime is ambiguous"
-        )
-    try:
-        value.astimezone(UTC)
-    except OverflowError:
-        # e.g. 0001-01-01 00:00 at +01:00 is in year 0 in UTC: stored, it could not be
-        # read back as a datetime (it would read as datetime.min)
-        raise ConfigError(
-            f"{what} {value.isoformat()} is outside the range a datetime can hold in UTC "
-            "(years 1 to 9999)"
-        ) from None
-    return value
-
-
-def check_ids(ids: Iterable[int]) -> list[int]:
-    return [check_int(job_id, "job id", BIGINT_MIN, BIGINT_MAX) for job_id in ids]
-
-
 # --- statements for any driver ----------------------------------------------------------
 
 #: How a driver marks bound parameters: PEP 249's ``paramstyle`` names, and ``dollar``
@@ -339,12 +269,22 @@ class Statement:
     params: Params
 
 
-@dataclass(frozen=True, slots=True)
-class _Queries:
+@dataclass(frozen=True, slots=True, repr=False)
+class AddQueries(SchemaSql):
+    """The add statements for one schema, with ``style``'s placeholders."""
+
     style: ParamStyle
-    add_job: str
-    add_jobs: str
-    names_by_id: str
+    add_job: str = field(init=False)
+    add_jobs: str = field(init=False)
+    names_by_id: str = field(init=False)
+
+    def _render(self, s: str) -> dict[str, str]:
+        marks = [_placeholder(self.style, i) for i in range(9)]
+        return dict(
+            add_job=_ADD_JOB.format(*marks, cols=_COLUMNS, s=s),
+            add_jobs=_ADD_JOBS.format(*marks, cols=_COLUMNS, s=s),
+            names_by_id=_NAMES_BY_ID.format(*marks, s=s),
+        )
 
     def bind(self, sql: str, values: Sequence[object]) -> Statement:
         if self.style in ("pyformat", "named"):
@@ -353,16 +293,9 @@ class _Queries:
 
 
 @functools.lru_cache(maxsize=64)
-def queries(schema: str, style: ParamStyle) -> _Queries:
-    """The add statements for ``schema`` (quoted as an identifier) in ``style``."""
-    s = quote_ident(schema)
-    marks = [_placeholder(style, i) for i in range(9)]
-    return _Queries(
-        style,
-        _ADD_JOB.format(*marks, cols=_COLUMNS, s=s),
-        _ADD_JOBS.format(*marks, cols=_COLUMNS, s=s),
-        _NAMES_BY_ID.format(*marks, s=s),
-    )
+def queries(schema: str, style: ParamStyle) -> AddQueries:
+    """The add statements for ``schema`` in ``style``, built once per pair."""
+    return AddQueries(schema, style)
 
 
 #: What a producer drives: it sends each statement the plan yields, on the caller's
@@ -378,10 +311,7 @@ def add_job_plan(schema: str, style: ParamStyle, args: Sequence[object]) -> Plan
         rows = yield q.bind(q.add_job, args)
         if rows and rows[0][_ID] is not None:
             return (yield from _named_jobs(q, [rows[0]]))
-    raise KongtaskError(
-        f"add_job({args[0]!r}, job_key={args[5]!r}) returned no job {ADD_ATTEMPTS} times in a "
-        "row (graphile-worker bug #580: the keyed job kept getting locked mid-update)"
-    )
+    raise add_job_gave_up(args)
 
 
 def add_jobs_plan(
@@ -399,23 +329,50 @@ def add_jobs_plan(
         found.extend(got)
         if len(got) == len(pending):
             return (yield from _named_jobs(q, found))
-        # #580 only ever drops keyed specs: resend those whose key came back nowhere.
-        returned_keys = {row[_KEY] for row in got}
-        dropped = [s for s in pending if s.get("job_key") not in returned_keys]
-        if len(dropped) != len(pending) - len(got) or any("job_key" not in s for s in dropped):
-            raise KongtaskError(
-                f"add_jobs returned {len(got)} jobs for {len(pending)} specs, and not "
-                "because of keyed jobs getting locked; the add_jobs function misbehaves"
-            )
-        pending = dropped
+        pending = dropped_by_580(pending, [row[_KEY] for row in got])
         encoded = dumps_specs(pending)
-    raise KongtaskError(
+    raise add_jobs_gave_up(pending)
+
+
+def dropped_by_580(
+    pending: list[dict[str, Any]], returned_keys: Sequence[object]
+) -> list[dict[str, Any]]:
+    """The specs of ``pending`` to send again after an ``add_jobs`` call returned jobs
+    with ``returned_keys``.
+
+    graphile-worker #580 only ever drops keyed specs; any other loss means the function
+    misbehaves, and is raised.
+    """
+    keys = set(returned_keys)
+    dropped = [s for s in pending if s.get("job_key") not in keys]
+    if len(dropped) != len(pending) - len(returned_keys) or any(
+        "job_key" not in s for s in dropped
+    ):
+        raise KongtaskError(
+            f"add_jobs returned {len(returned_keys)} jobs for {len(pending)} specs, and not "
+            "because of keyed jobs getting locked; the add_jobs function misbehaves"
+        )
+    return dropped
+
+
+def add_job_gave_up(args: Sequence[object]) -> KongtaskError:
+    """The error when ``add_job`` returned no job :data:`ADD_ATTEMPTS` times in a row."""
+    return KongtaskError(
+        f"add_job({args[0]!r}, job_key={args[5]!r}) returned no job {ADD_ATTEMPTS} times in a "
+        "row (graphile-worker bug #580: the keyed job kept getting locked mid-update)"
+    )
+
+
+def add_jobs_gave_up(pending: Sequence[object]) -> KongtaskError:
+    """The error when ``add_jobs`` still dropped ``pending`` after :data:`ADD_ATTEMPTS`
+    tries."""
+    return KongtaskError(
         f"add_jobs dropped {len(pending)} keyed job(s) {ADD_ATTEMPTS} times in a row "
         "(graphile-worker bug #580: the keyed jobs kept getting locked mid-update)"
     )
 
 
-def _named_jobs(q: _Queries, rows: Sequence[Row]) -> Plan:
+def _named_jobs(q: AddQueries, rows: Sequence[Row]) -> Plan:
     task_ids = {row[_TASK_ID] for row in rows if row[_TASK] is None}
     queue_ids = {row[_QUEUE_ID] for row in rows if row[_QUEUE_ID] is not None} - {
         row[_QUEUE_ID] for row in rows if row[_QUEUE] is not None

@@ -114,11 +114,6 @@ class Fleet:
     def statistics(self) -> FleetStatistics:
         return FleetStatistics(self._started, self._restarts, len(self._children))
 
-    @property
-    def pids(self) -> list[int]:
-        """Process ids of the children alive now."""
-        return [child.pid for child in self._children.values()]
-
     def stop_nowait(self) -> None:
         """Ask every child to stop: the first call gracefully, a second one at once."""
         self._stop_requests += 1

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     import asyncpg
 
 from ._errors import ConfigError
-from ._inspect_sql import JOB_STATES, LIST_FILTERS, JobState, list_jobs_query
+from ._inspect_sql import JOB_STATES, LIST_FILTERS, InspectQueries, JobState
 from ._job import Job
+from ._validate import BIGINT_MAX, BIGINT_MIN, check_int
 
 #: The most rows one page of :meth:`Client.list_jobs` may hold.
 MAX_PAGE_SIZE: Final = 10_000
@@ -147,7 +148,7 @@ def pools_from_rows(rows: Iterable[asyncpg.Record]) -> list[PoolInfo]:
 
 
 def job_infos_from_rows(rows: Iterable[asyncpg.Record]) -> list[JobInfo]:
-    """Build the listing from the rows of :func:`list_jobs_query`."""
+    """Build the listing from the rows of :meth:`InspectQueries.list_jobs`."""
     result = []
     for row in rows:
         r = row
@@ -172,17 +173,11 @@ def _names(value: str | Iterable[str] | None, what: str) -> list[str] | None:
 
 
 def _optional_id(value: object, what: str) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{what} must be an integer job id, not {type(value).__name__}")
-    if not -(2**63) <= value < 2**63:
-        raise ConfigError(f"{what} must be in the bigint range, not {value}")
-    return value
+    return None if value is None else check_int(value, what, BIGINT_MIN, BIGINT_MAX)
 
 
 def list_jobs_statement(
-    schema: str,
+    queries: InspectQueries,
     *,
     ids: Iterable[int] | None = None,
     tasks: str | Iterable[str] | None,
@@ -206,8 +201,7 @@ def list_jobs_statement(
             )
     if key is not None and not isinstance(key, str):
         raise ConfigError(f"key must be a string, not {type(key).__name__}")
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ConfigError(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, not {limit!r}")
+    check_int(limit, "limit", 1, MAX_PAGE_SIZE)
     if not isinstance(descending, bool):
         raise ConfigError("descending must be a bool")
     id_list = None
@@ -232,5 +226,5 @@ def list_jobs_statement(
     }
     given = tuple(name for name in LIST_FILTERS if values[name] is not None)
     chosen = tuple(sorted(set(cast(list[JobState], state_list or []))))
-    query = list_jobs_query(schema, given, descending, chosen)
+    query = queries.list_jobs(given, descending, chosen)
     return query, [limit, *(values[name] for name in given)]

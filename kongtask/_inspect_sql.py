@@ -2,8 +2,8 @@
 
 They read graphile-worker 0.18's tables as they are (no index, view or function added),
 so they work on a database only Node workers use. Values travel as bound parameters; the
-schema name is spliced in only through :func:`~kongtask._config.quote_ident`, and the job
-listing is assembled from the constant clauses of this module, one per filter given.
+schema name is spliced in only through :class:`~kongtask._schema_sql.SchemaSql`, and the
+job listing is assembled from the constant clauses of this module, one per filter given.
 
 A job's derived state, first match wins:
 
@@ -18,12 +18,12 @@ A job's derived state, first match wins:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final, Literal
 
-from ._config import quote_ident
 from ._liveness_sql import LOCK_CLASS, MARKER
+from ._schema_sql import SchemaSql
 
 JobState = Literal[
     "ready", "scheduled", "retrying", "running", "waiting_on_queue", "permanently_failed"
@@ -73,12 +73,12 @@ _STATE_ROW_CONDITION: Final[dict[JobState, str]] = {
     "waiting_on_queue": "(j.is_available and j.run_at <= now() and j.job_queue_id is not null)",
     "ready": "(j.is_available and j.run_at <= now())",
 }
-#: The listing filters, in the order :func:`list_jobs_query` binds them.
+#: The listing filters, in the order :meth:`InspectQueries.list_jobs` binds them.
 LIST_FILTERS: Final = tuple(_FILTERS)
 
 
-@dataclass(frozen=True, slots=True)
-class InspectQueries:
+@dataclass(frozen=True, slots=True, repr=False)
+class InspectQueries(SchemaSql):
     """Every fixed statement of the inspection API, for one schema.
 
     Attributes:
@@ -92,16 +92,35 @@ class InspectQueries:
       pools: one row per pool that holds a liveness lock or a job or queue row.
     """
 
-    counts: str
-    oldest_ready: str
-    pools: str
+    counts: str = field(init=False)
+    oldest_ready: str = field(init=False)
+    pools: str = field(init=False)
+    list_jobs_from: str = field(init=False)
 
+    def list_jobs(
+        self, filters: Sequence[str], descending: bool, states: Sequence[JobState] = ()
+    ) -> str:
+        """The job listing with the given filters (names from :data:`LIST_FILTERS`, bound as
+        ``$2, $3, …`` in that order; ``$1`` is the limit).
 
-def inspect_queries(schema: str) -> InspectQueries:
-    """Render the inspection queries for ``schema`` (quoted as an identifier)."""
-    s = quote_ident(schema)
-    return InspectQueries(
-        counts=f"""
+        Ordered by id, so ``after_id`` (the last id of the previous page) pages through a
+        changing table without skipping or repeating rows (keyset pagination); with
+        ``descending``, ``after_id`` continues below that id instead. ``states``: the
+        (checked) states the ``states`` filter binds, to add their row conditions.
+        """
+        return self.list_jobs_from + _list_jobs_tail(tuple(filters), descending, tuple(states))
+
+    def _render(self, s: str) -> dict[str, str]:
+        return dict(
+            # The job listing up to its conditions (see list_jobs).
+            list_jobs_from=f"""
+select j.*, t.identifier as task_identifier, q.queue_name, s.state,
+  extract(epoch from now() - j.locked_at)::float8 as lock_age
+from {s}._private_jobs as j
+left join {s}._private_tasks as t on t.id = j.task_id
+left join {s}._private_job_queues as q on q.id = j.job_queue_id
+cross join lateral (select {_STATE} as state) as s""",
+            counts=f"""
 with per_group as (
   select j.task_id, j.job_queue_id,
     count(*) filter (where j.locked_at is not null) as running,
@@ -126,11 +145,11 @@ from per_group as g
 left join {s}._private_tasks as t on t.id = g.task_id
 left join {s}._private_job_queues as q on q.id = g.job_queue_id
 order by t.identifier, q.queue_name nulls first""",
-        # A loose index scan: for each priority present among the available rows (a
-        # recursive walk of jobs_main_index, one probe per priority), the first ready job
-        # in run_at order, skipping those whose queue is locked. Cost grows with the
-        # number of priorities, not with the backlog.
-        oldest_ready=f"""
+            # A loose index scan: for each priority present among the available rows (a
+            # recursive walk of jobs_main_index, one probe per priority), the first ready job
+            # in run_at order, skipping those whose queue is locked. Cost grows with the
+            # number of priorities, not with the backlog.
+            oldest_ready=f"""
 with recursive priorities as (
   (select j.priority from {s}._private_jobs as j
    where j.is_available order by j.priority limit 1)
@@ -150,11 +169,11 @@ cross join lateral (
   order by j.run_at limit 1
 ) as first
 where p.priority is not null""",
-        # Live kongtask pools come from their liveness locks (pg_locks shows the lock's
-        # session, so its start and address), every other pool from the rows it locks.
-        # A marked id holding rows with nobody holding its lock is a dead kongtask pool;
-        # an unmarked id (Node, or kongtask behind pgBouncer) cannot be checked.
-        pools=f"""
+            # Live kongtask pools come from their liveness locks (pg_locks shows the lock's
+            # session, so its start and address), every other pool from the rows it locks.
+            # A marked id holding rows with nobody holding its lock is a dead kongtask pool;
+            # an unmarked id (Node, or kongtask behind pgBouncer) cannot be checked.
+            pools=f"""
 with held as (
   select h.pool_id, sum(h.jobs)::bigint as jobs, sum(h.queues)::bigint as queues,
          min(h.oldest_lock_at) as oldest_lock_at
@@ -190,22 +209,15 @@ select 'unmarked', h.pool_id, null, null, h.jobs, h.queues,
        extract(epoch from now() - h.oldest_lock_at)::float8, null, null
 from held as h where h.pool_id !~ '{_MARKED_ID_RE}'
 order by 1, 2 nulls last, 3""",
-    )
+        )
 
 
 @lru_cache(maxsize=256)
-def list_jobs_query(
-    schema: str, filters: Sequence[str], descending: bool, states: Sequence[JobState] = ()
+def _list_jobs_tail(
+    filters: tuple[str, ...], descending: bool, states: tuple[JobState, ...]
 ) -> str:
-    """The job listing for ``schema`` with the given filters (names from
-    :data:`LIST_FILTERS`, bound as ``$2, $3, …`` in that order; ``$1`` is the limit).
-
-    Ordered by id, so ``after_id`` (the last id of the previous page) pages through a
-    changing table without skipping or repeating rows (keyset pagination); with
-    ``descending``, ``after_id`` continues below that id instead. ``states``: the
-    (checked) states the ``states`` filter binds, to add their row conditions.
-    """
-    s = quote_ident(schema)
+    """The conditions, order and limit of :meth:`InspectQueries.list_jobs`, built from the
+    constant clauses of this module only."""
     where = []
     for number, name in enumerate(filters, start=2):
         clause = _FILTERS[name]
@@ -217,12 +229,6 @@ def list_jobs_query(
     condition = " and ".join(where) if where else "true"
     order = "desc" if descending else "asc"
     return f"""
-select j.*, t.identifier as task_identifier, q.queue_name, s.state,
-  extract(epoch from now() - j.locked_at)::float8 as lock_age
-from {s}._private_jobs as j
-left join {s}._private_tasks as t on t.id = j.task_id
-left join {s}._private_job_queues as q on q.id = j.job_queue_id
-cross join lateral (select {_STATE} as state) as s
 where {condition}
 order by j.id {order}
 limit $1::int"""

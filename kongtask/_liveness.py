@@ -85,7 +85,6 @@ from ._liveness_sql import (
     MARKER,
     TRY_LOCK,
     LivenessQueries,
-    liveness_queries,
 )
 from ._pg import Database
 
@@ -253,7 +252,7 @@ class DeadPoolSweeper:
         restart_grace: float = DEFAULT_RESTART_GRACE,
         full_scan_interval: float = DEFAULT_FULL_SCAN_INTERVAL,
     ) -> None:
-        self.queries: LivenessQueries = liveness_queries(schema)
+        self.queries: LivenessQueries = LivenessQueries(schema)
         self.restart_grace = restart_grace
         self.full_scan_interval = full_scan_interval
         self._suspect_ids: set[str] = set()
@@ -291,20 +290,6 @@ class DeadPoolSweeper:
         self._suspect_keys.update(vanished)
         if row is None or not row["pools"]:
             return Release((), 0, 0)
-        return Release(tuple(row["pools"]), int(row["jobs"]), int(row["queues"]))
-
-    async def release_now(self, db: Database, pool_ids: list[str]) -> Release:
-        """Release ``pool_ids`` that are provably dead right now (one observation).
-
-        For operators and tests; the sweeper loop uses :meth:`check`. Ignores the restart
-        grace.
-        """
-
-        async def unit(conn: asyncpg.Connection) -> asyncpg.Record | None:
-            return await conn.fetchrow(self.queries.release_dead_pools, pool_ids, 0.0, [])
-
-        row = await db.with_own_connection(unit)
-        assert row is not None  # the statement always returns one row
         return Release(tuple(row["pools"]), int(row["jobs"]), int(row["queues"]))
 
 

@@ -1,16 +1,16 @@
 """Named queries of fast crash recovery (:mod:`kongtask._liveness`), rendered per schema.
 
 Values travel as bound parameters; the schema name is the only text spliced in, and only
-through :func:`~kongtask._config.quote_ident`. The marker, the lock class and the key
+through :class:`~kongtask._schema_sql.SchemaSql`. The marker, the lock class and the key
 derivation are constants of this module, so the SQL and the Python side
 (:func:`kongtask._liveness.liveness_lock_key`) cannot drift apart: the tests check both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ._config import quote_ident
+from ._schema_sql import SchemaSql
 
 #: The fixed part of every marked pool id's hex: ``"kong"`` in ASCII (0x6b 0x6f 0x6e 0x67).
 MARKER = "6b6f6e67"
@@ -74,8 +74,8 @@ where l.locktype = 'advisory'
   and l.objsubid = 2"""
 
 
-@dataclass(frozen=True, slots=True)
-class LivenessQueries:
+@dataclass(frozen=True, slots=True, repr=False)
+class LivenessQueries(SchemaSql):
     """Every statement of fast crash recovery, for one schema.
 
     Attributes:
@@ -89,18 +89,15 @@ class LivenessQueries:
         when given suspect keys.
     """
 
-    dead_pools: str
-    release_dead_pools: str
+    dead_pools: str = field(init=False)
+    release_dead_pools: str = field(init=False)
 
-
-def liveness_queries(schema: str) -> LivenessQueries:
-    """Render the liveness queries for ``schema`` (quoted as an identifier)."""
-    s = quote_ident(schema)
-    return LivenessQueries(
-        # Both tables are scanned for locked rows (there is no index on the lock columns,
-        # and the schema must not grow one); `locked_at is not null` is the cheap first
-        # filter, the anchored regex the second, the pg_locks probe runs once per pool id.
-        dead_pools=f"""
+    def _render(self, s: str) -> dict[str, str]:
+        return dict(
+            # Both tables are scanned for locked rows (there is no index on the lock columns,
+            # and the schema must not grow one); `locked_at is not null` is the cheap first
+            # filter, the anchored regex the second, the pg_locks probe runs once per pool id.
+            dead_pools=f"""
 select p.id from (
   select distinct locked_by as id from {s}._private_jobs
    where locked_at is not null and locked_by ~ '{_MARKED_ID_RE}'
@@ -109,15 +106,15 @@ select p.id from (
    where locked_at is not null and locked_by ~ '{_MARKED_ID_RE}'
 ) as p
 where not {_LOCK_HELD.format(id="p.id")}""",
-        # One statement, so the liveness re-check and the release see one moment: a pool
-        # that took its lock since the suspects were collected is left alone. The
-        # restart grace skips everything for a while after the server (re)started,
-        # because then every pool is reconnecting and none holds its lock yet.
-        # Jobs: both lock columns cleared, attempts kept (the lost attempt counts) and
-        # run_at := greatest(run_at, now()), exactly what the 4-hour sweep does (§5.7).
-        # Queue rows: both lock columns cleared. Then one jobs:insert notification in
-        # the format add_jobs sends, so idle workers pick the jobs up without polling.
-        release_dead_pools=f"""
+            # One statement, so the liveness re-check and the release see one moment: a pool
+            # that took its lock since the suspects were collected is left alone. The
+            # restart grace skips everything for a while after the server (re)started,
+            # because then every pool is reconnecting and none holds its lock yet.
+            # Jobs: both lock columns cleared, attempts kept (the lost attempt counts) and
+            # run_at := greatest(run_at, now()), exactly what the 4-hour stale-lock sweep does.
+            # Queue rows: both lock columns cleared. Then one jobs:insert notification in
+            # the format add_jobs sends, so idle workers pick the jobs up without polling.
+            release_dead_pools=f"""
 with grace as (
   select now() - pg_catalog.pg_postmaster_start_time() < make_interval(secs => $2::float8)
       -- After a crash restart (a backend died: every session ends, the postmaster does
@@ -175,4 +172,4 @@ select array(select id from dead order by id) as pools, c.jobs, c.queues,
          'jobs:insert', '{{"r":' || random() || ',"count":' || c.jobs || '}}'
        ) end as notified
 from counts as c""",
-    )
+        )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from ._health import readiness
 from ._inspect import QueueCounts
 from ._inspect_sql import JOB_STATES
 
@@ -196,8 +197,6 @@ class _PoolCollector:
             return CounterMetricFamily(name, doc, value=value)
 
         from prometheus_client.core import HistogramMetricFamily
-
-        from ._health import readiness
 
         per_task = (
             ("kongtask_jobs_started", "Jobs started", "started"),

@@ -22,7 +22,7 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
@@ -31,6 +31,7 @@ import asyncpg
 from ._config import asyncpg_dsn, quote_ident, resolve_schema
 from ._errors import MigrationError, SchemaTooNewError, schema_not_installed
 from ._pg import Database
+from ._schema_sql import SchemaSql
 
 log = logging.getLogger("kongtask.migrate")
 
@@ -83,6 +84,62 @@ class SchemaStatus:
     server_version_num: int
     latest: int | None
     latest_breaking: int | None
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class MigrationQueries(SchemaSql):
+    """The statements of the migration protocol, for one schema.
+
+    Attributes:
+      status: the startup query: ``server_version_num``, ``latest`` and
+        ``latest_breaking`` (migration ids, null when none).
+      create_schema, create_migrations, add_breaking_column: the bootstrap, each
+        idempotent; ``add_breaking_column`` adopts a table made before graphile-worker
+        0.16 (no ``breaking`` column).
+      mark_breaking: ``$1`` int[]: the ids of the breaking migrations.
+      insert_migration: ``$1`` id, ``$2`` breaking.
+      lock_migrations: keeps migrators out (they insert into ``migrations``) until the
+        transaction ends, and waits for those at work.
+      latest: the highest applied migration id.
+    """
+
+    status: str = field(init=False)
+    create_schema: str = field(init=False)
+    create_migrations: str = field(init=False)
+    add_breaking_column: str = field(init=False)
+    mark_breaking: str = field(init=False)
+    insert_migration: str = field(init=False)
+    lock_migrations: str = field(init=False)
+    latest: str = field(init=False)
+
+    def _render(self, s: str) -> dict[str, str]:
+        return dict(
+            status=f"""
+        select
+          current_setting('server_version_num')::int as server_version_num,
+          (select id from {s}.migrations order by id desc limit 1) as latest,
+          (select id from {s}.migrations where breaking is true order by id desc limit 1)
+            as latest_breaking
+        """,
+            create_schema=f"create schema if not exists {s}",
+            create_migrations=(
+                f"create table if not exists {s}.migrations ("
+                " id int primary key,"
+                " ts timestamptz default now() not null"
+                ")"
+            ),
+            add_breaking_column=(
+                f"alter table {s}.migrations"
+                " add column if not exists breaking boolean not null default false"
+            ),
+            mark_breaking=(
+                f"update {s}.migrations set breaking = true"
+                " where id = any($1::int[]) and breaking is not true"
+            ),
+            insert_migration=f"insert into {s}.migrations (id, breaking) values ($1, $2)",
+            lock_migrations=f"lock table {s}.migrations in share row exclusive mode",
+            latest=f"select max(id) from {s}.migrations",
+        )
 
 
 _FILE_RE = re.compile(r"^(\d{6})\.sql$")
@@ -178,44 +235,22 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 
 async def _read_status(conn: asyncpg.Connection, schema: str) -> SchemaStatus:
-    q = quote_ident(schema)
-    row = await conn.fetchrow(
-        f"""
-        select
-          current_setting('server_version_num')::int as server_version_num,
-          (select id from {q}.migrations order by id desc limit 1) as latest,
-          (select id from {q}.migrations where breaking is true order by id desc limit 1)
-            as latest_breaking
-        """
-    )
+    row = await conn.fetchrow(MigrationQueries(schema).status)
     assert row is not None
     return SchemaStatus(row["server_version_num"], row["latest"], row["latest_breaking"])
 
 
 async def _bootstrap(conn: asyncpg.Connection, schema: str) -> None:
-    q = quote_ident(schema)
+    queries = MigrationQueries(schema)
     # Refuse before creating anything on a server graphile-worker cannot run on.
     version_num = int(await conn.fetchval("select current_setting('server_version_num')"))
     if version_num < MIN_SERVER_VERSION_NUM:
         raise MigrationError(_pg_too_old_message(version_num))
     async with conn.transaction():
-        await conn.execute(f"create schema if not exists {q}")
-        await conn.execute(
-            f"create table if not exists {q}.migrations ("
-            " id int primary key,"
-            " ts timestamptz default now() not null"
-            ")"
-        )
-        # Tables made by graphile-worker before 0.16 have no `breaking` column: adopt them.
-        await conn.execute(
-            f"alter table {q}.migrations"
-            " add column if not exists breaking boolean not null default false"
-        )
-        await conn.execute(
-            f"update {q}.migrations set breaking = true"
-            " where id = any($1::int[]) and breaking is not true",
-            list(breaking_migration_ids()),
-        )
+        await conn.execute(queries.create_schema)
+        await conn.execute(queries.create_migrations)
+        await conn.execute(queries.add_breaking_column)
+        await conn.execute(queries.mark_breaking, list(breaking_migration_ids()))
 
 
 async def _startup(conn: asyncpg.Connection, schema: str) -> SchemaStatus:
@@ -248,18 +283,14 @@ def _check_status(status: SchemaStatus) -> None:
 
 async def _apply(conn: asyncpg.Connection, schema: str, migration: Migration) -> bool:
     """Run one migration in its own transaction; ``False`` if another process did it."""
-    q = quote_ident(schema)
+    queries = MigrationQueries(schema)
     sql = migration.sql(schema)
     try:
         async with conn.transaction():
             try:
                 # The row goes in first: a concurrent migrator blocks here on
                 # migrations_pkey and then gets a clash instead of running the DDL twice.
-                await conn.execute(
-                    f"insert into {q}.migrations (id, breaking) values ($1, $2)",
-                    migration.id,
-                    migration.breaking,
-                )
+                await conn.execute(queries.insert_migration, migration.id, migration.breaking)
             except asyncpg.PostgresError as exc:
                 if _sqlstate(exc) in _CLASH_CODES:
                     raise _AlreadyApplied from exc
@@ -343,6 +374,7 @@ async def refresh_own_bodies(conn: asyncpg.Connection, schema: str) -> list[str]
     :data:`OWN_BODY_MARKER`. graphile-worker's own bodies are left alone. Interfaces do
     not change; nothing is announced on ``worker:migrate``.
     """
+    queries = MigrationQueries(schema)
     q = quote_ident(schema)
     refreshed: list[str] = []
     for name in OWN_BODY_FUNCTIONS:
@@ -351,8 +383,8 @@ async def refresh_own_bodies(conn: asyncpg.Connection, schema: str) -> list[str]
         async with conn.transaction():
             # migrators insert into `migrations`: this waits for them and for another
             # refresh, and keeps them out until this one commits
-            await conn.execute(f"lock table {q}.migrations in share row exclusive mode")
-            latest = await conn.fetchval(f"select max(id) from {q}.migrations")
+            await conn.execute(queries.lock_migrations)
+            latest = await conn.fetchval(queries.latest)
             if latest != latest_known_migration():
                 return refreshed
             current = await conn.fetchval(_own_body_query("$2"), schema, name)

@@ -22,7 +22,6 @@ from typing import Any, overload
 
 from ._config import resolve_schema
 from ._enqueue import (
-    JobKeyMode,
     ParamStyle,
     Plan,
     Row,
@@ -36,6 +35,7 @@ from ._enqueue import (
 from ._errors import ConfigError
 from ._job import Job, JobSpec, JSONValue
 from ._tracing import traced_add
+from ._validate import JobKeyMode
 
 _DRIVERS = ("psycopg", "psycopg2", "sqlalchemy", "django", "asyncpg")
 

@@ -17,14 +17,15 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from ._config import DEFAULT_SCHEMA, validate_identifier
+from ._config import DEFAULT_SCHEMA
 from ._errors import ConfigError
+from ._validate import validate_identifier
 
 Kind = Literal["str", "int", "float", "bool", "list", "choice"]
 
@@ -271,6 +272,11 @@ LOG_KEYS = ("log_level", "log_format")
 
 # ---------------------------------------------------------------------------
 # argparse
+
+
+#: How a verb module gets the connection options (``-c``, ``-s``, ``--config``, logging)
+#: added to its parsers, without importing the module that defines them.
+AddConnectionOptions = Callable[[argparse.ArgumentParser], None]
 
 
 def add_log_options(parser: argparse.ArgumentParser) -> None:

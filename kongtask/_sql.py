@@ -2,8 +2,8 @@
 formatted once per schema.
 
 Each attribute of :class:`WorkerQueries` is one SQL statement with positional
-parameters. The schema name is the only thing spliced in, always through
-:func:`~kongtask._config.quote_ident`; everything else is a bind parameter.
+parameters. The schema name is the only thing spliced in, always quoted by
+:class:`~kongtask._schema_sql.SchemaSql`; everything else is a bind parameter.
 
 Every statement here is idempotent with respect to the pool id, so a statement that
 is retried after a lost connection (maybe committed, maybe not) does no harm: complete
@@ -18,12 +18,13 @@ unit of work (docs/design/stack.md#one-crossing-per-unit-of-work): call them thr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
-from ._config import quote_ident
 from ._held import Snapshot
+from ._schema_sql import SchemaSql
 
 #: Locks older than this are stale: graphile-worker's fixed rule, never shortened for rows
 #: that are not provably abandoned (docs/design/database.md#stale-locks-and-dead-pools).
@@ -90,7 +91,8 @@ JOB_COLUMNS_US = f"""
 _CLAIM_RETURNING = f"{JOB_COLUMNS_US}, k.queue_name"
 
 
-class WorkerQueries:
+@dataclass(frozen=True, slots=True, repr=False)
+class WorkerQueries(SchemaSql):
     """The worker's SQL for one schema. Construct once per pool: ``WorkerQueries(schema)``.
 
     Attributes (SQL strings, parameters in order):
@@ -122,26 +124,22 @@ class WorkerQueries:
       add_job: ``select * from <schema>.add_job($1..$9)`` (the SQL function).
     """
 
-    __slots__ = (
-        "add_job",
-        "claim",
-        "complete",
-        "complete_and_fail",
-        "fail",
-        "locked_by_pool",
-        "recheck",
-        "register_tasks",
-        "release_pool",
-        "return_jobs",
-        "return_unknown",
-        "schema",
-        "sweep_stale",
-        "unsupported_tasks",
-    )
+    add_job: str = field(init=False)
+    claim: str = field(init=False)
+    complete: str = field(init=False)
+    complete_and_fail: str = field(init=False)
+    fail: str = field(init=False)
+    locked_by_pool: str = field(init=False)
+    recheck: str = field(init=False)
+    register_tasks: str = field(init=False)
+    release_pool: str = field(init=False)
+    return_jobs: str = field(init=False)
+    return_unknown: str = field(init=False)
+    sweep_stale: str = field(init=False)
+    unsupported_tasks: str = field(init=False)
 
-    def __init__(self, schema: str) -> None:
-        s = quote_ident(schema)
-        self.schema = schema
+    def _render(self, s: str) -> dict[str, str]:
+        sql: dict[str, str] = {}
         jobs = f"{s}._private_jobs"
         queues = f"{s}._private_job_queues"
 
@@ -164,7 +162,7 @@ class WorkerQueries:
     and j.run_at <= {now}
     and j.task_id = any($2::int[])
     and (j.flags is null or $4::text[] is null or not (j.flags ?| $4::text[]))"""
-        self.claim = f"""
+        sql["claim"] = f"""
 with queued as (
   select j.id, j.job_queue_id, q.queue_name, j.priority, j.run_at
   from {jobs} j
@@ -224,7 +222,7 @@ from claimed c order by c.priority asc, c.run_at_us asc
 
         # Complete (§5.4): delete by id (no locked_by check, as upstream), and unlock
         # the queue rows of the jobs this statement deleted, only where we hold them.
-        self.complete = f"""
+        sql["complete"] = f"""
 with deleted as (
   delete from {jobs} j where j.id = any($2::bigint[]) returning j.id, j.job_queue_id
 ),
@@ -248,7 +246,7 @@ select d.id from deleted d
       payload = coalesce(i.payload::json, j.payload)
   from fail_input i
   where j.id = i.id and j.locked_by = $1::text"""
-        self.fail = f"""
+        sql["fail"] = f"""
 with fail_input as (
   select t.id, t.message, t.payload
   from unnest($2::bigint[], $3::text[], $4::text[]) as t(id, message, payload)
@@ -268,7 +266,7 @@ select f.id, f.attempts, f.max_attempts, f.run_at from failed f
         # Both in one statement and one transaction: the completer's usual round trip.
         # The two sets of ids are disjoint (a job has one outcome), so the two
         # data-modifying CTEs never touch the same job row; one CTE unlocks all queues.
-        self.complete_and_fail = f"""
+        sql["complete_and_fail"] = f"""
 with deleted as (
   delete from {jobs} j where j.id = any($2::bigint[]) returning j.id, j.job_queue_id
 ),
@@ -295,7 +293,7 @@ select 'fail', f.id, f.attempts, f.max_attempts from failed f
 
         # Recheck held jobs before they start: the ids of those still locked by us and
         # unchanged since their claim (``$2..$7``: the claim snapshot, _SNAPSHOT).
-        self.recheck = f"""
+        sql["recheck"] = f"""
 select i.id from {_SNAPSHOT}
 join {jobs} j on j.id = i.id
 where j.locked_by = $1::text and {_UNCHANGED}
@@ -309,7 +307,7 @@ where j.locked_by = $1::text and {_UNCHANGED}
         # version the update locks.
         # Queue rows: those of the jobs returned, and those of jobs deleted while held
         # (complete_jobs), unless another job of ours in that queue holds it now.
-        self.return_jobs = f"""
+        sql["return_jobs"] = f"""
 with returned as (
   update {jobs} j
   set attempts = case when {_UNCHANGED} then greatest(0, j.attempts - 1) else j.attempts end,
@@ -338,7 +336,7 @@ select r.id from returned r
 
         # Hand back jobs this pool holds without knowing their claim (a claim whose reply
         # was lost): ``$1`` pool id, ``$2`` job ids. As return_jobs, judged by the row.
-        self.return_unknown = f"""
+        sql["return_unknown"] = f"""
 with returned as (
   update {jobs} j
   set attempts = case when {_UNCHANGED_SINCE_LOCKED} then greatest(0, j.attempts - 1)
@@ -360,7 +358,7 @@ select r.id from returned r
         # handler has finished and every result was written was claimed but never
         # started (e.g. a claim whose reply raced a cancellation), so it is returned,
         # judged by the row as return_unknown.
-        self.release_pool = f"""
+        sql["release_pool"] = f"""
 with returned as (
   update {jobs} j
   set attempts = case when {_UNCHANGED_SINCE_LOCKED} then greatest(0, j.attempts - 1)
@@ -379,10 +377,10 @@ select (select count(*) from returned) as jobs, (select count(*) from unlocked) 
 
         # The ids this pool holds in the database; the pool compares them with what it
         # knows after a claim whose reply was lost (it may have committed).
-        self.locked_by_pool = f"select j.id from {jobs} j where j.locked_by = $1::text"
+        sql["locked_by_pool"] = f"select j.id from {jobs} j where j.locked_by = $1::text"
         # `is_available` (unlocked, attempts left) makes this a scan of the claim's
         # partial index, which also holds task_id; the limit bounds the rows counted.
-        self.unsupported_tasks = f"""
+        sql["unsupported_tasks"] = f"""
 select t.identifier, count(*) as jobs
 from (
   select j.task_id from {jobs} j
@@ -397,7 +395,7 @@ order by count(*) desc, t.identifier
 """
 
         # Stale locks (§5.7): 4 h, attempts not decremented, run_at not in the past.
-        self.sweep_stale = f"""
+        sql["sweep_stale"] = f"""
 with j as (
   update {jobs}
   set locked_at = null, locked_by = null, run_at = greatest(run_at, now())
@@ -417,7 +415,7 @@ select (select count(*) from j) as jobs, (select count(*) from q) as queues
         # identity sequence is not consumed by every start. Rows inserted by this
         # statement are invisible to its own snapshot, hence the union with `ins`;
         # a concurrent insert that won the race is picked up by the caller's retry.
-        self.register_tasks = f"""
+        sql["register_tasks"] = f"""
 with wanted as (
   select distinct w.identifier from unnest($1::text[]) as w(identifier)
 ),
@@ -433,12 +431,14 @@ union all
 select t.id, t.identifier from {s}._private_tasks t where t.identifier = any($1::text[])
 """
 
-        self.add_job = f"""
+        sql["add_job"] = f"""
 select * from {s}.add_job(
   identifier => $1::text, payload => $2::json, queue_name => $3::text,
   run_at => $4::timestamptz, max_attempts => $5::int, job_key => $6::text,
   priority => $7::int, flags => $8::text[], job_key_mode => $9::text)
 """
+
+        return sql
 
 
 # ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from ._errors import ConfigError
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -51,8 +52,6 @@ def _api() -> Any:
     try:
         from opentelemetry import trace
     except ImportError:
-        from ._errors import ConfigError
-
         raise ConfigError(
             "tracing needs opentelemetry-api: pip install 'kongtask[tracing]'"
         ) from None

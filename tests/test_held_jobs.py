@@ -290,7 +290,7 @@ async def test_hand_back_statements_do_not_resurrect(db: Database, how: str) -> 
 async def test_dead_pool_release_and_force_unlock_keep_attempts(db: Database) -> None:
     """Neither the dead-pool release nor ``kongtask unlock`` gives an attempt back, so
     neither resurrects a removed held job (the interrupted attempt counts)."""
-    from kongtask._liveness_sql import liveness_queries
+    from kongtask._liveness_sql import LivenessQueries
     from kongtask._sql import claim_jobs, register_tasks
 
     q = WorkerQueries(S)
@@ -304,7 +304,7 @@ async def test_dead_pool_release_and_force_unlock_keep_attempts(db: Database) ->
         await client.remove_job(f"gone{n}")
         if n == 0:
             # nobody holds this pool's liveness lock: it is dead
-            release = liveness_queries(S).release_dead_pools
+            release = LivenessQueries(S).release_dead_pools
             row = await db.fetchrow(release, [pool], 0.0, [])
             assert row is not None
             assert list(row["pools"]) == [pool]

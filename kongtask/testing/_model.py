@@ -168,12 +168,6 @@ class Model:
                 return job
         return None
 
-    def pool_of(self, pool_id: str) -> Pool | None:
-        for pool in self.pools:
-            if pool.pool_id == pool_id:
-                return pool
-        return None
-
     def kill_pool(self, pool: Pool) -> None:
         """The pool crashed (or was declared dead): it restarts with a new pool id.
 

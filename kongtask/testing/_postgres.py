@@ -8,6 +8,7 @@ Only the standard library and kongtask's runtime dependencies are imported here,
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import gc
@@ -25,6 +26,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from .._errors import NoPostgresError
 
@@ -56,8 +58,6 @@ class PostgresServer:
 
 
 def dsn_with_database(dsn: str, database: str) -> str:
-    from urllib.parse import quote, urlsplit, urlunsplit
-
     if "://" not in dsn:
         return f"{dsn} dbname='{database}'"
     parts = urlsplit(dsn)
@@ -306,8 +306,8 @@ def run_sync_sql(dsn: str, *statements: str) -> list[object]:
     Uses a private selector loop, because importing trio_asyncio replaces asyncio's
     default loop (docs/design/stack.md#trio-asyncio-replaces-the-default-loop).
     """
-    import asyncio
-
+    # The pytest plugin imports this module in every session; the driver loads only when
+    # a test runs SQL.
     import asyncpg
 
     async def go() -> list[object]:

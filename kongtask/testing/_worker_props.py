@@ -38,6 +38,7 @@ import trio
 from hypothesis import strategies as st
 
 from .._config import quote_ident
+from .._worker import open_worker
 from ._model import InvariantViolation
 from ._postgres import run_sync_sql
 
@@ -298,8 +299,6 @@ class WorkerHarness:
         record: _Record,
     ) -> bool:
         """Run a pool to the shutdown point and shut it down; ``False``: never reached."""
-        from .._worker import open_worker
-
         startable_ids = {ids[i] for i in reachable.startable}
         hangs = {ids[i] for i, job in enumerate(scenario.jobs) if job.outcome == "hang"}
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from .._config import quote_ident
 from ._postgres import PostgresServer, provide_postgres, run_sync_sql
 
 _counter = itertools.count()
@@ -32,22 +33,23 @@ def kongtask_server() -> Iterator[PostgresServer]:
         yield server
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 @pytest.fixture(scope="session")
 def kongtask_template(kongtask_server: PostgresServer) -> Iterator[str]:
     """Name of a database migrated to kongtask's schema, used as a template."""
+    # Not at the top: pytest loads this plugin in every session of an environment that has
+    # kongtask, and the migrator brings in trio_asyncio, which replaces asyncio's default
+    # event loop; only sessions that ask for a database should get it.
     from .._migrate import migrate_sync
 
     name = f"kongtask_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    run_sync_sql(kongtask_server.dsn, f"create database {_quote(name)}")
+    run_sync_sql(kongtask_server.dsn, f"create database {quote_ident(name)}")
     try:
         migrate_sync(kongtask_server.dsn_for(name))
         yield name
     finally:
-        run_sync_sql(kongtask_server.dsn, f"drop database if exists {_quote(name)} with (force)")
+        run_sync_sql(
+            kongtask_server.dsn, f"drop database if exists {quote_ident(name)} with (force)"
+        )
 
 
 DatabaseFactory = Callable[..., str]
@@ -65,14 +67,17 @@ def kongtask_database_factory(
         template = request.getfixturevalue("kongtask_template") if migrated else "template0"
         name = f"kongtask_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
         run_sync_sql(
-            kongtask_server.dsn, f"create database {_quote(name)} template {_quote(template)}"
+            kongtask_server.dsn,
+            f"create database {quote_ident(name)} template {quote_ident(template)}",
         )
         made.append(name)
         return kongtask_server.dsn_for(name)
 
     yield make
     for name in made:
-        run_sync_sql(kongtask_server.dsn, f"drop database if exists {_quote(name)} with (force)")
+        run_sync_sql(
+            kongtask_server.dsn, f"drop database if exists {quote_ident(name)} with (force)"
+        )
 
 
 @pytest.fixture
