@@ -7,13 +7,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..._config import quote_ident
-from ..._migrate import migrate_sync
+from ..._migrate import MigrationQueries, migrate_sync
 from .._postgres import run_sync_sql
 from ._harness import open_lifecycle_harness
 from ._invariants import SchemaFlavour
 from ._machine import run_lifecycle_machine
-from ._statements import ProtocolStatements
+from ._statements import MachineStatements, ProtocolStatements
 
 
 @dataclass
@@ -75,8 +74,8 @@ def describe_failure(exc: BaseException) -> list[str]:
 
 def detect_flavour(dsn: str, schema: str) -> SchemaFlavour:
     """Guess the flavour of an existing schema: 19 migrations means graphile-worker 0.17."""
-    rows = run_sync_sql(dsn, f"select max(id) as m from {quote_ident(schema)}.migrations")
-    top = rows[0][0]["m"]  # type: ignore[index]
+    rows = run_sync_sql(dsn, MigrationQueries(schema).latest)
+    top = rows[0][0]["max"]  # type: ignore[index]
     return (
         SchemaFlavour.GRAPHILE_WORKER_0_17
         if top is not None and top < 20
@@ -155,7 +154,7 @@ def run_lifecycle(
                     harness.reset()  # leave the rows empty, as found
     finally:
         if scratch:
-            run_sync_sql(dsn, f"drop schema if exists {quote_ident(schema)} cascade")
+            run_sync_sql(dsn, MachineStatements(schema).drop_schema)
     out(
         f"lifecycle: {report.examples} examples in {report.seconds:.1f} s "
         f"= {report.per_second:.1f} examples/s (seed {seed})"

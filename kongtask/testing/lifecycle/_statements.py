@@ -4,10 +4,10 @@ statements the machine itself uses to call the schema's functions and read its s
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..._config import quote_ident
+from ..._schema_sql import SchemaSql
 from ..._sql import WorkerQueries
 from .._model import Spec
 
@@ -57,62 +57,55 @@ class ProtocolStatements:
 SNAPSHOT_FUNCTION = "pg_temp.kongtask_lifecycle_snapshot"
 
 
-class MachineStatements:
-    """The SQL the machine itself sends, for one schema."""
+def _fused(step: str) -> str:
+    """``step`` (one row: now, value) and then the snapshot, in one statement.
 
-    def __init__(self, schema: str) -> None:
-        s = quote_ident(schema)
-        self.s = s
-        args = (
-            "identifier => $1::text, payload => $2::json, queue_name => $3::text, "
-            "run_at => $4::timestamptz, max_attempts => $5::int, job_key => $6::text, "
-            "priority => $7::int, flags => $8::text[]"
-        )
-        fuse = self._fused
-        self.add_job = fuse(f"select now(), row_to_json(r)::text from {s}.add_job({args}) r")
-        self.add_job_mode = fuse(
-            f"select now(), row_to_json(r)::text "
-            f"from {s}.add_job({args}, job_key_mode => $9::text) r"
-        )
-        self.add_jobs = fuse(
-            f"select now(), (select coalesce(json_agg(r), '[]') from {s}.add_jobs("
-            f"array(select x from json_populate_recordset(null::{s}.job_spec, $1::json) x), "
-            "$2::boolean"
-            ") r)::text"
-        )
-        self.remove_job = fuse(
-            f"select now(), row_to_json(r)::text from {s}.remove_job($1::text) r"
-        )
-        self.complete_jobs = fuse(self._setof(f"{s}.complete_jobs($1::bigint[])"))
-        self.permanently_fail_jobs = fuse(
-            self._setof(f"{s}.permanently_fail_jobs($1::bigint[], $2::text)")
-        )
-        self.reschedule_jobs = fuse(
-            self._setof(
-                f"{s}.reschedule_jobs($1::bigint[], run_at => $2::timestamptz, "
-                "priority => $3::int, attempts => $4::int, max_attempts => $5::int)"
-            )
-        )
-        self.force_unlock_workers = fuse(
-            f"select now(), {s}.force_unlock_workers($1::text[])::text"
-        )
-        self.make_stale = (
-            f"with j as (update {s}._private_jobs set locked_at = now() - $2::interval "
-            "where locked_by = $1 returning 1), "
-            f"q as (update {s}._private_job_queues set locked_at = now() - $2::interval "
-            "where locked_by = $1 returning 1) "
-            "select now(), null::text"
-        )
-        self.lock_jobs = f"select id from {s}._private_jobs where id = any($1::bigint[]) for update"
-        self.lock_queues = (
-            f"select id from {s}._private_job_queues where queue_name = any($1::text[]) for update"
-        )
-        self.reset = (
-            f"delete from {s}._private_jobs; delete from {s}._private_job_queues; "
-            f"delete from {s}._private_tasks"
-        )
-        self.count_rows = f"select count(*) from {s}._private_jobs"
-        self.snapshot = (
+    The materialized CTE runs the step to completion before the outer select calls the
+    snapshot function for its row.
+    """
+    return (
+        f"with step(n, v) as materialized ({step}) "
+        f"select step.n, step.v, {SNAPSHOT_FUNCTION}() from step"
+    )
+
+
+def _setof(call: str) -> str:
+    return f"select now(), (select coalesce(json_agg(r), '[]') from {call} r)::text"
+
+
+_ADD_JOB_ARGS = (
+    "identifier => $1::text, payload => $2::json, queue_name => $3::text, "
+    "run_at => $4::timestamptz, max_attempts => $5::int, job_key => $6::text, "
+    "priority => $7::int, flags => $8::text[]"
+)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class MachineStatements(SchemaSql):
+    """The SQL the machine itself sends, for one schema: the schema's functions called
+    with their results and a snapshot of the tables in one statement, and the reads and
+    locks the machine needs."""
+
+    add_job: str = field(init=False)
+    add_job_mode: str = field(init=False)
+    add_jobs: str = field(init=False)
+    remove_job: str = field(init=False)
+    complete_jobs: str = field(init=False)
+    permanently_fail_jobs: str = field(init=False)
+    reschedule_jobs: str = field(init=False)
+    force_unlock_workers: str = field(init=False)
+    make_stale: str = field(init=False)
+    lock_jobs: str = field(init=False)
+    lock_queues: str = field(init=False)
+    reset: str = field(init=False)
+    count_rows: str = field(init=False)
+    snapshot: str = field(init=False)
+    create_snapshot_function: str = field(init=False)
+    drop_schema: str = field(init=False)
+
+    def _render(self, s: str) -> dict[str, str]:
+        args = _ADD_JOB_ARGS
+        snapshot = (
             "select json_build_object("
             "'now', now(), "
             f"'jobs', (select coalesce(json_agg(j order by j.id), '[]') from {s}._private_jobs j), "
@@ -127,31 +120,66 @@ class MachineStatements:
             f"from {s}.job_queues_id_seq)"
             ")::text"
         )
-        # The same snapshot as a volatile function in the session's temporary schema.
-        # Called after a step's SQL function in one statement, it sees that function's
-        # writes: each query of a volatile function takes a fresh snapshot with a new
-        # command id. That saves a round trip per step; plpgsql keeps the query's plan.
-        self.create_snapshot_function = (
-            f"create or replace function {SNAPSHOT_FUNCTION}() returns text "
-            "language plpgsql volatile as $kongtask_lifecycle$ "
-            f"begin return ({self.snapshot}); end $kongtask_lifecycle$"
-        )
-
-    @staticmethod
-    def _fused(step: str) -> str:
-        """``step`` (one row: now, value) and then the snapshot, in one statement.
-
-        The materialized CTE runs the step to completion before the outer select calls
-        the snapshot function for its row.
-        """
-        return (
-            f"with step(n, v) as materialized ({step}) "
-            f"select step.n, step.v, {SNAPSHOT_FUNCTION}() from step"
-        )
-
-    @staticmethod
-    def _setof(call: str) -> str:
-        return f"select now(), (select coalesce(json_agg(r), '[]') from {call} r)::text"
+        return {
+            "add_job": _fused(f"select now(), row_to_json(r)::text from {s}.add_job({args}) r"),
+            "add_job_mode": _fused(
+                f"select now(), row_to_json(r)::text "
+                f"from {s}.add_job({args}, job_key_mode => $9::text) r"
+            ),
+            "add_jobs": _fused(
+                f"select now(), (select coalesce(json_agg(r), '[]') from {s}.add_jobs("
+                f"array(select x from json_populate_recordset(null::{s}.job_spec, $1::json) x), "
+                "$2::boolean"
+                ") r)::text"
+            ),
+            "remove_job": _fused(
+                f"select now(), row_to_json(r)::text from {s}.remove_job($1::text) r"
+            ),
+            "complete_jobs": _fused(_setof(f"{s}.complete_jobs($1::bigint[])")),
+            "permanently_fail_jobs": _fused(
+                _setof(f"{s}.permanently_fail_jobs($1::bigint[], $2::text)")
+            ),
+            "reschedule_jobs": _fused(
+                _setof(
+                    f"{s}.reschedule_jobs($1::bigint[], run_at => $2::timestamptz, "
+                    "priority => $3::int, attempts => $4::int, max_attempts => $5::int)"
+                )
+            ),
+            "force_unlock_workers": _fused(
+                f"select now(), {s}.force_unlock_workers($1::text[])::text"
+            ),
+            "make_stale": (
+                f"with j as (update {s}._private_jobs set locked_at = now() - $2::interval "
+                "where locked_by = $1 returning 1), "
+                f"q as (update {s}._private_job_queues set locked_at = now() - $2::interval "
+                "where locked_by = $1 returning 1) "
+                "select now(), null::text"
+            ),
+            "lock_jobs": (
+                f"select id from {s}._private_jobs where id = any($1::bigint[]) for update"
+            ),
+            "lock_queues": (
+                f"select id from {s}._private_job_queues "
+                "where queue_name = any($1::text[]) for update"
+            ),
+            "reset": (
+                f"delete from {s}._private_jobs; delete from {s}._private_job_queues; "
+                f"delete from {s}._private_tasks"
+            ),
+            "count_rows": f"select count(*) from {s}._private_jobs",
+            # scratch mode: the schema the run created
+            "drop_schema": f"drop schema if exists {s} cascade",
+            "snapshot": snapshot,
+            # The same snapshot as a volatile function in the session's temporary schema.
+            # Called after a step's SQL function in one statement, it sees that function's
+            # writes: each query of a volatile function takes a fresh snapshot with a new
+            # command id. That saves a round trip per step; plpgsql keeps the query's plan.
+            "create_snapshot_function": (
+                f"create or replace function {SNAPSHOT_FUNCTION}() returns text "
+                "language plpgsql volatile as $kongtask_lifecycle$ "
+                f"begin return ({snapshot}); end $kongtask_lifecycle$"
+            ),
+        }
 
 
 def spec_json(spec: Spec) -> dict[str, Any]:
