@@ -106,6 +106,7 @@ _OVERVIEW: Final = """\
 <a href="{{ base }}/jobs?state={{ state }}">{{ totals[state] }}</a></td>{% endfor %}
 <td class="n" id="oldest-ready">{{ oldest_ready }}</td></tr>
 </table>
+<p class="note" id="counted">Counted {{ counted_ago }} ago; counts are taken again every few seconds while this page is open.</p>
 <h2>By task and queue</h2>
 <table id="by-task">
 <tr><th>task</th><th>queue</th>{% for state in states %}<th>{{ state }}</th>{% endfor %}</tr>
