@@ -65,10 +65,10 @@ PAGE_SIZE: Final = 50
 REFRESH_SECONDS: Final = 5.0
 #: Live-update streams served at once (they share the app's one LISTEN connection).
 MAX_EVENT_STREAMS: Final = 256
-#: Seconds between the overview's snapshots while someone looks at it.
+#: Seconds between the snapshots of the overview and pools pages while someone looks.
 OVERVIEW_MAX_AGE: Final = 2.0
-#: Seconds without an overview request after which the snapshots pause (the next
-#: request wakes them and is shown the last snapshot, with the time it was taken).
+#: Seconds without a request for a snapshot page after which its snapshots pause (the
+#: next request wakes them and is shown the last snapshot, with the time it was taken).
 OVERVIEW_IDLE_SECONDS: Final = 60.0
 #: Seconds between checks that the shared LISTEN connection still answers.
 LISTEN_KEEPALIVE: Final = 30.0
@@ -218,18 +218,88 @@ class DashboardStatistics:
       listening: the shared LISTEN connection is up.
       event_streams: live-update streams open now.
       overview_age: seconds since the overview's snapshot was taken (``None``: none yet).
+      pools_age: the same for the pools page.
     """
 
     running: bool
     listening: bool
     event_streams: int
     overview_age: float | None
+    pools_age: float | None
 
 
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
     taken_at: float  # trio clock
     page: dict[str, Any]
+
+
+class _SharedRead:
+    """A page whose reads scan the jobs table, shared by every viewer as one snapshot.
+
+    With the app's background running, :meth:`refresh_forever` takes it again every
+    ``max_age`` seconds while the page was requested in the last
+    :data:`OVERVIEW_IDLE_SECONDS`, and a request only shows the latest snapshot (waiting
+    only for the very first). Without it, a request older than ``max_age`` takes it.
+    """
+
+    def __init__(self, name: str, take: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self.name = name
+        self.take = take
+        self.max_age = OVERVIEW_MAX_AGE
+        self.snapshot: _Snapshot | None = None
+        self._first = trio.Event()
+        self._viewed_at = -math.inf
+        self._wanted = trio.Event()
+        self._poked = trio.Event()
+        self._lock = trio.Lock()
+
+    def age(self) -> float | None:
+        snapshot = self.snapshot
+        return None if snapshot is None else trio.current_time() - snapshot.taken_at
+
+    def poke(self) -> None:
+        """Take the next snapshot now (after an action changed what it shows)."""
+        self._poked.set()
+        self._wanted.set()
+
+    async def read(self, background: bool) -> dict[str, Any]:
+        self._viewed_at = trio.current_time()
+        self._wanted.set()
+        if background:
+            await self._first.wait()
+        async with self._lock:
+            snapshot = self.snapshot
+            # without the background, or when its first read failed: read here
+            if snapshot is None or (
+                not background and trio.current_time() - snapshot.taken_at >= self.max_age
+            ):
+                snapshot = _Snapshot(trio.current_time(), await self.take())
+                self.snapshot = snapshot
+        return {**snapshot.page, "counted_ago": format_age(trio.current_time() - snapshot.taken_at)}
+
+    async def refresh_forever(self, changed: Callable[[], None]) -> None:
+        """Take snapshots until cancelled; call ``changed`` after one a viewer was not
+        shown (the first after an idle spell or a poke)."""
+        while True:
+            idle = trio.current_time() - self._viewed_at > OVERVIEW_IDLE_SECONDS
+            late = self._poked.is_set()
+            if idle and self.snapshot is not None and not late:
+                self._wanted = trio.Event()
+                await self._wanted.wait()
+                late = True
+            self._poked = trio.Event()
+            try:
+                page = await self.take()
+            except Exception as exc:
+                log.warning("dashboard: reading the %s page failed: %s", self.name, exc)
+            else:
+                self.snapshot = _Snapshot(trio.current_time(), page)
+                if late:
+                    changed()
+            self._first.set()
+            with trio.move_on_after(self.max_age):
+                await self._poked.wait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,13 +366,8 @@ class DashboardApp:
             "/static/dashboard.css": ("text/css; charset=utf-8", STYLE.encode()),
             "/static/dashboard.js": ("text/javascript; charset=utf-8", SCRIPT.encode()),
         }
-        #: Seconds one overview snapshot is shown before the counts are taken again.
-        self.overview_max_age = OVERVIEW_MAX_AGE
-        self._overview_lock = trio.Lock()
-        self._snapshot: _Snapshot | None = None
-        self._first_snapshot = trio.Event()
-        self._overview_viewed_at = -math.inf
-        self._overview_wanted = trio.Event()
+        self._overview = _SharedRead("overview", self._overview_now)
+        self._pools = _SharedRead("pools", self._pools_now)
         self._running = False
         self._listening = False
         # one bounded (size 1) channel per live page: a burst of inserts while a page is
@@ -311,13 +376,22 @@ class DashboardApp:
 
     def statistics(self) -> DashboardStatistics:
         """The background tasks' state and the live pages open now."""
-        snapshot = self._snapshot
         return DashboardStatistics(
             running=self._running,
             listening=self._listening,
             event_streams=len(self._streams),
-            overview_age=None if snapshot is None else trio.current_time() - snapshot.taken_at,
+            overview_age=self._overview.age(),
+            pools_age=self._pools.age(),
         )
+
+    @property
+    def overview_max_age(self) -> float:
+        """Seconds between snapshots of the overview and pools pages (default 2)."""
+        return self._overview.max_age
+
+    @overview_max_age.setter
+    def overview_max_age(self, seconds: float) -> None:
+        self._overview.max_age = self._pools.max_age = seconds
 
     # -- background ----------------------------------------------------------------
 
@@ -336,7 +410,8 @@ class DashboardApp:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._listen)
-                nursery.start_soon(self._refresh_overview)
+                for shared in (self._overview, self._pools):
+                    nursery.start_soon(shared.refresh_forever, self._broadcast_refresh)
                 task_status.started()
         finally:
             self._running = False
@@ -347,6 +422,9 @@ class DashboardApp:
             # a full channel already holds an event that makes the page refresh
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                 stream.send_nowait(reason)
+
+    def _broadcast_refresh(self) -> None:
+        self._broadcast(b"refresh")
 
     def _on_insert(self, *_: object) -> None:
         # asyncpg calls this on the trio thread inside its asyncio loop: it must not raise
@@ -392,25 +470,6 @@ class DashboardApp:
                     await db.close_connection(conn)
             await trio.sleep(min(LISTEN_RECONNECT_MAX, 0.5 * 2**attempt))
             attempt += 1
-
-    async def _refresh_overview(self) -> None:
-        while True:
-            idle = trio.current_time() - self._overview_viewed_at > OVERVIEW_IDLE_SECONDS
-            woken = False
-            if idle and self._snapshot is not None:
-                self._overview_wanted = trio.Event()
-                await self._overview_wanted.wait()
-                woken = True
-            try:
-                page = await self._overview_now()
-            except Exception as exc:
-                log.warning("dashboard: counting the jobs for the overview failed: %s", exc)
-            else:
-                self._snapshot = _Snapshot(trio.current_time(), page)
-                if woken:  # the page that woke us was shown an old snapshot
-                    self._broadcast(b"refresh")
-            self._first_snapshot.set()
-            await trio.sleep(self.overview_max_age)
 
     # -- ASGI ------------------------------------------------------------------
 
@@ -472,7 +531,12 @@ class DashboardApp:
                 raise _Refused(403, "the dashboard is read-only")
             form = await _read_form(receive)
             self._check_csrf(request, form)
-            await self._html(send, request, *await self._act(request, form))
+            try:
+                done = await self._act(request, form)
+            finally:  # the counts and locks shown may have changed
+                self._overview.poke()
+                self._pools.poke()
+            await self._html(send, request, *done)
             return
         if request.method not in ("GET", "HEAD"):
             raise _Refused(405, "method not allowed")
@@ -484,13 +548,13 @@ class DashboardApp:
             await self._events(receive, send)
             return
         if path == "/":
-            page = await self._overview()
+            page = ("overview", "Overview", await self._overview.read(self._running))
         elif path == "/jobs":
             page = await self._jobs(request)
         elif path.startswith("/jobs/"):
             page = await self._job(path[len("/jobs/") :])
         elif path == "/pools":
-            page = ("pools", "Pools and locks", {"pools": await self.client.list_pools()})
+            page = ("pools", "Pools and locks", await self._pools.read(self._running))
         elif path == "/cron":
             page = await self._cron()
         elif path == "/confirm":
@@ -501,25 +565,8 @@ class DashboardApp:
 
     # -- pages -----------------------------------------------------------------
 
-    async def _overview(self) -> tuple[str, str, dict[str, Any]]:
-        # One snapshot serves every viewer: counting scans the whole jobs table, and each
-        # open live page asks again at every event. With the background running, a
-        # request never counts (it waits only for the very first snapshot).
-        self._overview_viewed_at = trio.current_time()
-        self._overview_wanted.set()
-        if self._running:
-            await self._first_snapshot.wait()
-        async with self._overview_lock:
-            snapshot = self._snapshot
-            # without the background, or when its first count failed: count here
-            if snapshot is None or (
-                not self._running
-                and trio.current_time() - snapshot.taken_at >= self.overview_max_age
-            ):
-                snapshot = _Snapshot(trio.current_time(), await self._overview_now())
-                self._snapshot = snapshot
-        age = trio.current_time() - snapshot.taken_at
-        return "overview", "Overview", {**snapshot.page, "counted_ago": format_age(age)}
+    async def _pools_now(self) -> dict[str, Any]:
+        return {"live": True, "pools": await self.client.list_pools()}
 
     async def _overview_now(self) -> dict[str, Any]:
         # three statements on three pooled connections at once: the page costs the

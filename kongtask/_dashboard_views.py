@@ -245,6 +245,7 @@ _POOLS: Final = """\
 <tr><td colspan="9">No pool holds a lock.</td></tr>
 {% endfor %}
 </table>
+<p class="note" id="counted">Read {{ counted_ago }} ago; read again every few seconds while this page is open.</p>
 <p class="note">Unlocking releases every job and queue a pool holds; do it only for a pool
 you know is dead (a Node pool's liveness cannot be checked from the database).</p>
 </div>

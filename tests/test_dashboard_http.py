@@ -330,7 +330,7 @@ async def test_live_pages_share_one_listen_connection(kongtask_dsn: str) -> None
         assert await client._db.fetchval(LISTENING_BACKENDS) == 1
 
 
-async def test_the_overview_never_waits_for_counting(kongtask_dsn: str) -> None:
+async def test_the_overview_and_pools_never_wait_for_their_reads(kongtask_dsn: str) -> None:
     async with kongtask.open_client(kongtask_dsn) as client:
         await client.add_job("counted_before", {})
         async with serving(kongtask_dsn) as (url, app), httpx.AsyncClient(base_url=url) as http:
@@ -354,6 +354,9 @@ async def test_the_overview_never_waits_for_counting(kongtask_dsn: str) -> None:
                 assert page.status_code == 200
                 assert "counted_before" in page.text
                 assert "added_while_locked" not in page.text
+                await wait_until(lambda: (app.statistics().pools_age or 0) > 1)
+                with trio.fail_after(5):
+                    assert (await http.get("/pools")).status_code == 200
                 await client._db.run(locker.execute, "commit")
             finally:
                 await client._db.close_connection(locker)
