@@ -53,10 +53,21 @@ _KEY2_UNSIGNED = "('x' || right({id}, 8))::bit(32)::bigint"
 
 # Listing filters: name -> clause over `j` (the job), `t` (its task), `q` (its queue row)
 # and `s` (its derived state), with `{}` standing for the parameter's placeholder.
+# Tasks and queues are matched by id, looked up first: the planner then estimates the
+# share of jobs from the jobs table's own statistics. Matched by name through the join, it
+# relies on the statistics of the tasks and queues tables, which autovacuum never takes
+# while they hold fewer than 50 rows, and guesses a share small enough to pick a scan of
+# the whole jobs table over walking its primary key.
 _FILTERS: Final = {
     "ids": "j.id = any({}::bigint[])",
-    "tasks": "t.identifier = any({}::text[])",
-    "queues": "q.queue_name = any({}::text[])",
+    "tasks": (
+        "j.task_id = any(array(select t2.id from {s}._private_tasks as t2"
+        " where t2.identifier = any({}::text[])))"
+    ),
+    "queues": (
+        "j.job_queue_id = any(array(select q2.id from {s}._private_job_queues as q2"
+        " where q2.queue_name = any({}::text[])))"
+    ),
     "states": "s.state = any({}::text[])",
     "key": "j.key = {}::text",
     "min_id": "j.id >= {}::bigint",
@@ -211,7 +222,7 @@ def list_jobs_query(
         clause = _FILTERS[name]
         if name == "after_id" and descending:
             clause = "j.id < {}::bigint"
-        where.append(clause.format(f"${number}"))
+        where.append(clause.format(f"${number}", s=s))
     if states:
         where.append("(" + " or ".join(_STATE_ROW_CONDITION[state] for state in states) + ")")
     condition = " and ".join(where) if where else "true"
