@@ -322,12 +322,12 @@ class DashboardApp:
             app = DashboardApp(client, auth=DashboardAuth(token="s3cret"))
             await nursery.start(app.run)
 
-    :meth:`run` holds the app's background work: the overview's snapshot, taken again
-    every 2 s while someone looks at it (so no request waits on counting the jobs table),
-    and one LISTEN connection whose ``jobs:insert`` notifications are fanned out to every
-    live page. :func:`kongtask.open_dashboard` and the ASGI lifespan startup start it;
-    without it the overview is counted on the request and live pages only get the
-    periodic refresh.
+    :meth:`run` holds the app's background work: the snapshots of the overview and pools
+    pages, taken again every 2 s while someone looks at them (so no request waits on a
+    scan of the jobs table), and one LISTEN connection whose ``jobs:insert``
+    notifications are fanned out to every live page. :func:`kongtask.open_dashboard` and
+    the ASGI lifespan startup start it; without it those pages read the database on the
+    request and live pages only get the periodic refresh.
 
     Args:
       client: an open client.
@@ -396,7 +396,7 @@ class DashboardApp:
     # -- background ----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Take the overview's snapshots and hold the shared LISTEN until cancelled.
+        """Take the overview and pools snapshots and hold the shared LISTEN until cancelled.
 
         ``task_status.started()`` comes once the first LISTEN attempt is over (a failed
         one is retried in the background, as are later losses of the connection).

@@ -84,6 +84,13 @@ _STATE_ROW_CONDITION: Final[dict[JobState, str]] = {
     "waiting_on_queue": "(j.is_available and j.run_at <= now() and j.job_queue_id is not null)",
     "ready": "(j.is_available and j.run_at <= now())",
 }
+#: The states whose row condition alone decides them (the others depend on the queue's
+#: lock). Filtering on these needs no check of the derived state: that check would only
+#: make the planner guess far fewer matches than there are, and scan the whole table
+#: instead of walking the primary key until a page is full.
+ROW_DECIDED_STATES: Final[frozenset[JobState]] = frozenset(
+    ("running", "permanently_failed", "retrying", "scheduled")
+)
 #: The listing filters, in the order :func:`list_jobs_query` binds them.
 LIST_FILTERS: Final = tuple(_FILTERS)
 
