@@ -46,6 +46,9 @@ async def open_dashboard(
 ) -> AsyncIterator[DashboardApp]:
     """Connect to the database and yield the dashboard's ASGI app; disconnect on exit.
 
+    The app's background work (:meth:`DashboardApp.run`: the overview's snapshots, the
+    shared LISTEN connection) runs until the block exits.
+
     Mount the app in an ASGI server or framework that runs on trio (hypercorn's trio
     worker, for one). Needs the ``kongtask[dashboard]`` extra. Without ``auth`` the app
     asks for no credentials: serve it on loopback only.
@@ -59,8 +62,14 @@ async def open_dashboard(
     # command line starts without it.
     from ._dashboard import DashboardApp
 
-    async with open_client(dsn, schema=schema, max_connections=4) as client:
-        yield DashboardApp(client, read_only=read_only, auth=auth, crontab=crontab)
+    async with (
+        open_client(dsn, schema=schema, max_connections=4) as client,
+        trio.open_nursery() as nursery,
+    ):
+        app = DashboardApp(client, read_only=read_only, auth=auth, crontab=crontab)
+        await nursery.start(app.run)
+        yield app
+        nursery.cancel_scope.cancel()
 
 
 async def serve_dashboard(

@@ -23,16 +23,17 @@ from ._cli_client import _parse_run_at
 from ._client import Client, open_client
 from ._config import resolve_dsn
 from ._errors import ConfigError
-from ._inspect import MAX_PAGE_SIZE, JobInfo, PoolInfo, QueueCounts
+from ._inspect import JobInfo, PoolInfo, QueueCounts
 from ._inspect_sql import JOB_STATES
 from ._job import Job
+from ._job_actions import JOB_ACTIONS, JobFilter, apply_job_action, select_jobs
 from ._migrate import check_schema
 from ._pg import open_database
 from ._settings import AddConnectionOptions
 
 #: Actions touching more jobs than this ask first (``--confirm-above`` changes it).
 DEFAULT_CONFIRM_ABOVE: Final = 10
-ACTIONS: Final = ("retry", "reschedule", "fail", "complete", "remove")
+ACTIONS: Final = JOB_ACTIONS
 
 
 def add_ops_verbs(
@@ -363,26 +364,13 @@ async def _list_verb(args: argparse.Namespace) -> int:
 
 async def _select(client: Client, args: argparse.Namespace) -> list[JobInfo]:
     """The jobs an action applies to: the ids given (that exist), or every job the filters
-    match, page by page."""
-    filters = {k: v for k, v in _filters(args).items() if v is not None}
-    if args.ids and filters:
+    match."""
+    where = JobFilter(**_filters(args))
+    if args.ids and not where.is_empty():
         raise ConfigError("give job ids or filters, not both")
-    if not args.ids and not filters:
+    if not args.ids and where.is_empty():
         raise ConfigError("give job ids or at least one filter (--task, --state, …)")
-    selected: list[JobInfo] = []
-    if args.ids:
-        wanted = sorted(set(args.ids))
-        for low in range(0, len(wanted), MAX_PAGE_SIZE):
-            chunk = wanted[low : low + MAX_PAGE_SIZE]
-            selected += await client.list_jobs(ids=chunk, limit=MAX_PAGE_SIZE)
-        return selected
-    after: int | None = None
-    while True:
-        page = await client.list_jobs(**filters, after_id=after, limit=MAX_PAGE_SIZE)
-        selected += page
-        if len(page) < MAX_PAGE_SIZE:
-            return selected
-        after = page[-1].job.id
+    return await select_jobs(client, ids=args.ids or (), where=where)
 
 
 def _confirm(action: str, count: int, args: argparse.Namespace) -> bool:
@@ -398,29 +386,20 @@ def _confirm(action: str, count: int, args: argparse.Namespace) -> bool:
 
 
 async def _apply(client: Client, args: argparse.Namespace, infos: Sequence[JobInfo]) -> list[Job]:
-    ids = [i.job.id for i in infos]
     action = args.action
-    if action == "retry":
-        return await client.reschedule_jobs(ids, run_at=datetime.now(UTC), attempts=0)
     if action == "reschedule":
-        return await client.reschedule_jobs(
-            ids,
+        return await apply_job_action(
+            client,
+            action,
+            infos,
             run_at=_parse_run_at(args.run_at),
             priority=args.priority,
             attempts=args.attempts,
             max_attempts=args.max_attempts,
         )
     if action == "fail":
-        return await client.permanently_fail_jobs(ids, args.message)
-    if action == "complete":
-        return await client.complete_jobs(ids)
-    removed = []
-    for info in infos:
-        if info.job.key is not None:
-            job = await client.remove_job(info.job.key)
-            if job is not None:
-                removed.append(job)
-    return removed
+        return await apply_job_action(client, action, infos, message=args.message)
+    return await apply_job_action(client, action, infos)
 
 
 async def _action_verb(args: argparse.Namespace) -> int:

@@ -30,15 +30,16 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import trio
 
 from ._cron_sql import CronQueries
 from ._dashboard_views import SCRIPT, STYLE, TEMPLATES
 from ._errors import ConfigError
-from ._inspect import MAX_PAGE_SIZE, JobInfo, QueueCounts
+from ._inspect import JobInfo, QueueCounts
 from ._inspect_sql import JOB_STATES
+from ._job_actions import JOB_ACTIONS, JobAction, JobFilter, apply_job_action, select_jobs
 from ._schema_sql import SchemaSql
 
 if TYPE_CHECKING:
@@ -63,10 +64,17 @@ MAX_BODY_BYTES: Final = 64 * 1024
 PAGE_SIZE: Final = 50
 #: Seconds between the "refresh" events of a live page when nothing is inserted.
 REFRESH_SECONDS: Final = 5.0
-#: Live-update streams served at once (each holds a LISTEN connection).
-MAX_EVENT_STREAMS: Final = 16
-#: Seconds the overview's counts may be old (one snapshot serves every viewer).
+#: Live-update streams served at once (they share the app's one LISTEN connection).
+MAX_EVENT_STREAMS: Final = 256
+#: Seconds between the snapshots of the overview and pools pages while someone looks.
 OVERVIEW_MAX_AGE: Final = 2.0
+#: Seconds without a request for a snapshot page after which its snapshots pause (the
+#: next request wakes them and is shown the last snapshot, with the time it was taken).
+OVERVIEW_IDLE_SECONDS: Final = 60.0
+#: Seconds between checks that the shared LISTEN connection still answers.
+LISTEN_KEEPALIVE: Final = 30.0
+#: The longest wait, in seconds, before connecting the shared LISTEN connection again.
+LISTEN_RECONNECT_MAX: Final = 30.0
 #: The most matching jobs a bulk action's confirmation page counts.
 CONFIRM_COUNT_LIMIT: Final = 1000
 #: The most jobs one bulk action touches.
@@ -80,7 +88,7 @@ ACTION_NAMES: Final = {
     "remove": "Remove",
     "unlock": "Unlock pool",
 }
-BULK_ACTIONS: Final = ("retry", "fail", "complete")
+BULK_ACTIONS: Final = JOB_ACTIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +224,99 @@ group by 1
 
 
 @dataclass(frozen=True, slots=True)
+class DashboardStatistics:
+    """What :meth:`DashboardApp.statistics` reports.
+
+    Attributes:
+      running: the background tasks (:meth:`DashboardApp.run`) are running.
+      listening: the shared LISTEN connection is up.
+      event_streams: live-update streams open now.
+      overview_age: seconds since the overview's snapshot was taken (``None``: none yet).
+      pools_age: the same for the pools page.
+    """
+
+    running: bool
+    listening: bool
+    event_streams: int
+    overview_age: float | None
+    pools_age: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    taken_at: float  # trio clock
+    page: dict[str, Any]
+
+
+class _SharedRead:
+    """A page whose reads scan the jobs table, shared by every viewer as one snapshot.
+
+    With the app's background running, :meth:`refresh_forever` takes it again every
+    ``max_age`` seconds while the page was requested in the last
+    :data:`OVERVIEW_IDLE_SECONDS`, and a request only shows the latest snapshot (waiting
+    only for the very first). Without it, a request older than ``max_age`` takes it.
+    """
+
+    def __init__(self, name: str, take: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self.name = name
+        self.take = take
+        self.max_age = OVERVIEW_MAX_AGE
+        self.snapshot: _Snapshot | None = None
+        self._first = trio.Event()
+        self._viewed_at = -math.inf
+        self._wanted = trio.Event()
+        self._poked = trio.Event()
+        self._lock = trio.Lock()
+
+    def age(self) -> float | None:
+        snapshot = self.snapshot
+        return None if snapshot is None else trio.current_time() - snapshot.taken_at
+
+    def poke(self) -> None:
+        """Take the next snapshot now (after an action changed what it shows)."""
+        self._poked.set()
+        self._wanted.set()
+
+    async def read(self, background: bool) -> dict[str, Any]:
+        self._viewed_at = trio.current_time()
+        self._wanted.set()
+        if background:
+            await self._first.wait()
+        async with self._lock:
+            snapshot = self.snapshot
+            # without the background, or when its first read failed: read here
+            if snapshot is None or (
+                not background and trio.current_time() - snapshot.taken_at >= self.max_age
+            ):
+                snapshot = _Snapshot(trio.current_time(), await self.take())
+                self.snapshot = snapshot
+        return {**snapshot.page, "counted_ago": format_age(trio.current_time() - snapshot.taken_at)}
+
+    async def refresh_forever(self, changed: Callable[[], None]) -> None:
+        """Take snapshots until cancelled; call ``changed`` after one a viewer was not
+        shown (the first after an idle spell or a poke)."""
+        while True:
+            idle = trio.current_time() - self._viewed_at > OVERVIEW_IDLE_SECONDS
+            late = self._poked.is_set()
+            if idle and self.snapshot is not None and not late:
+                self._wanted = trio.Event()
+                await self._wanted.wait()
+                late = True
+            self._poked = trio.Event()
+            try:
+                page = await self.take()
+            except Exception as exc:
+                log.warning("dashboard: reading the %s page failed: %s", self.name, exc)
+            else:
+                self.snapshot = _Snapshot(trio.current_time(), page)
+                if late:
+                    changed()
+            self._first.set()
+            with trio.move_on_after(self.max_age):
+                await self._poked.wait()
+
+
+@dataclass(frozen=True, slots=True)
 class _CronRow:
     identifier: str
     pattern: str | None
@@ -231,8 +332,16 @@ class DashboardApp:
     must stay open while the app serves) for every query. Build one with
     :func:`kongtask.open_dashboard`, or directly::
 
-        async with kongtask.open_client(dsn) as client:
+        async with kongtask.open_client(dsn) as client, trio.open_nursery() as nursery:
             app = DashboardApp(client, auth=DashboardAuth(token="s3cret"))
+            await nursery.start(app.run)
+
+    :meth:`run` holds the app's background work: the snapshots of the overview and pools
+    pages, taken again every 2 s while someone looks at them (so no request waits on a
+    scan of the jobs table), and one LISTEN connection whose ``jobs:insert``
+    notifications are fanned out to every live page. :func:`kongtask.open_dashboard` and
+    the ASGI lifespan startup start it; without it those pages read the database on the
+    request and live pages only get the periodic refresh.
 
     Args:
       client: an open client.
@@ -269,17 +378,116 @@ class DashboardApp:
             "/static/dashboard.css": ("text/css; charset=utf-8", STYLE.encode()),
             "/static/dashboard.js": ("text/javascript; charset=utf-8", SCRIPT.encode()),
         }
-        self._streams = 0
-        #: Seconds one overview snapshot is shown before the counts are taken again.
-        self.overview_max_age = OVERVIEW_MAX_AGE
-        self._overview_lock = trio.Lock()
-        self._overview_cache: tuple[float, dict[str, Any]] = (-math.inf, {})
+        self._overview = _SharedRead("overview", self._overview_now)
+        self._pools = _SharedRead("pools", self._pools_now)
+        self._running = False
+        self._listening = False
+        # one bounded (size 1) channel per live page: a burst of inserts while a page is
+        # slow to read coalesces into the one pending event instead of piling up
+        self._streams: set[trio.MemorySendChannel[bytes]] = set()
+
+    def statistics(self) -> DashboardStatistics:
+        """The background tasks' state and the live pages open now."""
+        return DashboardStatistics(
+            running=self._running,
+            listening=self._listening,
+            event_streams=len(self._streams),
+            overview_age=self._overview.age(),
+            pools_age=self._pools.age(),
+        )
+
+    @property
+    def overview_max_age(self) -> float:
+        """Seconds between snapshots of the overview and pools pages (default 2)."""
+        return self._overview.max_age
+
+    @overview_max_age.setter
+    def overview_max_age(self, seconds: float) -> None:
+        self._overview.max_age = self._pools.max_age = seconds
+
+    # -- background ----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take the overview and pools snapshots and hold the shared LISTEN until cancelled.
+
+        ``task_status.started()`` comes once the first LISTEN attempt is over (a failed
+        one is retried in the background, as are later losses of the connection).
+
+        Raises:
+          RuntimeError: it is already running.
+        """
+        if self._running:
+            raise RuntimeError("this dashboard's background tasks are already running")
+        self._running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._listen)
+                for shared in (self._overview, self._pools):
+                    nursery.start_soon(shared.refresh_forever, self._broadcast_refresh)
+                task_status.started()
+        finally:
+            self._running = False
+            self._listening = False
+
+    def _broadcast(self, reason: bytes) -> None:
+        for stream in list(self._streams):
+            # a full channel already holds an event that makes the page refresh
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                stream.send_nowait(reason)
+
+    def _broadcast_refresh(self) -> None:
+        self._broadcast(b"refresh")
+
+    def _on_insert(self, *_: object) -> None:
+        # asyncpg calls this on the trio thread inside its asyncio loop: it must not raise
+        try:
+            self._broadcast(b"insert")
+        except Exception:  # pragma: no cover - _broadcast suppresses what it expects
+            log.exception("dashboard: fanning out an insert failed")
+
+    async def _listen(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        db = self.client._db
+        attempt = 0
+        started = False
+        while True:
+            conn: Any = None
+            try:
+                conn = await db.connect()
+                lost = trio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await db.run(conn.add_listener, "jobs:insert", self._on_insert)
+                attempt = 0
+                self._listening = True
+                self._broadcast(b"refresh")  # inserts may have been missed meanwhile
+                if not started:
+                    started = True
+                    task_status.started()
+                while not lost.is_set():
+                    with trio.move_on_after(LISTEN_KEEPALIVE):
+                        await lost.wait()
+                    if not lost.is_set():
+                        with trio.fail_after(10):
+                            await db.run(conn.execute, "select 1")
+                raise ConnectionError("the LISTEN connection was closed")
+            except Exception as exc:
+                log.warning("dashboard: LISTEN connection failed: %s", exc)
+                if not started:
+                    started = True
+                    task_status.started()
+            finally:
+                self._listening = False
+                if conn is not None:
+                    await db.close_connection(conn)
+            await trio.sleep(min(LISTEN_RECONNECT_MAX, 0.5 * 2**attempt))
+            attempt += 1
 
     # -- ASGI ------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await self._lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -335,7 +543,12 @@ class DashboardApp:
                 raise _Refused(403, "the dashboard is read-only")
             form = await _read_form(receive)
             self._check_csrf(request, form)
-            await self._html(send, request, *await self._act(request, form))
+            try:
+                done = await self._act(request, form)
+            finally:  # the counts and locks shown may have changed
+                self._overview.poke()
+                self._pools.poke()
+            await self._html(send, request, *done)
             return
         if request.method not in ("GET", "HEAD"):
             raise _Refused(405, "method not allowed")
@@ -347,13 +560,13 @@ class DashboardApp:
             await self._events(receive, send)
             return
         if path == "/":
-            page = await self._overview()
+            page = ("overview", "Overview", await self._overview.read(self._running))
         elif path == "/jobs":
             page = await self._jobs(request)
         elif path.startswith("/jobs/"):
             page = await self._job(path[len("/jobs/") :])
         elif path == "/pools":
-            page = ("pools", "Pools and locks", {"pools": await self.client.list_pools()})
+            page = ("pools", "Pools and locks", await self._pools.read(self._running))
         elif path == "/cron":
             page = await self._cron()
         elif path == "/confirm":
@@ -364,15 +577,8 @@ class DashboardApp:
 
     # -- pages -----------------------------------------------------------------
 
-    async def _overview(self) -> tuple[str, str, dict[str, Any]]:
-        # One snapshot serves every viewer for OVERVIEW_MAX_AGE seconds: counting scans
-        # the whole jobs table, and each open live page asks again at every event.
-        async with self._overview_lock:
-            taken_at, page = self._overview_cache
-            if trio.current_time() - taken_at >= self.overview_max_age:
-                page = await self._overview_now()
-                self._overview_cache = (trio.current_time(), page)
-        return "overview", "Overview", dict(page)
+    async def _pools_now(self) -> dict[str, Any]:
+        return {"live": True, "pools": await self.client.list_pools()}
 
     async def _overview_now(self) -> dict[str, Any]:
         # three statements on three pooled connections at once: the page costs the
@@ -553,8 +759,6 @@ class DashboardApp:
         target, fields = self._target(request.query)
         if (action == "unlock") != ("pool" in fields):
             raise _Refused(400, "unlock applies to a pool, the other actions to jobs")
-        if action == "remove" and "id" not in fields:
-            raise _Refused(400, "remove applies to one job with a key")
         count = ""
         if "max_id" in fields:
             # a page, not the whole set: the page stays fast however many jobs match
@@ -563,10 +767,14 @@ class DashboardApp:
                 max_id=_optional_int(fields["max_id"], "max_id"),
                 limit=CONFIRM_COUNT_LIMIT + 1,
             )
+            if action == "remove":
+                found = [info for info in found if info.job.key is not None]
             if len(found) > CONFIRM_COUNT_LIMIT:
                 count = f" (more than {CONFIRM_COUNT_LIMIT:,} job(s) now)"
             else:
                 count = f" ({len(found)} job(s) now)"
+            if action == "remove":
+                count += ", jobs without a key are left alone"
         back = f"{request.base}/jobs/{fields['id']}" if "id" in fields else f"{request.base}/"
         return (
             "confirm",
@@ -581,19 +789,6 @@ class DashboardApp:
                 "back": back,
             },
         )
-
-    async def _bulk_ids(self, fields: Mapping[str, str]) -> list[JobInfo]:
-        filters = self._filters(fields)
-        max_id = _optional_int(fields.get("max_id"), "max_id")
-        found: list[JobInfo] = []
-        after = None
-        while len(found) < MAX_BULK:
-            page = await self._list(filters, after=after, max_id=max_id, limit=MAX_PAGE_SIZE)
-            found.extend(page)
-            if len(page) < MAX_PAGE_SIZE:
-                break
-            after = page[-1].job.id
-        return found[:MAX_BULK]
 
     def _check_csrf(self, request: _Request, form: Mapping[str, str]) -> None:
         site = request.headers.get("sec-fetch-site")
@@ -627,98 +822,92 @@ class DashboardApp:
             message = f"Unlocked the jobs and queues of {target}."
             log.warning("dashboard: %s", message)
             return "done", "Done", {"message": message, "back": back}
+        if "pool" in fields:
+            raise _Refused(400, "unlock applies to a pool, the other actions to jobs")
         if "id" in fields:
             info = await self._one(int(fields["id"]))
             infos = [info] if info is not None else []
-        else:
-            if action not in BULK_ACTIONS:
-                raise _Refused(400, f"{ACTION_NAMES[action]} is not a bulk action")
-            infos = await self._bulk_ids(fields)
-        ids = [i.job.id for i in infos]
-        changed: int
-        if action == "retry":
-            now = datetime.now(UTC)
-            dead = [i.job.id for i in infos if i.state == "permanently_failed"]
-            alive = [i.job.id for i in infos if i.state != "permanently_failed"]
-            changed = len(await client.reschedule_jobs(alive, run_at=now))
-            changed += len(await client.reschedule_jobs(dead, run_at=now, attempts=0))
-        elif action == "reschedule":
-            run_at = _parse_run_at(form.get("run_at", ""))
-            changed = len(await client.reschedule_jobs(ids, run_at=run_at))
-        elif action == "fail":
-            reason = form.get("message") or None
-            changed = len(await client.permanently_fail_jobs(ids, reason))
-        elif action == "complete":
-            changed = len(await client.complete_jobs(ids))
-        else:
-            key = infos[0].job.key if infos else None
-            if key is None:
+            if action == "remove" and info is not None and info.job.key is None:
                 raise _Refused(400, "this job has no key (complete it to delete it)")
-            changed = 0 if await client.remove_job(key) is None else 1
+        else:
+            filters = self._filters(fields)
+            where = JobFilter(
+                tasks=filters["task"],
+                queues=filters["queue"],
+                states=filters["state"],
+                key=filters["key"],
+                max_id=_optional_int(fields["max_id"], "max_id"),
+            )
+            infos = await select_jobs(client, where=where, limit=MAX_BULK)
+        job_action = cast(JobAction, action)
+        run_at = _parse_run_at(form.get("run_at", "")) if action == "reschedule" else None
+        reason = (form.get("message") or None) if action == "fail" else None
+        changed = len(
+            await apply_job_action(client, job_action, infos, run_at=run_at, message=reason)
+        )
+        ids = [info.job.id for info in infos]
         message = f"{ACTION_NAMES[action]}: {changed} of {len(ids)} job(s) changed ({target})."
         if changed < len(ids):
-            message += " Jobs that are running (locked) are left alone."
+            message += " Jobs that are running (locked) are left alone"
+            message += ", as are jobs without a key." if action == "remove" else "."
         log.info("dashboard: %s", message)
         return "done", "Done", {"message": message, "back": back}
 
     # -- live updates ------------------------------------------------------------
 
     async def _events(self, receive: Receive, send: Send) -> None:
-        if self._streams >= MAX_EVENT_STREAMS:
+        if len(self._streams) >= MAX_EVENT_STREAMS:
             raise _Refused(503, "too many live pages open; reload later")
-        self._streams += 1
-        db = self.client._db
+        changes_send, changes = trio.open_memory_channel[bytes](1)
+        self._streams.add(changes_send)
         try:
-            conn = await db.connect()
-            try:
-                inserted_send, inserted_recv = trio.open_memory_channel[None](1)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": _headers("text/event-stream", [("cache-control", "no-store")], None),
+                }
+            )
+            async with trio.open_nursery() as nursery:
 
-                def on_insert(*_: object) -> None:
-                    # runs on the trio thread inside the asyncio loop: must never raise
-                    with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                        inserted_send.send_nowait(None)
+                async def until_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    nursery.cancel_scope.cancel()
 
-                await db.run(conn.add_listener, "jobs:insert", on_insert)
+                nursery.start_soon(until_disconnect)
                 await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": _headers(
-                            "text/event-stream", [("cache-control", "no-store")], None
-                        ),
-                    }
+                    {"type": "http.response.body", "body": b"retry: 2000\n\n", "more_body": True}
                 )
-                async with trio.open_nursery() as nursery:
-
-                    async def until_disconnect() -> None:
-                        while (await receive())["type"] != "http.disconnect":
-                            pass
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(until_disconnect)
+                while True:
+                    reason = b"refresh"
+                    with trio.move_on_after(REFRESH_SECONDS):
+                        reason = await changes.receive()
                     await send(
                         {
                             "type": "http.response.body",
-                            "body": b"retry: 2000\n\n",
+                            "body": b"event: change\ndata: " + reason + b"\n\n",
                             "more_body": True,
                         }
                     )
-                    while True:
-                        reason = b"refresh"
-                        with trio.move_on_after(REFRESH_SECONDS):
-                            await inserted_recv.receive()
-                            reason = b"insert"
-                        await send(
-                            {
-                                "type": "http.response.body",
-                                "body": b"event: change\ndata: " + reason + b"\n\n",
-                                "more_body": True,
-                            }
-                        )
-            finally:
-                await db.close_connection(conn)
         finally:
-            self._streams -= 1
+            self._streams.discard(changes_send)
+            changes_send.close()
+            changes.close()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Run :meth:`run` from the server's startup to its shutdown (unless it runs already,
+        as under :func:`kongtask.open_dashboard`)."""
+        while (await receive())["type"] != "lifespan.startup":
+            pass
+        async with trio.open_nursery() as nursery:
+            if not self._running:
+                await nursery.start(self.run)
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+            nursery.cancel_scope.cancel()
+        await send({"type": "lifespan.shutdown.complete"})
 
     # -- responses -----------------------------------------------------------------
 
@@ -794,16 +983,6 @@ async def _send(
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def _read_form(receive: Receive) -> dict[str, str]:

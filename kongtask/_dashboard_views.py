@@ -106,6 +106,7 @@ _OVERVIEW: Final = """\
 <a href="{{ base }}/jobs?state={{ state }}">{{ totals[state] }}</a></td>{% endfor %}
 <td class="n" id="oldest-ready">{{ oldest_ready }}</td></tr>
 </table>
+<p class="note" id="counted">Counted {{ counted_ago }} ago; counts are taken again every few seconds while this page is open.</p>
 <h2>By task and queue</h2>
 <table id="by-task">
 <tr><th>task</th><th>queue</th>{% for state in states %}<th>{{ state }}</th>{% endfor %}</tr>
@@ -244,6 +245,7 @@ _POOLS: Final = """\
 <tr><td colspan="9">No pool holds a lock.</td></tr>
 {% endfor %}
 </table>
+<p class="note" id="counted">Read {{ counted_ago }} ago; read again every few seconds while this page is open.</p>
 <p class="note">Unlocking releases every job and queue a pool holds; do it only for a pool
 you know is dead (a Node pool's liveness cannot be checked from the database).</p>
 </div>

@@ -16,7 +16,13 @@ if TYPE_CHECKING:
     import asyncpg
 
 from ._errors import ConfigError
-from ._inspect_sql import JOB_STATES, LIST_FILTERS, InspectQueries, JobState
+from ._inspect_sql import (
+    JOB_STATES,
+    LIST_FILTERS,
+    ROW_DECIDED_STATES,
+    InspectQueries,
+    JobState,
+)
 from ._job import Job
 from ._validate import BIGINT_MAX, BIGINT_MIN, check_int
 
@@ -224,7 +230,9 @@ def list_jobs_statement(
         "max_id": _optional_id(max_id, "max_id"),
         "after_id": _optional_id(after_id, "after_id"),
     }
-    given = tuple(name for name in LIST_FILTERS if values[name] is not None)
     chosen = tuple(sorted(set(cast(list[JobState], state_list or []))))
+    if chosen and ROW_DECIDED_STATES.issuperset(chosen):
+        values["states"] = None  # their row conditions (added for ``chosen``) are exact
+    given = tuple(name for name in LIST_FILTERS if values[name] is not None)
     query = queries.list_jobs(given, descending, chosen)
     return query, [limit, *(values[name] for name in given)]

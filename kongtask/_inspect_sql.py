@@ -2,7 +2,7 @@
 
 They read graphile-worker 0.18's tables as they are (no index, view or function added),
 so they work on a database only Node workers use. Values travel as bound parameters; the
-schema name is spliced in only through :class:`~kongtask._schema_sql.SchemaSql`, and the
+schema name is spliced in only as quoted by :func:`~kongtask._config.quote_ident`, and the
 job listing is assembled from the constant clauses of this module, one per filter given.
 
 A job's derived state, first match wins:
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final, Literal
 
+from ._config import quote_ident
 from ._liveness_sql import LOCK_CLASS, MARKER
 from ._schema_sql import SchemaSql
 
@@ -53,10 +54,21 @@ _KEY2_UNSIGNED = "('x' || right({id}, 8))::bit(32)::bigint"
 
 # Listing filters: name -> clause over `j` (the job), `t` (its task), `q` (its queue row)
 # and `s` (its derived state), with `{}` standing for the parameter's placeholder.
+# Tasks and queues are matched by id, looked up first: the planner then estimates the
+# share of jobs from the jobs table's own statistics. Matched by name through the join, it
+# relies on the statistics of the tasks and queues tables, which autovacuum never takes
+# while they hold fewer than 50 rows, and guesses a share small enough to pick a scan of
+# the whole jobs table over walking its primary key.
 _FILTERS: Final = {
     "ids": "j.id = any({}::bigint[])",
-    "tasks": "t.identifier = any({}::text[])",
-    "queues": "q.queue_name = any({}::text[])",
+    "tasks": (
+        "j.task_id = any(array(select t2.id from {s}._private_tasks as t2"
+        " where t2.identifier = any({}::text[])))"
+    ),
+    "queues": (
+        "j.job_queue_id = any(array(select q2.id from {s}._private_job_queues as q2"
+        " where q2.queue_name = any({}::text[])))"
+    ),
     "states": "s.state = any({}::text[])",
     "key": "j.key = {}::text",
     "min_id": "j.id >= {}::bigint",
@@ -73,6 +85,13 @@ _STATE_ROW_CONDITION: Final[dict[JobState, str]] = {
     "waiting_on_queue": "(j.is_available and j.run_at <= now() and j.job_queue_id is not null)",
     "ready": "(j.is_available and j.run_at <= now())",
 }
+#: The states whose row condition alone decides them (the others depend on the queue's
+#: lock). Filtering on these needs no check of the derived state: that check would only
+#: make the planner guess far fewer matches than there are, and scan the whole table
+#: instead of walking the primary key until a page is full.
+ROW_DECIDED_STATES: Final[frozenset[JobState]] = frozenset(
+    ("running", "permanently_failed", "retrying", "scheduled")
+)
 #: The listing filters, in the order :meth:`InspectQueries.list_jobs` binds them.
 LIST_FILTERS: Final = tuple(_FILTERS)
 
@@ -108,7 +127,8 @@ class InspectQueries(SchemaSql):
         ``descending``, ``after_id`` continues below that id instead. ``states``: the
         (checked) states the ``states`` filter binds, to add their row conditions.
         """
-        return self.list_jobs_from + _list_jobs_tail(tuple(filters), descending, tuple(states))
+        tail = _list_jobs_tail(quote_ident(self.schema), tuple(filters), descending, tuple(states))
+        return self.list_jobs_from + tail
 
     def _render(self, s: str) -> dict[str, str]:
         return dict(
@@ -214,16 +234,16 @@ order by 1, 2 nulls last, 3""",
 
 @lru_cache(maxsize=256)
 def _list_jobs_tail(
-    filters: tuple[str, ...], descending: bool, states: tuple[JobState, ...]
+    s: str, filters: tuple[str, ...], descending: bool, states: tuple[JobState, ...]
 ) -> str:
-    """The conditions, order and limit of :meth:`InspectQueries.list_jobs`, built from the
-    constant clauses of this module only."""
+    """The conditions, order and limit of :meth:`InspectQueries.list_jobs` for the quoted
+    schema name ``s``, built from the constant clauses of this module only."""
     where = []
     for number, name in enumerate(filters, start=2):
         clause = _FILTERS[name]
         if name == "after_id" and descending:
             clause = "j.id < {}::bigint"
-        where.append(clause.format(f"${number}"))
+        where.append(clause.format(f"${number}", s=s))
     if states:
         where.append("(" + " or ".join(_STATE_ROW_CONDITION[state] for state in states) + ")")
     condition = " and ".join(where) if where else "true"

@@ -13,7 +13,9 @@ server and the pool run in the test's trio loop; waits are polls with a deadline
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -69,6 +71,7 @@ def driver() -> Iterator[Any]:
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
     options.add_argument("--window-size=1200,800")
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     chrome = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
     try:
         yield chrome
@@ -140,6 +143,21 @@ class Page:
         await self.call(
             lambda: Select(self.driver.find_element(By.CSS_SELECTOR, css)).select_by_value(value)
         )
+
+    async def statuses(self, url: str) -> list[int]:
+        """The HTTP statuses of the responses for ``url`` since the last call."""
+
+        def read() -> list[int]:
+            found = []
+            for entry in self.driver.get_log("performance"):
+                message = json.loads(entry["message"])["message"]
+                if message["method"] == "Network.responseReceived":
+                    response = message["params"]["response"]
+                    if response["url"] == url:
+                        found.append(int(response["status"]))
+            return found
+
+        return await self.call(read)
 
     async def script(self, code: str) -> Any:
         return await self.call(self.driver.execute_script, code)
@@ -295,3 +313,101 @@ async def test_xss_payloads_render_as_text_and_read_only_has_no_action(
         assert await page.count("a.bulk") == 0
         assert "read-only" in await page.text("header")
         await page.shot("read-only")
+
+
+async def test_unlock_a_dead_pool_and_retry_a_filter_in_bulk(
+    kongtask_dsn: str, driver: Any, tmp_path: Path
+) -> None:
+    async with kongtask.open_client(kongtask_dsn) as client:
+        failed = await seed(client)
+        held = await client.add_job("held_by_the_dead", {})
+        await client._db.execute(
+            "update graphile_worker._private_jobs set locked_by = 'pool-deadbeef', "
+            "locked_at = now() - interval '1 hour', attempts = 1 where id = $1",
+            held.id,
+        )
+        async with serving(kongtask_dsn) as (url, _):
+            page = Page(driver, url, tmp_path / "shots")
+            await page.open("/pools")
+            assert "pool-deadbeef" in await page.text("#pools")
+            await page.shot("pools-dead")
+            await page.click("a.unlock")
+            await page.wait_for_text("#question", "pool pool-deadbeef")
+            await page.click("#confirm")
+            await page.wait_for_text(
+                "#result", "Unlocked the jobs and queues of pool pool-deadbeef"
+            )
+            (info,) = await client.list_jobs(ids=[held.id])
+            assert info.job.locked_by is None
+            assert info.state == "ready"
+            await page.click("#back")
+            await page.wait_for_text("#pools", "No pool holds a lock")
+
+            await page.open("/jobs?task=send_email&state=permanently_failed")
+            assert await page.count("#jobs tr") - 1 == 2
+            await page.click("a.bulk[href*='action=retry']")
+            await page.wait_for_text("#question", "(2 job(s) now)")
+            await page.shot("bulk-confirm")
+            await page.click("#confirm")
+            await page.wait_for_text("#result", "2 of 2 job(s) changed")
+            infos = await client.list_jobs(ids=failed)
+            assert sorted(i.job.id for i in infos if i.state == "ready") == failed[:2]
+
+
+async def evil_site(html: str, *, task_status: trio.TaskStatus[int]) -> None:
+    """Serve one page from another origin (another port) until cancelled."""
+    body = html.encode()
+
+    async def answer(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            seen = b""
+            while b"\r\n\r\n" not in seen:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                seen += chunk
+            head = (
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            )
+            await stream.send_all(head.encode() + body)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(answer, listeners)
+
+
+async def test_the_browser_meets_the_auth_and_csrf_refusals(
+    kongtask_dsn: str, driver: Any, tmp_path: Path
+) -> None:
+    async with kongtask.open_client(kongtask_dsn) as client:
+        target = await client.add_job("keep_me", {})
+    auth = kongtask.DashboardAuth(username="admin", password="pw")
+    async with serving(kongtask_dsn, auth=auth) as (url, _), trio.open_nursery() as nursery:
+        page = Page(driver, url, tmp_path / "shots")
+        await page.open("/")
+        # headless Chromium cancels the basic-auth prompt: the status is in its network log
+        assert await page.statuses(url + "/") == [401]
+        assert await page.count("#totals") == 0
+        # credentials in the URL: Chromium answers the basic-auth challenge with them, and
+        # keeps them for the realm's later requests
+        await page.call(driver.get, url.replace("http://", "http://admin:pw@") + "/")
+        await page.wait_for_text("h1", "Overview")
+        await page.open(f"/jobs/{target.id}")
+        await page.wait_for_text("#task", "keep_me")
+
+        form = (
+            f'<form method="post" action="{url}/action">'
+            '<input type="hidden" name="csrf" value="forged-token-forged-token-forged-token">'
+            '<input type="hidden" name="action" value="complete">'
+            f'<input type="hidden" name="id" value="{target.id}">'
+            '<button id="go" type="submit">win a prize</button></form>'
+        )
+        port = await nursery.start(evil_site, f"<!doctype html><title>evil</title>{form}")
+        await page.call(driver.get, f"http://127.0.0.1:{port}/")
+        await page.click("#go")
+        await page.wait_for_text("#error", "request refused")
+        await page.shot("csrf-refused")
+        async with kongtask.open_client(kongtask_dsn) as client:
+            assert len(await client.list_jobs(ids=[target.id])) == 1
+        nursery.cancel_scope.cancel()

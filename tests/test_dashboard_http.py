@@ -91,7 +91,9 @@ async def test_actions_need_the_csrf_token_and_the_same_origin(kongtask_dsn: str
         page = await http.get(f"/confirm?action=complete&id={job.id}")
         token = csrf_of(page.text)
         assert http.cookies.get("kongtask_csrf") == token
-        wrong = await http.post("/action", data={**fields, "csrf": token[:-1] + "A"})
+        wrong = await http.post(
+            "/action", data={**fields, "csrf": token[:-1] + ("B" if token.endswith("A") else "A")}
+        )
         assert wrong.status_code == 403
         assert (await http.post("/action", data=fields)).status_code == 403
         cross = await http.post(
@@ -184,22 +186,72 @@ async def test_bulk_actions_apply_to_the_filter_up_to_the_listed_id(kongtask_dsn
         other = await client.add_job("other", {})
         async with serving(kongtask_dsn) as (url, _), httpx.AsyncClient(base_url=url) as http:
             listing = (await http.get("/jobs", params={"task": "bulk_me"})).text
-            link = re.search(r'class="bulk" href="/confirm\?(action=fail[^"]*)"', listing)
-            assert link, listing
-            query = link.group(1).replace("&amp;", "&")
+            links = dict(
+                re.findall(r'class="bulk" href="/confirm\?action=(\w+)&amp;([^"]*)"', listing)
+            )
+            assert sorted(links) == ["complete", "fail", "remove", "reschedule", "retry"]
+            query = links["fail"].replace("&amp;", "&")
             assert f"max_id={mine[-1].id}" in query
             newer = await client.add_job("bulk_me", {"n": "added after the page"})
-            page = await http.get(f"/confirm?{query}")
+            page = await http.get(f"/confirm?action=fail&{query}")
             assert "(3 job(s) now)" in page.text
-            done = await confirm_and_post(http, query)
+            done = await confirm_and_post(http, f"action=fail&{query}", message="bulk")
             assert "3 of 3" in done.text
             states = {i.job.id: i.state for i in await client.list_jobs()}
             assert all(states[j.id] == "permanently_failed" for j in mine)
             assert states[other.id] == "ready"
             assert states[newer.id] == "ready"
-            assert (
-                await http.get("/confirm?action=remove&task=bulk_me&max_id=9")
-            ).status_code == 400
+
+            failed = f"task=bulk_me&state=permanently_failed&max_id={newer.id}"
+            done = await confirm_and_post(http, f"action=retry&{failed}")
+            assert "3 of 3" in done.text
+            infos = await client.list_jobs(tasks="bulk_me")
+            assert [(i.state, i.job.attempts) for i in infos] == [("ready", 0)] * 4
+
+            when = (datetime.now(UTC) + timedelta(days=2)).replace(second=0, microsecond=0)
+            mine_only = f"task=bulk_me&max_id={mine[-1].id}"
+            await confirm_and_post(
+                http, f"action=reschedule&{mine_only}", run_at=when.strftime("%Y-%m-%dT%H:%M")
+            )
+            infos = await client.list_jobs(tasks="bulk_me")
+            assert [i.job.run_at == when for i in infos] == [True, True, True, False]
+
+            keyed = await client.add_job("bulk_keyed", {}, job_key="k1")
+            await client.add_job("bulk_keyed", {})
+            keyed_filter = f"task=bulk_keyed&max_id={keyed.id + 1}"
+            page = await http.get(f"/confirm?action=remove&{keyed_filter}")
+            assert "(1 job(s) now), jobs without a key are left alone" in page.text
+            done = await confirm_and_post(http, f"action=remove&{keyed_filter}")
+            assert "1 of 2 job(s) changed" in done.text
+            assert [i.job.key for i in await client.list_jobs(tasks="bulk_keyed")] == [None]
+
+            done = await confirm_and_post(http, f"action=complete&{mine_only}")
+            assert "3 of 3" in done.text
+            assert [i.job.id for i in await client.list_jobs(tasks="bulk_me")] == [newer.id]
+            # a bulk action needs the listed id it stops at
+            assert (await http.get("/confirm?action=fail&task=bulk_me")).status_code == 400
+
+
+async def test_bulk_actions_are_refused_in_read_only_mode(kongtask_dsn: str) -> None:
+    async with kongtask.open_client(kongtask_dsn) as client:
+        job = await client.add_job("bulk_me", {})
+        async with (
+            serving(kongtask_dsn, read_only=True) as (url, _),
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            listing = await http.get("/jobs", params={"task": "bulk_me"})
+            assert str(job.id) in listing.text
+            assert 'class="bulk"' not in listing.text
+            query = f"action=complete&task=bulk_me&max_id={job.id}"
+            assert (await http.get(f"/confirm?{query}")).status_code == 403
+            cookie = listing.cookies.get("kongtask_csrf") or "x" * 43
+            http.cookies.set("kongtask_csrf", cookie)
+            posted = await http.post(
+                "/action",
+                data={"csrf": cookie, "action": "complete", "task": "bulk_me", "max_id": job.id},
+            )
+            assert posted.status_code == 403
+            assert len(await client.list_jobs(ids=[job.id])) == 1
 
 
 async def test_unlock_releases_a_dead_pools_jobs(kongtask_dsn: str) -> None:
@@ -243,9 +295,78 @@ async def test_the_event_stream_reports_inserts(kongtask_dsn: str) -> None:
             async with kongtask.open_client(kongtask_dsn) as client:
                 await client.add_job("t", {})
             await read_until(stream, seen, b"data: insert")
-            assert app._streams == 1
-        # the closed connection ends the stream and closes its LISTEN connection
-        await wait_until(lambda: app._streams == 0)
+            assert app.statistics().event_streams == 1
+        # the closed connection ends the stream
+        await wait_until(lambda: app.statistics().event_streams == 0)
+
+
+async def open_event_stream(url: str) -> tuple[trio.SocketStream, bytearray]:
+    port = int(url.rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    seen = bytearray()
+    await read_until(stream, seen, b"retry: 2000\n\n")
+    return stream, seen
+
+
+LISTENING_BACKENDS = """
+select count(*) from pg_catalog.pg_stat_activity
+where datname = pg_catalog.current_database() and query ilike 'listen %'"""
+
+
+async def test_live_pages_share_one_listen_connection(kongtask_dsn: str) -> None:
+    async with (
+        serving(kongtask_dsn) as (url, app),
+        kongtask.open_client(kongtask_dsn) as client,
+    ):
+        assert app.statistics().listening
+        streams = [await open_event_stream(url) for _ in range(3)]
+        assert app.statistics().event_streams == 3
+        assert await client._db.fetchval(LISTENING_BACKENDS) == 1
+        await client.add_job("t", {})
+        for stream, seen in streams:
+            await read_until(stream, seen, b"data: insert")
+        for stream, _ in streams:
+            await stream.aclose()
+        await wait_until(lambda: app.statistics().event_streams == 0)
+        assert await client._db.fetchval(LISTENING_BACKENDS) == 1
+
+
+async def test_the_overview_and_pools_never_wait_for_their_reads(kongtask_dsn: str) -> None:
+    async with kongtask.open_client(kongtask_dsn) as client:
+        await client.add_job("counted_before", {})
+        async with serving(kongtask_dsn) as (url, app), httpx.AsyncClient(base_url=url) as http:
+            app.overview_max_age = 0.1
+            assert "counted_before" in (await http.get("/")).text
+            locker = await client._db.connect()
+            try:
+                # counting the jobs table now blocks until this transaction ends
+                await client._db.run(locker.execute, "begin")
+                await client._db.run(
+                    locker.execute,
+                    "lock table graphile_worker._private_jobs in access exclusive mode",
+                )
+                await client._db.run(
+                    locker.execute,
+                    "select graphile_worker.add_job('added_while_locked', '{}'::json)",
+                )
+                await wait_until(lambda: (app.statistics().overview_age or 0) > 1)
+                with trio.fail_after(5):
+                    page = await http.get("/")
+                assert page.status_code == 200
+                assert "counted_before" in page.text
+                assert "added_while_locked" not in page.text
+                await wait_until(lambda: (app.statistics().pools_age or 0) > 1)
+                with trio.fail_after(5):
+                    assert (await http.get("/pools")).status_code == 200
+                await client._db.run(locker.execute, "commit")
+            finally:
+                await client._db.close_connection(locker)
+
+            async def counted() -> bool:
+                return "added_while_locked" in (await http.get("/")).text
+
+            await wait_until(counted)
 
 
 async def test_non_loopback_bind_needs_authentication(

@@ -90,6 +90,9 @@ async def test_states_of_rows_made_by_a_kongtask_pool(worker_dsn: str) -> None:
                 retry.id: "retrying",
                 ready.id: "ready",
             }
+            for job_id, state in states.items():  # the state filter finds exactly these
+                found = await client.list_jobs(states=state, descending=True)
+                assert [i.job.id for i in found] == [job_id], state
             (info,) = await client.list_jobs(states="running")
             assert info.job.locked_by == worker.pool_id
             assert info.lock_age is not None
