@@ -304,6 +304,8 @@ class JobRunner:
         )
 
     def _batch_outcome(self, job: Job, result: object) -> tuple[str, str] | None:
+        if not isinstance(result, list | tuple):
+            return None  # not a batch's results: the payload is not even decoded
         try:
             return batch_failures(job.payload, result)
         except ValueError as exc:
