@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -174,6 +175,10 @@ def _observer_cost(config: str) -> float:
 def _child(dsn: str, jobs: int, config: str) -> int:
     """One measured run in this (fresh) interpreter; prints ``[jobs/s, CPU µs/job,
     observer µs/job]`` (the last includes building the job; ``off`` is that baseline)."""
+    # as the throughput benchmark's runner: kongtask's per-job INFO lines would otherwise
+    # go to stderr (open_worker's fallback) and their cost would hide the observers'
+    logging.getLogger("kongtask").addHandler(logging.NullHandler())
+    logging.getLogger("kongtask").setLevel(logging.WARNING)
     if config in ("tracing-sdk", "both"):
         _install_tracer_provider(1.0)
     elif config == "tracing-sampled":
