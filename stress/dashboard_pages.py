@@ -95,9 +95,10 @@ async def _measure(dsn: str, reps: int) -> tuple[list[tuple[str, float, float]],
                     (await http.get(page)).raise_for_status()
 
                 results.append((page, *await _timed(get, reps)))
+            snapshots = app._snapshots
             background = [
-                ("overview snapshot (background)", *await _timed(app._overview_now, reps)),
-                ("pools snapshot (background)", *await _timed(app._pools_now, reps)),
+                ("overview snapshot (background)", *await _timed(snapshots.overview_now, reps)),
+                ("pools snapshot (background)", *await _timed(snapshots.pools_now, reps)),
             ]
         nursery.cancel_scope.cancel()
     return results, background
