@@ -86,7 +86,7 @@ async def _measure(dsn: str, reps: int, show_plans: bool) -> list[tuple[str, flo
         def listing(name: str, **kw: Any) -> None:
             kw.setdefault("limit", 100)
             query, args = list_jobs_statement(
-                S,
+                queries,
                 **{
                     k: kw.get(k)
                     for k in ("tasks", "queues", "states", "key", "min_id", "max_id", "after_id")
