@@ -26,7 +26,6 @@ from ._js import format_ts
 
 log = logging.getLogger("kongtask.cron")
 
-
 #: A late timer catches up missed minutes one by one (``backfilled: false``) when it is at
 #: most this far behind; further behind (a big forward clock jump, a long suspend) it is
 #: treated like a restart: each item catches up only as far as its ``fill`` allows.
