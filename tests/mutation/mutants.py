@@ -137,7 +137,7 @@ MUTANTS = (
     ),
     Mutant(
         "a cron tick is doubled",
-        "_cron.py",
+        "_cron/_scheduler.py",
         "                await self._backend.schedule(ts, due, False)\n",
         "                await self._backend.schedule(ts, due, False)\n"
         "                await self._backend.schedule(ts, due, False)\n",
