@@ -20,9 +20,8 @@ from hypothesis import settings
 from oracle import UNAVAILABLE, oracle_migrate, require_oracle
 from schema_dump import OracleDatabases, ScratchDatabases
 
-from kongtask._config import quote_ident
 from kongtask._pg import Database, open_database
-from kongtask.testing import PostgresServer, run_sync_sql
+from kongtask.testing import PostgresServer
 
 # Hypothesis tiers. "fixed" (the default): derandomized, so every run of the suite replays
 # the same examples and a failure reproduces as it is. "ci" (--hypothesis-profile=ci with
@@ -87,14 +86,12 @@ def gw_template(kongtask_server: PostgresServer) -> Iterator[str]:
     is much faster than running npm's CLI per test."""
     require_oracle("0.18.0")
     name = f"gw_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    run_sync_sql(kongtask_server.dsn, f"create database {quote_ident(name)}")
+    dsn = kongtask_server.create_database(name)
     try:
-        oracle_migrate(kongtask_server.dsn_for(name), version="0.18.0")
+        oracle_migrate(dsn, version="0.18.0")
         yield name
     finally:
-        run_sync_sql(
-            kongtask_server.dsn, f"drop database if exists {quote_ident(name)} with (force)"
-        )
+        kongtask_server.drop_database(name)
 
 
 @pytest.fixture
@@ -107,18 +104,13 @@ def gw_database_factory(
 
     def make() -> str:
         name = f"gw_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        run_sync_sql(
-            kongtask_server.dsn,
-            f"create database {quote_ident(name)} template {quote_ident(gw_template)}",
-        )
+        dsn = kongtask_server.create_database(name, gw_template)
         names.append(name)
-        return kongtask_server.dsn_for(name)
+        return dsn
 
     yield make
     for name in names:
-        run_sync_sql(
-            kongtask_server.dsn, f"drop database if exists {quote_ident(name)} with (force)"
-        )
+        kongtask_server.drop_database(name)
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from oracle import oracle_migrate, require_oracle, skip_or_fail
 from kongtask._config import quote_ident
 from kongtask._pg import open_database
 from kongtask.testing import PostgresServer
-from kongtask.testing._postgres import run_sync_sql
 
 
 def _major(version_text: str) -> int:
@@ -153,19 +152,15 @@ class ScratchDatabases:
         """A new database: blank, or a copy of the scratch database at dsn ``template``."""
         name = f"kt_mig_{os.getpid()}_{next(_counter)}"
         source = _NAMES[template] if template is not None else "template0"
-        sql = f"create database {quote_ident(name)} template {quote_ident(source)}"
         # run_sync_sql runs its own asyncio loop, which cannot nest inside trio-asyncio.
-        await trio.to_thread.run_sync(run_sync_sql, self.server.dsn, sql)
+        dsn = await trio.to_thread.run_sync(self.server.create_database, name, source)
         self.made.append(name)
-        dsn = self.server.dsn_for(name)
         _NAMES[dsn] = name
         return dsn
 
     def drop_all(self) -> None:
         for name in self.made:
-            run_sync_sql(
-                self.server.dsn, f"drop database if exists {quote_ident(name)} with (force)"
-            )
+            self.server.drop_database(name)
 
 
 class OracleDatabases:

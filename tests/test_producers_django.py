@@ -19,7 +19,7 @@ from producer_scenarios import Tx, wait_until
 import kongtask
 from kongtask import Job, JobSpec
 from kongtask._pg import open_database
-from kongtask.testing import PostgresServer, run_sync_sql
+from kongtask.testing import PostgresServer
 
 django = pytest.importorskip("django")
 
@@ -31,8 +31,7 @@ S = "graphile_worker"
 def django_dsn(kongtask_server: PostgresServer, kongtask_template: str) -> Iterator[str]:
     """A migrated kongtask database that Django is set up on, with the demo app migrated."""
     name = f"kongtask_django_{uuid.uuid4().hex[:8]}"
-    run_sync_sql(kongtask_server.dsn, f'create database "{name}" template "{kongtask_template}"')
-    dsn = kongtask_server.dsn_for(name)
+    dsn = kongtask_server.create_database(name, kongtask_template)
     os.environ["DJANGO_SETTINGS_MODULE"] = "django_demo.settings"
     os.environ["KONGTASK_DJANGO_DSN"] = dsn
     django.setup()
@@ -43,7 +42,7 @@ def django_dsn(kongtask_server: PostgresServer, kongtask_template: str) -> Itera
     connections.close_all()
     yield dsn
     connections.close_all()
-    run_sync_sql(kongtask_server.dsn, f'drop database if exists "{name}" with (force)')
+    kongtask_server.drop_database(name)
 
 
 class DjangoTx:

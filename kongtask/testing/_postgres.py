@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from .._config import quote_ident
 from .._errors import NoPostgresError
 
 log = logging.getLogger("kongtask.testing")
@@ -55,6 +56,18 @@ class PostgresServer:
     def dsn_for(self, database: str) -> str:
         """The same server, another database."""
         return dsn_with_database(self.dsn, database)
+
+    def create_database(self, name: str, template: str | None = None) -> str:
+        """Create database ``name`` (a copy of ``template``, else empty); its DSN."""
+        sql = f"create database {quote_ident(name)}"
+        if template is not None:
+            sql += f" template {quote_ident(template)}"
+        run_sync_sql(self.dsn, sql)
+        return self.dsn_for(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` if it exists, disconnecting its sessions."""
+        run_sync_sql(self.dsn, f"drop database if exists {quote_ident(name)} with (force)")
 
 
 def dsn_with_database(dsn: str, database: str) -> str:

@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from .._config import quote_ident
-from ._postgres import PostgresServer, provide_postgres, run_sync_sql
+from ._postgres import PostgresServer, provide_postgres
 
 _counter = itertools.count()
 
@@ -42,14 +41,12 @@ def kongtask_template(kongtask_server: PostgresServer) -> Iterator[str]:
     from .._migrate import migrate_sync
 
     name = f"kongtask_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    run_sync_sql(kongtask_server.dsn, f"create database {quote_ident(name)}")
+    dsn = kongtask_server.create_database(name)
     try:
-        migrate_sync(kongtask_server.dsn_for(name))
+        migrate_sync(dsn)
         yield name
     finally:
-        run_sync_sql(
-            kongtask_server.dsn, f"drop database if exists {quote_ident(name)} with (force)"
-        )
+        kongtask_server.drop_database(name)
 
 
 DatabaseFactory = Callable[..., str]
@@ -66,18 +63,13 @@ def kongtask_database_factory(
     def make(*, migrated: bool = True) -> str:
         template = request.getfixturevalue("kongtask_template") if migrated else "template0"
         name = f"kongtask_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
-        run_sync_sql(
-            kongtask_server.dsn,
-            f"create database {quote_ident(name)} template {quote_ident(template)}",
-        )
+        dsn = kongtask_server.create_database(name, template)
         made.append(name)
-        return kongtask_server.dsn_for(name)
+        return dsn
 
     yield make
     for name in made:
-        run_sync_sql(
-            kongtask_server.dsn, f"drop database if exists {quote_ident(name)} with (force)"
-        )
+        kongtask_server.drop_database(name)
 
 
 @pytest.fixture
