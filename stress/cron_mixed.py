@@ -88,6 +88,11 @@ def _sql(dsn: str, query: str) -> list[tuple[object, ...]]:
     return [tuple(r) for r in records]
 
 
+def _kill_if_running(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.kill()
+
+
 def _run(dsn: str, boundaries: int) -> int:
     from oracle import node_for, oracle_dir, oracle_migrate
 
@@ -128,7 +133,7 @@ def _run(dsn: str, boundaries: int) -> int:
         )
         procs.append(("node", node))
         for _, p in procs:
-            stack.callback(lambda p=p: p.poll() is None and p.kill())
+            stack.callback(_kill_if_running, p)
         for name, p in procs[:3]:
             assert p.stdout is not None
             line = p.stdout.readline()

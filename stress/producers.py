@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table(systems: list[System], runs: dict[str, list[dict[str, Any]]]) -> str:
     def median(key: str, field: str) -> float:
-        return statistics.median(r[field] for r in runs[key])
+        return float(statistics.median(r[field] for r in runs[key]))
 
     gw = "gw" if "gw" in runs else None
     lines = [

@@ -233,11 +233,11 @@ def make_procrastinate(dsn: str, probe_hit: Callable[[dict[str, Any]], None] | N
 
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
 
-    @app.task(name="noop")
     async def noop(**kwargs: Any) -> None:
         if probe_hit is not None:
             probe_hit(kwargs)
 
+    app.task(name="noop")(noop)
     return app
 
 
@@ -249,7 +249,6 @@ async def run_pgqueuer(mode: str, dsn: str, probe: Probe) -> dict[str, Any]:
     side = await asyncpg.connect(dsn)
     qm = QueueManager(Queries(AsyncpgDriver(conn)))
 
-    @qm.entrypoint("noop", concurrency_limit=PGQ_LIMIT)
     async def noop(job: Any) -> None:
         if mode == "throughput":
             probe.throughput_hit()
@@ -257,6 +256,8 @@ async def run_pgqueuer(mode: str, dsn: str, probe: Probe) -> dict[str, Any]:
             probe.latency_hit(json.loads(job.payload).get("t"))
         else:
             probe.startup_hit()
+
+    qm.entrypoint("noop", concurrency_limit=PGQ_LIMIT)(noop)
 
     t0 = time.time()
     task = asyncio.create_task(qm.run())
@@ -430,7 +431,7 @@ def main(argv: list[str]) -> None:
         coro = run(system, rest[0], rest[1], int(rest[2]))
     else:
         raise SystemExit(__doc__)
-    asyncio.run(coro)  # type: ignore[arg-type]
+    asyncio.run(coro)
 
 
 if __name__ == "__main__":
