@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 
 import asyncpg
 import asyncpg.pool
@@ -50,7 +50,58 @@ ProxiedConnection = asyncpg.pool.PoolConnectionProxy
 APPLICATION_NAME = "kongtask"
 
 
-class PooledConnection(asyncpg.Connection):
+#: Arrays of built-in types that kongtask's statements take as parameters (task ids,
+#: job ids): (array oid, array name, element oid, element name). asyncpg encodes their
+#: elements natively but learns each array type by a catalog query on every new
+#: connection (about 10 ms on a fresh backend, most of a new connection's first claim,
+#: and a round trip a transaction-pooling pgBouncer cannot spare). These oids are fixed
+#: by PostgreSQL itself (the same in every release), so they are declared up front.
+BUILTIN_ARRAY_TYPES: Final = ((1007, "_int4", 23, "integer"), (1016, "_int8", 20, "bigint"))
+
+
+def _declare_builtin_arrays(conn: asyncpg.Connection) -> None:
+    """Give ``conn`` the codecs of :data:`BUILTIN_ARRAY_TYPES` without a catalog query.
+
+    The rows are what asyncpg's own type introspection returns for these types. If a
+    future asyncpg changes this internal interface, the declaration is skipped and asyncpg
+    introspects the types as usual: slower, never wrong.
+    """
+    rows = [
+        {
+            "oid": oid,
+            "ns": "pg_catalog",
+            "name": name,
+            "kind": b"b",
+            "basetype": None,
+            "elemtype": elem_oid,
+            "elemdelim": b",",
+            "range_subtype": None,
+            "attrtypoids": None,
+            "attrnames": None,
+            "depth": 0,
+            "basetype_name": None,
+            "elemtype_name": elem_name,
+            "range_subtype_name": None,
+        }
+        for oid, name, elem_oid, elem_name in BUILTIN_ARRAY_TYPES
+    ]
+    try:
+        cast(Any, conn)._protocol.get_settings().register_data_types(rows)
+    except Exception as exc:  # pragma: no cover - depends on asyncpg's internals
+        log.debug("cannot declare the built-in array codecs: %r", exc)
+
+
+class KongtaskConnection(asyncpg.Connection):
+    """Every connection kongtask opens: knows the built-in array types from the start."""
+
+    __slots__ = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _declare_builtin_arrays(self)
+
+
+class PooledConnection(KongtaskConnection):
     """A pool connection that knows whether user code has had it since its last reset."""
 
     __slots__ = ("_kongtask_lent",)
@@ -241,7 +292,10 @@ class Database:
             kwargs = {**kwargs, "server_settings": {**kwargs["server_settings"], **settings}}
 
         async def connect() -> asyncpg.Connection:
-            return await asyncpg.connect(**kwargs)
+            conn: asyncpg.Connection = await asyncpg.connect(
+                connection_class=KongtaskConnection, **kwargs
+            )
+            return conn
 
         return await self.run(connect)
 

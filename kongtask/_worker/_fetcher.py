@@ -182,6 +182,8 @@ class Fetcher:
         self.reconcile_due: list[float] = []
         # the claiming connection opened during the pool's start (preopen), until used
         self._preopened: Any = None
+        # set when preopen is done (warmed connection or not); None: no preopen started
+        self._preopen_done: trio.Event | None = None
 
     def claim_size(self) -> int:
         """How many jobs to claim now (0 = wait for capacity)."""
@@ -199,7 +201,7 @@ class Fetcher:
         conn: Any = None
         errors = 0
         try:
-            conn = await self._warm_up()
+            conn = await self._take_warm_connection()
             while True:
                 listening = self._listening()
                 if listening is not None and not listening.is_set():
@@ -289,13 +291,22 @@ class Fetcher:
             # the fetcher must not block on the round trip: the completer writes it
             self._completer.send_returns(expired, "ttl")
 
-    async def preopen(self) -> None:
-        """Open the claiming connection now (the pool's start overlaps it with the schema
-        check); the claim loop uses it. A failure is left to the loop, which retries."""
+    async def preopen(self, schema_ready: trio.Event) -> None:
+        """Open the claiming connection and warm up the claim on it as soon as
+        ``schema_ready`` is set, while the pool's start goes on (task registration,
+        LISTEN); the claim loop takes the connection. A failure is left to the loop,
+        which connects (and retries) on its own."""
+        self._preopen_done = done = trio.Event()
         try:
-            self._preopened = await self._connect()
-        except Exception as exc:
-            log.debug("pool %s: opening the claiming connection failed: %s", self._pool_id, exc)
+            try:
+                self._preopened = await self._connect()
+            except Exception as exc:
+                log.debug("pool %s: opening the claiming connection failed: %s", self._pool_id, exc)
+                return
+            await schema_ready.wait()
+            self._preopened = await self._warm(self._preopened)
+        finally:
+            done.set()
 
     async def close_preopened(self) -> None:
         """Close the preopened connection if the claim loop never took it."""
@@ -303,23 +314,35 @@ class Fetcher:
         if conn is not None:
             await self._db.close_connection(conn)
 
-    async def _warm_up(self) -> Any:
-        """Open the claiming connection and run the claim once with a limit of 0.
+    async def _take_warm_connection(self) -> Any:
+        """The claiming connection with the claim warmed up on it, or ``None``.
 
-        It claims nothing, so it may run before the liveness lock is held; it leaves the
-        statement prepared and the backend's catalog caches warm, which takes the first
-        real claim's planning (tens of ms on a busy server) off the start-to-first-job
-        path: it overlaps with the LISTEN set-up instead.
+        The preopened one when the start made it (waiting for its warm-up to end),
+        else a new one, warmed up here.
         """
-        conn, self._preopened = self._preopened, None
-        if conn is not None and conn.is_closed():
-            await self._db.close_connection(conn)
-            conn = None
+        if self._preopen_done is not None:
+            await self._preopen_done.wait()
+            conn, self._preopened = self._preopened, None
+            if conn is not None and not conn.is_closed():
+                return conn
+            if conn is not None:
+                await self._db.close_connection(conn)
         try:
-            if conn is None:
-                conn = await self._connect()
+            conn = await self._connect()
         except Exception:
             return None  # the claim loop connects (and retries) on its own
+        return await self._warm(conn)
+
+    async def _warm(self, conn: Any) -> Any:
+        """Run the claim once with a limit of 0 on ``conn``; ``conn``, or ``None`` if it
+        failed (then ``conn`` is closed).
+
+        It claims nothing, so it may run before the liveness lock is held and before the
+        tasks are registered (the statement and its generic plan do not depend on the
+        task ids); it leaves the statement prepared and the backend's catalog caches
+        warm, which takes the first real claim's planning (tens of ms on a busy server)
+        off the start-to-first-job path.
+        """
         try:
             await self._claim(conn, 0)
         except Exception as exc:

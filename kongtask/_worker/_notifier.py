@@ -103,10 +103,10 @@ class Notifier:
             log.exception("worker:migrate handler failed")
 
     async def preopen(self) -> None:
-        """Open the LISTEN connection (and take the liveness lock on it) now: the pool's
-        start overlaps it with the schema check. LISTEN itself waits for :meth:`run`, so
-        that the start's own migrations never reach this pool's ``worker:migrate``
-        listener. A failure is left to :meth:`run`, which retries."""
+        """Open the LISTEN connection (take the liveness lock on it, LISTEN for
+        ``jobs:insert``) now: the pool's start overlaps it with the schema check. LISTEN
+        for ``worker:migrate`` waits for :meth:`run`, so that the start's own migrations
+        never reach this pool's listener. A failure is left to :meth:`run`, which retries."""
         try:
             self._preopened = await self._connect()
         except Exception as exc:
@@ -119,15 +119,18 @@ class Notifier:
             await self._db.close_connection(conn)
 
     async def _connect(self) -> Any:
-        """A connection for LISTEN, holding this pool's liveness lock if it has one."""
-        conn = await self._db.connect()
-        if self._liveness_lock:
-            try:
+        """A connection listening for ``jobs:insert``, holding this pool's liveness lock
+        if it has one."""
+        conn: Any = await self._db.connect()
+        try:
+            if self._liveness_lock:
                 await self._db.run(hold_liveness_lock, conn, self._pool_id)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._db.close_connection(conn)
-                raise
+            # A nudge before the fetcher runs is harmless: its first claim looks anyway.
+            await self._db.run(conn.add_listener, "jobs:insert", self._on_jobs_insert)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._db.close_connection(conn)
+            raise
         return conn
 
     async def _take_connection(self) -> Any:
@@ -147,7 +150,7 @@ class Notifier:
                 conn = await self._take_connection()
                 lost = trio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await self._db.run(conn.add_listener, "jobs:insert", self._on_jobs_insert)
+                # (_connect listens for jobs:insert already)
                 await self._db.run(conn.add_listener, "worker:migrate", self._on_migrate)
                 attempt = 0
                 self.listening.set()

@@ -315,18 +315,19 @@ class Worker:
         completer = self._completer
         started = False
         try:
-            await self._start()
-            started = True
-            lifecycle.state = RUNNING
-            self._events.emit("pool:create", concurrency=self._concurrency)
             async with trio.open_nursery() as outer:
+                await self._start(outer)
+                started = True
+                lifecycle.state = RUNNING
+                self._events.emit("pool:create", concurrency=self._concurrency)
                 if self._http is not None:
                     self.metrics_port = await outer.start(serve_http, self, *self._http)
                 outer.start_soon(completer.run)
                 async with trio.open_nursery() as workers:
                     runner.start(workers)
                     async with trio.open_nursery() as background:
-                        # the fetcher warms up its claim while LISTEN is being set up
+                        # the fetcher takes the connection its warm-up (begun by the
+                        # start) left, while LISTEN is being set up
                         background.start_soon(self._fetcher.run)
                         await background.start(self._notifier.run)
                         self._housekeeping.start(background)
@@ -368,12 +369,15 @@ class Worker:
                 lifecycle.state = STOPPED
                 lifecycle.stopped.set()
 
-    async def _start(self) -> None:
+    async def _start(self, nursery: trio.Nursery) -> None:
         # Opening a connection is the slowest step of a start: the fetcher's and the
         # LISTEN connections open while the pool's own connection migrates or checks the
-        # schema and registers the tasks.
+        # schema and registers the tasks. The fetcher warms up its claim as soon as the
+        # schema is known to be current, in ``nursery``: beside the task registration and
+        # LISTEN, and past the end of the start if need be (the claim loop waits for it).
+        schema_ready = trio.Event()
+        nursery.start_soon(self._fetcher.preopen, schema_ready)
         async with trio.open_nursery() as opening:
-            opening.start_soon(self._fetcher.preopen)
             opening.start_soon(self._notifier.preopen)
             if self._options.migrate:
                 await migrate_schema(self._db, self.schema)
@@ -381,6 +385,7 @@ class Worker:
             elif self._options.check_schema:
                 status = await check_schema(self._db, self.schema)
                 self._notifier.schema_revision = status.latest or 0
+            schema_ready.set()
             await self._tasks.register()
         if self._options.once:
             await self._housekeeping.sweep_once()
