@@ -21,7 +21,8 @@ import trio
 
 import kongtask
 from kongtask._migrate import migrate
-from kongtask._pg import Database
+from kongtask._pg import Database, open_database
+from kongtask._sql import WorkerQueries
 from kongtask.testing import WorkerTiming
 
 log = logging.getLogger("tests.worker")
@@ -472,6 +473,52 @@ async def test_body_error_still_cleans_up(tdb: Database, worker_dsn: str) -> Non
     assert row is not None
     assert (row["attempts"], row["last_error"]) == (1, "Worker pool is shutting down gracefully")
     await assert_clean(tdb)
+
+
+async def kongtask_backends(db: Database) -> list[str]:
+    """The last statement of each kongtask backend of ``db``'s database."""
+    rows = await db.fetch(
+        "select query from pg_stat_activity where application_name = 'kongtask' "
+        "and datname = current_database()"
+    )
+    return [r["query"] for r in rows]
+
+
+async def test_the_claim_loop_goes_on_with_the_connection_the_start_warmed_up(
+    tdb: Database, worker_dsn: str
+) -> None:
+    """The start opens the claiming connection and warms the claim up on it beside the
+    task registration; the claim loop then claims on that same connection."""
+    claim = WorkerQueries(S).claim
+    rec = Recorder()
+    async with kongtask.open_worker(worker_dsn, {"t": rec.handler}, poll_interval=3600) as w:
+        await wait_until(lambda: w.statistics().fetcher == "waiting for jobs")
+        # one backend ran the claim: the warmed-up one was not left aside for a new one
+        last = await kongtask_backends(tdb)
+        assert len([q for q in last if q and claim.startswith(q)]) == 1, last
+        await tdb.execute(f"select {S}.add_job('t')")
+        await wait_until(lambda: w.statistics().completed == 1)
+    await assert_clean(tdb)
+
+
+async def test_a_failed_start_leaves_no_connection(
+    kongtask_blank_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No schema and no migration: the start fails while the claiming connection waits
+    for the schema check to warm up; that connection is closed with the others."""
+    with pytest.raises(kongtask.KongtaskError, match="is not installed"):
+        async with kongtask.open_worker(
+            kongtask_blank_dsn, {"t": Recorder().handler}, migrate=False
+        ):
+            raise AssertionError("not reached")
+    async with open_database(
+        kongtask_blank_dsn, server_settings={"application_name": "kongtask-test"}
+    ) as observer:
+
+        async def no_connections() -> bool:
+            return not await kongtask_backends(observer)
+
+        await wait_until(no_connections, limit=5)
 
 
 async def test_listen_connection_is_reestablished(tdb: Database, worker_dsn: str) -> None:
