@@ -115,6 +115,99 @@ class PooledConnection(KongtaskConnection):
         self._kongtask_lent = True
 
 
+#: The most statement descriptions one unprepared connection keeps. kongtask's own
+#: statements are a few dozen; a full set is emptied, never grown.
+DESCRIBED_LIMIT: Final = 64
+
+
+class _Described:
+    """One-round-trip statements for a connection without asyncpg's statement cache.
+
+    Without the cache (a transaction-pooling pgBouncer, where a prepared statement may
+    be gone by the next transaction) asyncpg runs each statement in two round trips:
+    parse and describe it, then parse it again, bind and execute. ``Connection.prepare``
+    on such a connection returns an *unnamed* statement that asyncpg parses again at
+    every execution, in the same round trip as the bind. Keeping that object per query
+    text keeps its description (parameter and column types) on the client: every later
+    run is one round trip, and the server still parses every time, so it does not
+    matter which server connection pgBouncer hands out.
+    """
+
+    __slots__ = ("_statements",)
+
+    def __init__(self) -> None:
+        self._statements: dict[str, Any] = {}
+
+    async def run(
+        self, conn: asyncpg.Connection, method: str, query: str, args: tuple[object, ...], **kw: Any
+    ) -> Any:
+        statements = self._statements
+        statement = statements.get(query)
+        if statement is None:
+            if len(statements) >= DESCRIBED_LIMIT:
+                statements.clear()
+            statement = await conn.prepare(query)
+            statements[query] = statement
+        try:
+            return await getattr(statement, method)(*args, **kw)
+        except BaseException:
+            # described again next time: a schema change may have made it stale
+            statements.pop(query, None)
+            raise
+
+
+class UnpreparedConnection(KongtaskConnection):
+    """A dedicated connection behind a transaction-pooling pgBouncer (no statement
+    cache): ``fetch``, ``fetchrow`` and ``fetchval`` take one round trip
+    (:class:`_Described`). Dedicated connections run kongtask's own statements only
+    (asyncio side; the signatures are asyncpg's)."""
+
+    __slots__ = ("_kongtask_described",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kongtask_described = _Described()
+
+    async def fetch(
+        self,
+        query: str,
+        *args: object,
+        timeout: float | None = None,  # noqa: ASYNC109 (asyncpg's signature)
+        record_class: Any = None,
+    ) -> list[Any]:
+        if record_class is not None:
+            plain: list[Any] = await super().fetch(
+                query, *args, timeout=timeout, record_class=record_class
+            )
+            return plain
+        rows: list[Any] = await self._kongtask_described.run(
+            self, "fetch", query, args, timeout=timeout
+        )
+        return rows
+
+    async def fetchrow(
+        self,
+        query: str,
+        *args: object,
+        timeout: float | None = None,  # noqa: ASYNC109 (asyncpg's signature)
+        record_class: Any = None,
+    ) -> Any:
+        if record_class is not None:
+            return await super().fetchrow(query, *args, timeout=timeout, record_class=record_class)
+        return await self._kongtask_described.run(self, "fetchrow", query, args, timeout=timeout)
+
+    async def fetchval(
+        self,
+        query: str,
+        *args: object,
+        column: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109 (asyncpg's signature)
+    ) -> Any:
+        return await self._kongtask_described.run(
+            self, "fetchval", query, args, column=column, timeout=timeout
+        )
+
+
 async def _reset_pooled(conn: asyncpg.Connection) -> None:
     """The pool's reset hook: the full reset only for connections user code had.
 
@@ -172,10 +265,14 @@ class Database:
         connect_kwargs: dict[str, Any],
         *,
         keep_spare: bool = False,
+        prepared_statements: bool = True,
     ) -> None:
         self._loop = loop
         self.pool = pool
         self._connect_kwargs = connect_kwargs
+        self._connection_class: type[KongtaskConnection] = (
+            KongtaskConnection if prepared_statements else UnpreparedConnection
+        )
         self._keep_spare = keep_spare
         # At most one connection, checked out from the pool and idle (asyncio side only).
         self._spare: list[ProxiedConnection] = []
@@ -293,7 +390,7 @@ class Database:
 
         async def connect() -> asyncpg.Connection:
             conn: asyncpg.Connection = await asyncpg.connect(
-                connection_class=KongtaskConnection, **kwargs
+                connection_class=self._connection_class, **kwargs
             )
             return conn
 
@@ -344,7 +441,13 @@ async def open_database(
                 reset=_reset_pooled,
                 **connect_kwargs,
             )
-            db = Database(loop, pool, connect_kwargs, keep_spare=keep_spare)
+            db = Database(
+                loop,
+                pool,
+                connect_kwargs,
+                keep_spare=keep_spare,
+                prepared_statements=prepared_statements,
+            )
             try:
                 yield db
             finally:
