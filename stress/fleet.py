@@ -12,7 +12,9 @@ exit is logged too. ``direct-unprepared`` runs the pgBouncer settings
 (``--no-prepared-statements``) on a direct connection, which tells pgBouncer's own cost
 from that of the settings it needs. Routes: ``direct`` to PostgreSQL, or ``pgbouncer`` (transaction
 pooling, ``--no-prepared-statements``). The routes and process counts are interleaved
-within each rep; medians are printed as markdown.
+within each rep; medians are printed as markdown. ``--base-src DIR`` also runs the
+kongtask found in ``DIR`` (a checkout) beside this one in every rep (``--kongtask-src``
+sets this one's). Through pgBouncer, its CPU time per job is printed too.
 """
 
 from __future__ import annotations
@@ -64,8 +66,21 @@ def fresh_database(server_dsn: str, name: str, jobs: int) -> str:
     return dsn
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drain_rate(
-    dsn: str, direct_dsn: str, jobs: int, processes: int, concurrency: int, bounced: bool, cwd: Path
+    dsn: str,
+    direct_dsn: str,
+    jobs: int,
+    processes: int,
+    concurrency: int,
+    bounced: bool,
+    cwd: Path,
+    src: str | None = None,
 ) -> tuple[float, float]:
     """(jobs/s from the first completion to the last, seconds from spawn to exit)."""
     import psycopg
@@ -78,7 +93,10 @@ def drain_rate(
     first = last = None
     with psycopg.connect(direct_dsn, autocommit=True) as watcher:
         started = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=cwd, stderr=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if src is not None:
+            env["PYTHONPATH"] = os.pathsep.join([src, str(cwd)])
+        proc = subprocess.Popen(argv, cwd=cwd, stderr=subprocess.PIPE, text=True, env=env)
         while last is None:
             row = watcher.execute("select count(*) from graphile_worker._private_jobs").fetchone()
             left = row[0] if row else 0
@@ -109,10 +127,18 @@ def main() -> None:
         help="comma list of direct, pgbouncer, direct-unprepared (direct, but with "
         "--no-prepared-statements: pgBouncer's worker settings without pgBouncer)",
     )
+    p.add_argument(
+        "--kongtask-src", default=None, help="the checkout to measure (default: as imported)"
+    )
+    p.add_argument("--base-src", default=None, help="a second checkout, run beside it")
     args = p.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
     routes = args.routes.split(",")
+    sources: dict[str, str | None] = {"": args.kongtask_src}
+    if args.base_src:
+        sources = {"base ": args.base_src, **sources}
     results: dict[tuple[str, int], list[float]] = {}
+    bouncer_cpu: dict[tuple[str, int], list[float]] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "fleet_bench_tasks.py").write_text(TASKS)
         server = stack.enter_context(fsync_cluster())
@@ -120,35 +146,47 @@ def main() -> None:
         for rep in range(args.reps):
             for route in routes:
                 for n in counts:
-                    direct = fresh_database(server, f"fleet_{rep}_{route}_{n}", args.jobs)
-                    dsn = direct
-                    if route == "pgbouncer":
-                        assert bouncer is not None
-                        dsn = bouncer.dsn_for(direct)
-                    unprepared = route in ("pgbouncer", "direct-unprepared")
-                    rate, elapsed = drain_rate(
-                        dsn, direct, args.jobs, n, args.concurrency, unprepared, Path(tmp)
-                    )
-                    results.setdefault((route, n), []).append(rate)
-                    print(
-                        f"rep {rep} {route:9} processes {n}: {rate:,.0f} jobs/s "
-                        f"(spawn to exit {elapsed:.2f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    for label, src in sources.items():
+                        key = f"{label}{route}"
+                        name = f"fleet_{rep}_{route}_{n}_{len(label)}"
+                        direct = fresh_database(server, name, args.jobs)
+                        dsn = direct
+                        if route == "pgbouncer":
+                            assert bouncer is not None
+                            dsn = bouncer.dsn_for(direct)
+                            cpu0 = cpu_seconds(bouncer.pid)
+                        unprepared = route in ("pgbouncer", "direct-unprepared")
+                        rate, elapsed = drain_rate(
+                            dsn, direct, args.jobs, n, args.concurrency, unprepared, Path(tmp), src
+                        )
+                        results.setdefault((key, n), []).append(rate)
+                        note = ""
+                        if route == "pgbouncer":
+                            assert bouncer is not None
+                            per_job = (cpu_seconds(bouncer.pid) - cpu0) * 1e6 / args.jobs
+                            bouncer_cpu.setdefault((key, n), []).append(per_job)
+                            note = f", pgBouncer CPU {per_job:.0f} us/job"
+                        print(
+                            f"rep {rep} {key:14} processes {n}: {rate:,.0f} jobs/s "
+                            f"(spawn to exit {elapsed:.2f} s{note})",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     load = os.getloadavg()
     print(
         f"\n{args.jobs:,} no-op jobs, -j {args.concurrency}, medians of {args.reps} "
         f"[min-max]; load average at the end {load[0]:.1f}\n"
     )
-    print("| route | processes | jobs/s | x 1 process direct |")
-    print("| --- | ---: | ---: | ---: |")
-    base = statistics.median(results.get(("direct", 1), [float("nan")]))
+    print("| route | processes | jobs/s | x 1 process direct | pgBouncer CPU us/job |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for (route, n), rates in results.items():
+        label = route[: -len(route.split()[-1])]  # "base " or ""
+        base = statistics.median(results.get((f"{label}direct", 1), [float("nan")]))
         median = statistics.median(rates)
+        cpu = bouncer_cpu.get((route, n))
         print(
             f"| {route} | {n} | {median:,.0f} [{min(rates):,.0f}-{max(rates):,.0f}] "
-            f"| {median / base:.2f}x |"
+            f"| {median / base:.2f}x | {f'{statistics.median(cpu):.0f}' if cpu else '-'} |"
         )
 
 

@@ -521,6 +521,19 @@ async def test_a_failed_start_leaves_no_connection(
         await wait_until(no_connections, limit=5)
 
 
+async def test_a_pool_whose_start_installs_the_schema_is_not_stopped_by_it(
+    kongtask_blank_dsn: str,
+) -> None:
+    """The install announces its breaking migrations on ``worker:migrate``; the start
+    listens there only once its own migrations are done, so the pool runs on."""
+    rec = Recorder()
+    async with kongtask.open_worker(kongtask_blank_dsn, {"t": rec.handler}) as w:
+        await w.add_job("t", {})
+        await wait_until(lambda: w.statistics().completed == 1)
+        assert not w.stopping
+    assert w.exit_code is None
+
+
 async def test_listen_connection_is_reestablished(tdb: Database, worker_dsn: str) -> None:
     rec = Recorder()
     async with kongtask.open_worker(

@@ -102,13 +102,16 @@ class Notifier:
         except Exception:
             log.exception("worker:migrate handler failed")
 
-    async def preopen(self) -> None:
+    async def preopen(self, schema_ready: trio.Event) -> None:
         """Open the LISTEN connection (take the liveness lock on it, LISTEN for
         ``jobs:insert``) now: the pool's start overlaps it with the schema check. LISTEN
-        for ``worker:migrate`` waits for :meth:`run`, so that the start's own migrations
-        never reach this pool's listener. A failure is left to :meth:`run`, which retries."""
+        for ``worker:migrate`` waits for ``schema_ready`` (set once the start's own
+        migrations are done and :attr:`schema_revision` is known), so that they never
+        reach this pool's listener. A failure is left to :meth:`run`, which retries."""
         try:
             self._preopened = await self._connect()
+            await schema_ready.wait()
+            await self._db.run(self._preopened.add_listener, "worker:migrate", self._on_migrate)
         except Exception as exc:
             log.debug("pool %s: opening the LISTEN connection failed: %s", self._pool_id, exc)
 
@@ -150,7 +153,8 @@ class Notifier:
                 conn = await self._take_connection()
                 lost = trio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                # (_connect listens for jobs:insert already)
+                # (_connect listens for jobs:insert already; a preopened connection for
+                # worker:migrate too, and asyncpg then adds no second LISTEN)
                 await self._db.run(conn.add_listener, "worker:migrate", self._on_migrate)
                 attempt = 0
                 self.listening.set()

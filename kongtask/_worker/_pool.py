@@ -378,7 +378,7 @@ class Worker:
         schema_ready = trio.Event()
         nursery.start_soon(self._fetcher.preopen, schema_ready)
         async with trio.open_nursery() as opening:
-            opening.start_soon(self._notifier.preopen)
+            opening.start_soon(self._notifier.preopen, schema_ready)
             if self._options.migrate:
                 await migrate_schema(self._db, self.schema)
                 self._notifier.schema_revision = latest_known_migration()

@@ -47,6 +47,8 @@ class PgBouncer:
     port: int
     pool_mode: str
     default_pool_size: int
+    #: the pgbouncer process (for its CPU time in benchmarks)
+    pid: int = 0
 
     def dsn_for(self, server_dsn: str) -> str:
         parts = urlsplit(server_dsn)
@@ -119,7 +121,7 @@ def provide_pgbouncer(
     )
     try:
         _wait_for_port(proc, port, logfile)
-        yield PgBouncer("127.0.0.1", port, pool_mode, default_pool_size)
+        yield PgBouncer("127.0.0.1", port, pool_mode, default_pool_size, proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # "safe shutdown": waits for running queries
