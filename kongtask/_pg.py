@@ -53,8 +53,8 @@ APPLICATION_NAME = "kongtask"
 #: Arrays of built-in types that kongtask's statements take as parameters (task ids,
 #: job ids): (array oid, array name, element oid, element name). asyncpg encodes their
 #: elements natively but learns each array type by a catalog query on every new
-#: connection (about 10 ms on a fresh backend, most of a new connection's first claim,
-#: and a round trip a transaction-pooling pgBouncer cannot spare). These oids are fixed
+#: connection (most of a new connection's first claim, docs/performance.md, and a
+#: round trip a transaction-pooling pgBouncer cannot spare). These oids are fixed
 #: by PostgreSQL itself (the same in every release), so they are declared up front.
 BUILTIN_ARRAY_TYPES: Final = ((1007, "_int4", 23, "integer"), (1016, "_int8", 20, "bigint"))
 
