@@ -2,7 +2,8 @@
 
 The worker calls :meth:`JobObserver.job_started` in the task that runs the job, just
 before the handler, and :meth:`JobObserver.job_ended` in the same task once the outcome
-is known (before the task takes the next job). Both run for every job, so they must be
+is known (before the task takes the next job), unless ``job_started`` returned ``None``
+(tracing without an SDK has nothing to end). Both run for every job, so they must be
 cheap, allocate little and never raise. This is the in-process path; the user's
 ``on_event`` callback gets :class:`kongtask.Event` objects, built only when a callback
 is set.
@@ -17,7 +18,8 @@ from ._job import Job
 
 class JobObserver(Protocol):
     def job_started(self, job: Job) -> object:
-        """Called as ``job`` starts; the value comes back to :meth:`job_ended`."""
+        """Called as ``job`` starts; the value comes back to :meth:`job_ended`, which is
+        not called when it is ``None``."""
 
     def job_ended(
         self, job: Job, started: object, error: BaseException | None, message: str
@@ -37,14 +39,17 @@ class BothObservers:
         self._second = second
 
     def job_started(self, job: Job) -> object:
-        return (self._first.job_started(job), self._second.job_started(job))
+        first, second = self._first.job_started(job), self._second.job_started(job)
+        return None if first is None and second is None else (first, second)
 
     def job_ended(
         self, job: Job, started: object, error: BaseException | None, message: str
     ) -> None:
         first, second = cast(tuple[object, object], started)
-        self._first.job_ended(job, first, error, message)
-        self._second.job_ended(job, second, error, message)
+        if first is not None:
+            self._first.job_ended(job, first, error, message)
+        if second is not None:
+            self._second.job_ended(job, second, error, message)
 
 
 def combine(*observers: JobObserver | None) -> JobObserver | None:

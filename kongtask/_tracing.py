@@ -90,9 +90,24 @@ class _SdkWatch:
 
 
 class JobTracer:
-    """Consumer spans of one pool (a :class:`kongtask._observe.JobObserver`)."""
+    """Consumer spans of one pool (a :class:`kongtask._observe.JobObserver`).
 
-    __slots__ = ("_context", "_propagate", "_sdk", "_trace")
+    What it adds around the SDK's own work per job is kept small: the span name and the
+    per-task attributes are built once per task, and a job's payload is decoded only when
+    its JSON text holds :data:`TRACE_KEY` (a handler that never reads its payload never
+    pays for decoding it).
+    """
+
+    __slots__ = (
+        "_attach",
+        "_consumer",
+        "_context",
+        "_per_task",
+        "_propagate",
+        "_sdk",
+        "_set_span",
+        "_trace",
+    )
 
     def __init__(self) -> None:
         trace = _api()
@@ -100,14 +115,21 @@ class JobTracer:
 
         self._trace = trace
         self._context = context
+        self._attach = context.attach
+        self._set_span = trace.set_span_in_context
+        self._consumer = trace.SpanKind.CONSUMER
         self._propagate = propagate
         self._sdk = _SdkWatch(trace)
+        #: per task: the span name and the attributes every job of the task shares
+        self._per_task: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def job_started(self, job: Job) -> object:
         """Start the job's span and make it current in the task that runs the handler
         (spans the handler opens are its children, also in a sync handler's thread:
-        trio copies the context)."""
-        if not self._sdk.live():
+        trio copies the context). ``None`` (and no :meth:`job_ended` call) while no SDK
+        is installed."""
+        sdk = self._sdk
+        if sdk.tracer is None and not sdk.live():
             return None
         try:
             return self._start(job)
@@ -133,29 +155,38 @@ class JobTracer:
             log.exception("tracing: ending the span of job %s failed", job.id)
 
     def _start(self, job: Job) -> tuple[Any, object]:
+        task = job._task_identifier
+        row = job._row
+        queue = row["queue_name"]
+        per_task = self._per_task.get(task)
+        if per_task is None:
+            per_task = self._per_task[task] = (
+                f"kongtask.work {task}",
+                {
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": task,
+                    "kongtask.task": task,
+                },
+            )
+        name, shared = per_task
+        attributes = shared.copy()
+        if queue is not None:
+            attributes["messaging.destination.name"] = queue
+        attributes["messaging.message.id"] = str(row["id"])
+        attributes["kongtask.job.attempt"] = row["attempts"]
         parent = None
-        payload = job.payload
-        if isinstance(payload, dict):
-            carrier = payload.get(TRACE_KEY)
-            if isinstance(carrier, dict):
-                parent = self._propagate.extract({str(k): str(v) for k, v in carrier.items()})
-        task = job.task_identifier
-        trace = self._trace
+        text = row["payload"]
+        if text is not None and TRACE_KEY in text:
+            payload = job.payload
+            if isinstance(payload, dict):
+                carrier = payload.get(TRACE_KEY)
+                if isinstance(carrier, dict):
+                    parent = self._propagate.extract({str(k): str(v) for k, v in carrier.items()})
         span = self._sdk.tracer.start_span(
-            f"kongtask.work {task}",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "process",
-                "messaging.destination.name": job.queue_name or task,
-                "messaging.message.id": str(job.id),
-                "kongtask.task": task,
-                "kongtask.job.attempt": job.attempts,
-            },
+            name, context=parent, kind=self._consumer, attributes=attributes
         )
-        token = self._context.attach(trace.set_span_in_context(span))
-        return span, token
+        return span, self._attach(self._set_span(span))
 
 
 class ProducerTracer:

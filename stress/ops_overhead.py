@@ -52,10 +52,21 @@ from kongtask._migrate import migrate
 from kongtask._pg import open_database
 
 CONCURRENCY = 10
+#: CPU each job spends in its handler (``--work-ms``; 0: no-op jobs)
+WORK_SECONDS = 0.0
 WARM_UP_JOBS = 2000
-CONFIGS = ("off", "metrics", "tracing-api", "tracing-sdk", "tracing-sampled", "both")
+CONFIGS = (
+    "off",
+    "metrics-unscraped",
+    "metrics",
+    "tracing-api",
+    "tracing-sdk",
+    "tracing-sampled",
+    "both",
+)
 LABELS = {
     "off": "off",
+    "metrics-unscraped": "metrics, not scraped",
     "metrics": "metrics (scraped every second)",
     "tracing-api": "tracing, opentelemetry-api only (no SDK)",
     "tracing-sdk": "tracing, SDK recording every span",
@@ -92,12 +103,20 @@ async def _drain(dsn: str, jobs: int, config: str) -> tuple[float, float]:
             " null, null)::graphile_worker.job_spec)) from generate_series(1, $1)",
             jobs,
         )
+        # planned on the real row count from the first claim: without it, a plan made
+        # for the table as it was before the bulk add can stall a 100,000-job drain for
+        # tens of seconds until autovacuum analyzes it, swamping what is measured here
+        await db.execute("analyze graphile_worker._private_jobs")
     count = 0
     first = last = cpu_first = cpu_last = 0.0
     done = trio.Event()
 
     async def noop(job: kongtask.Job, ctx: Any) -> None:
         nonlocal count, first, last, cpu_first, cpu_last
+        if WORK_SECONDS:
+            until = time.perf_counter() + WORK_SECONDS
+            while time.perf_counter() < until:
+                pass
         if count == 0:
             first, cpu_first = time.perf_counter(), time.process_time()
         count += 1
@@ -106,7 +125,7 @@ async def _drain(dsn: str, jobs: int, config: str) -> tuple[float, float]:
             done.set()
 
     options: dict[str, Any] = {}
-    if config in ("metrics", "both"):
+    if config.startswith("metrics") or config == "both":
         options.update(metrics_port=0, metrics_host="127.0.0.1")
     if config.startswith("tracing") or config == "both":
         options["tracing"] = True
@@ -114,7 +133,7 @@ async def _drain(dsn: str, jobs: int, config: str) -> tuple[float, float]:
         kongtask.open_worker(dsn, {"noop": noop}, concurrency=CONCURRENCY, **options) as worker,
         trio.open_nursery() as nursery,
     ):
-        if worker.metrics_port:
+        if worker.metrics_port and config != "metrics-unscraped":
             port = worker.metrics_port
 
             async def scraper() -> None:
@@ -144,7 +163,7 @@ def _observer_cost(config: str) -> float:
     from kongtask._observe import JobObserver, combine
     from kongtask._tracing import JobTracer
 
-    metrics = PoolMetrics() if config in ("metrics", "both") else None
+    metrics = PoolMetrics() if config.startswith("metrics") or config == "both" else None
     tracer = JobTracer() if config.startswith("tracing") or config == "both" else None
     observer: JobObserver | None = combine(metrics, tracer)
     now_us = int(time.time() * 1e6)
@@ -172,13 +191,15 @@ def _observer_cost(config: str) -> float:
     return best * 1e6 / rounds
 
 
-def _child(dsn: str, jobs: int, config: str) -> int:
+def _child(dsn: str, jobs: int, config: str, work_ms: float) -> int:
     """One measured run in this (fresh) interpreter; prints ``[jobs/s, CPU µs/job,
     observer µs/job]`` (the last includes building the job; ``off`` is that baseline)."""
     # as the throughput benchmark's runner: kongtask's per-job INFO lines would otherwise
     # go to stderr (open_worker's fallback) and their cost would hide the observers'
     logging.getLogger("kongtask").addHandler(logging.NullHandler())
     logging.getLogger("kongtask").setLevel(logging.WARNING)
+    global WORK_SECONDS
+    WORK_SECONDS = work_ms / 1000
     if config in ("tracing-sdk", "both"):
         _install_tracer_provider(1.0)
     elif config == "tracing-sampled":
@@ -188,10 +209,10 @@ def _child(dsn: str, jobs: int, config: str) -> int:
     return 0
 
 
-def _run_in_child(dsn: str, jobs: int, config: str) -> tuple[float, float, float]:
+def _run_in_child(dsn: str, jobs: int, config: str, work_ms: float) -> tuple[float, float, float]:
     command = [sys.executable, "-m", "stress.ops_overhead", "--child", config]
     done = subprocess.run(
-        [*command, "--dsn", dsn, "--jobs", str(jobs)],
+        [*command, "--dsn", dsn, "--jobs", str(jobs), "--work-ms", str(work_ms)],
         capture_output=True,
         text=True,
         check=True,
@@ -205,13 +226,25 @@ def main() -> int:
     parser.add_argument("--dsn", help="a PostgreSQL server to create a scratch database on")
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--work-ms", type=float, default=0.0, help="CPU milliseconds each job spends (default 0)"
+    )
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated configurations to run (default: all of {', '.join(CONFIGS)})",
+    )
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return _child(args.dsn, args.jobs, args.child)
+        return _child(args.dsn, args.jobs, args.child, args.work_ms)
     from kongtask.testing._postgres import dsn_with_database, provide_postgres, run_sync_sql
 
-    results: dict[str, list[tuple[float, float, float]]] = {c: [] for c in CONFIGS}
+    configs = tuple(args.configs.split(","))
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or "off" not in configs:
+        parser.error(f"--configs: 'off' and any of {', '.join(CONFIGS)}, not {unknown}")
+    results: dict[str, list[tuple[float, float, float]]] = {c: [] for c in configs}
     with ExitStack() as stack:
         server_dsn = args.dsn or stack.enter_context(provide_postgres()).dsn
         name = f"ops_overhead_{os.getpid()}"
@@ -220,9 +253,9 @@ def main() -> int:
             dsn = dsn_with_database(server_dsn, name)
             trio.run(_migrate, dsn)
             for rep in range(args.reps):
-                order = CONFIGS if rep % 2 == 0 else tuple(reversed(CONFIGS))
+                order = configs if rep % 2 == 0 else tuple(reversed(configs))
                 for config in order:
-                    rate, cpu, observer = _run_in_child(dsn, args.jobs, config)
+                    rate, cpu, observer = _run_in_child(dsn, args.jobs, config, args.work_ms)
                     results[config].append((rate, cpu, observer))
                     print(
                         f"rep {rep + 1} {config:16s} {rate:8.0f} jobs/s {cpu:6.0f} µs/job, "
@@ -235,19 +268,26 @@ def main() -> int:
     def median(config: str, column: int) -> float:
         return statistics.median(row[column] for row in results[config])
 
+    def paired(config: str) -> float:
+        """The median over reps of the rate against the same rep's ``off`` (the runs of a
+        rep are next to each other, so a slow spell of the machine hits both)."""
+        pairs = zip(results[config], results["off"], strict=True)
+        return statistics.median(row[0] / off[0] for row, off in pairs)
+
     base_rate, base_cpu, base_observer = (median("off", i) for i in range(3))
-    print(f"\n{args.jobs:,} no-op jobs, concurrency {CONCURRENCY}, median of {args.reps}\n")
+    kind = f"jobs of {args.work_ms:g} ms CPU" if args.work_ms else "no-op jobs"
+    print(f"\n{args.jobs:,} {kind}, concurrency {CONCURRENCY}, median of {args.reps}\n")
     print(
-        "| configuration | jobs/s | throughput vs off | worker CPU µs/job "
+        "| configuration | jobs/s | vs off (medians) | vs off (paired) | worker CPU µs/job "
         "| observer alone µs/job | observer / off CPU |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for config in CONFIGS:
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for config in configs:
         rate, cpu = median(config, 0), median(config, 1)
         observer = max(0.0, median(config, 2) - base_observer)
         print(
-            f"| {LABELS[config]} | {rate:,.0f} | {rate / base_rate:.1%} | {cpu:,.0f} "
-            f"| {observer:.2f} | {observer / base_cpu:.1%} |"
+            f"| {LABELS[config]} | {rate:,.0f} | {rate / base_rate:.1%} "
+            f"| {paired(config):.1%} | {cpu:,.0f} | {observer:.2f} | {observer / base_cpu:.1%} |"
         )
     return 0
 

@@ -203,15 +203,17 @@ def test_no_span_is_started_until_an_sdk_is_installed() -> None:
     # a fresh interpreter: the global tracer provider can be set only once per process
     script = textwrap.dedent(
         """
-        from types import SimpleNamespace
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         import kongtask._tracing
         from kongtask._tracing import JobTracer, ProducerTracer
 
         kongtask._tracing.SDK_RECHECK_SECONDS = 0.0  # look again at every job
-        job = SimpleNamespace(
-            id=7, payload={}, task_identifier="t", queue_name=None, attempts=1, max_attempts=3
+        from kongtask._job import Job
+
+        job = Job.from_claim(
+            {"id": 7, "payload": "{}", "queue_name": None, "attempts": 1, "max_attempts": 3},
+            "t",
         )
         tracer, producer = JobTracer(), ProducerTracer(propagate_context=True)
         assert tracer.job_started(job) is None

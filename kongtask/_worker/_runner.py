@@ -256,8 +256,8 @@ class JobRunner:
             batch = self._batch_outcome(job, result)
             if batch is not None:
                 message, replacement = batch
-        if observer is not None:
-            observer.job_ended(job, observed, error, message)
+        if observed is not None:  # None: the observer has nothing to end
+            observer.job_ended(job, observed, error, message)  # type: ignore[union-attr]
         if not message:
             self._completer.send_outcome(job)
             if events.enabled:
