@@ -6,6 +6,7 @@ Rules: as in test_worker.py; spans are collected by opentelemetry-sdk's in-memor
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import asyncpg
 import psycopg
 import pytest
 import trio
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
@@ -27,7 +28,8 @@ from test_worker import wait_until
 
 import kongtask
 import kongtask.aio
-from kongtask._tracing import TRACE_KEY
+from kongtask._observe import combine
+from kongtask._tracing import TRACE_KEY, JobTracer
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -299,3 +301,109 @@ async def test_producer_functions_make_spans_and_propagate_when_asked(
     assert by_id[str(ids["sync"])].parent.span_id in producer_ids
     assert by_id[str(ids["spec"])].parent.span_id in producer_ids
     assert by_id[str(ids["plain"])].parent is None
+
+
+def _claimed(job_id: int, payload: str = "{}", queue: str | None = None) -> kongtask.Job:
+    """A job as the worker's claim builds it."""
+    from kongtask._job import Job
+
+    row = {"id": job_id, "payload": payload, "queue_name": queue, "attempts": 2, "max_attempts": 5}
+    return Job.from_claim(row, "t")
+
+
+def test_each_span_has_its_own_job_attributes(spans: InMemorySpanExporter) -> None:
+    # the attributes a task's jobs share are built once: no job's values may leak into them
+    tracer = JobTracer()
+    for job in (_claimed(5, queue="q1"), _claimed(6), _claimed(7, queue="q2")):
+        tracer.job_ended(job, tracer.job_started(job), None, "")
+    found = {s.attributes["messaging.message.id"]: s for s in spans.get_finished_spans()}
+    assert sorted(found) == ["5", "6", "7"]
+    for job_id, destination in (("5", "q1"), ("6", "t"), ("7", "q2")):
+        span = found[job_id]
+        assert span.name == "kongtask.work t"
+        assert dict(span.attributes) == {
+            "messaging.system": "kongtask",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": destination,
+            "messaging.message.id": job_id,
+            "kongtask.task": "t",
+            "kongtask.job.attempt": 2,
+        }
+
+
+def test_payload_is_decoded_only_when_it_may_carry_a_trace_context(
+    spans: InMemorySpanExporter,
+) -> None:
+    from kongtask._job import _PAYLOAD, _UNSET
+
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("producer") as producer:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+    plain = _claimed(1, '{"a": 1}')
+    mentions = _claimed(2, json.dumps({"note": TRACE_KEY, "list": [TRACE_KEY]}))
+    carries = _claimed(3, json.dumps({"a": 1, TRACE_KEY: carrier}))
+    job_tracer = JobTracer()
+    for job in (plain, mentions, carries):
+        job_tracer.job_ended(job, job_tracer.job_started(job), None, "")
+    assert plain._cache[_PAYLOAD] is _UNSET  # a handler that never reads it never decodes it
+    found = {
+        s.attributes["messaging.message.id"]: s
+        for s in spans.get_finished_spans()
+        if s.name == "kongtask.work t"
+    }
+    assert found["1"].parent is None
+    assert found["2"].parent is None
+    assert found["3"].parent is not None
+    assert found["3"].parent.span_id == producer.get_span_context().span_id
+    assert found["3"].context.trace_id == producer.get_span_context().trace_id
+
+
+class _Recorder:
+    """An observer that records its calls; ``job_started`` returns ``token``."""
+
+    def __init__(self, token: object) -> None:
+        self.token = token
+        self.calls: list[tuple[str, int]] = []
+
+    def job_started(self, job: kongtask.Job) -> object:
+        self.calls.append(("started", job.id))
+        return self.token
+
+    def job_ended(
+        self, job: kongtask.Job, started: object, error: BaseException | None, message: str
+    ) -> None:
+        assert started is self.token
+        self.calls.append(("ended", job.id))
+
+
+def test_both_observers_end_only_what_started() -> None:
+    job = _claimed(9)
+    nothing, something = _Recorder(None), _Recorder(object())
+    both = combine(nothing, something)
+    assert both is not None
+    started = both.job_started(job)
+    both.job_ended(job, started, None, "")
+    assert nothing.calls == [("started", 9)]
+    assert something.calls == [("started", 9), ("ended", 9)]
+    neither = combine(_Recorder(None), _Recorder(None))
+    assert neither is not None
+    assert neither.job_started(job) is None
+
+
+@pytest.mark.parametrize("token", [None, "token"])
+async def test_the_pool_ends_a_job_only_when_its_observer_started_something(
+    worker_dsn: str, token: object
+) -> None:
+    recorder = _Recorder(token)
+
+    async def ok(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async with kongtask.open_worker(worker_dsn, {"ok": ok}) as w:
+        w._runner.observer = recorder
+        async with kongtask.open_client(worker_dsn) as client:
+            job = await client.add_job("ok")
+        await wait_until(lambda: w.statistics().completed == 1)
+    expected = [("started", job.id)] + ([("ended", job.id)] if token is not None else [])
+    assert recorder.calls == expected
