@@ -256,8 +256,8 @@ class JobRunner:
             batch = self._batch_outcome(job, result)
             if batch is not None:
                 message, replacement = batch
-        if observed is not None:  # None: the observer has nothing to end
-            observer.job_ended(job, observed, error, message)  # type: ignore[union-attr]
+        if observed is not None and observer is not None:  # None: nothing to end
+            observer.job_ended(job, observed, error, message)
         if not message:
             self._completer.send_outcome(job)
             if events.enabled:
