@@ -2,17 +2,21 @@
 
 Usage::
 
-    python -m stress.ops_overhead                  # throwaway PostgreSQL, 20,000 jobs, 3 reps
+    python -m stress.ops_overhead                 # throwaway PostgreSQL, 100,000 jobs, 3 reps
     python -m stress.ops_overhead --jobs 5000 --reps 1   # smoke run
-    python -m stress.ops_overhead --dsn postgresql://...
+    python -m stress.ops_overhead --configs off,metrics --work-ms 1 --dsn postgresql://...
 
-Each run gets a fresh database with ``--jobs`` no-op jobs added in bulk, then one pool
-(concurrency 10) drains them; the time runs from the first job's start to the last job's
-start, like ``stress.bench``'s throughput. Every run is a fresh interpreter (an
-OpenTelemetry tracer provider can be installed once per process) that first drains a
-small warm-up queue. Configurations, interleaved rep by rep so load drifts hit them alike:
+Each run gets ``--jobs`` jobs added in bulk to the scratch database (no-op jobs, or jobs
+that spend ``--work-ms`` of CPU), the table vacuumed, analyzed and checkpointed (autovacuum
+is off on it: each run truncates it), then one pool (concurrency 10) drains them; the time
+runs from the first job's start to the last job's start, like ``stress.bench``'s
+throughput. Drains long enough that the fixed costs (the first scrape, its database read)
+are not most of them. Every run is a fresh interpreter (an OpenTelemetry tracer provider
+can be installed once per process) that first drains a small warm-up queue.
+Configurations (``--configs``), interleaved rep by rep so load drifts hit them alike:
 
 - ``off``: no metrics port, no tracing;
+- ``metrics-unscraped``: ``metrics_port`` with prometheus_client, nobody scraping it;
 - ``metrics``: ``metrics_port`` with prometheus_client, ``/metrics`` scraped every second
   over HTTP (the database gauges read at every 5 s refresh);
 - ``tracing-api``: ``tracing=True`` with only opentelemetry-api (no SDK installed: what
@@ -23,8 +27,8 @@ small warm-up queue. Configurations, interleaved rep by rep so load drifts hit t
   (``ParentBased(TraceIdRatioBased(0.01))``);
 - ``both``: ``metrics`` and ``tracing-sdk``.
 
-Prints a markdown table: median jobs/s and its ratio to ``off``, the worker's CPU µs per
-job, and the observer's own cost per job measured alone (a job's start and end through
+Prints a markdown table: median jobs/s, its ratio to ``off``'s median and the median of
+the per-rep ratios to the same rep's ``off``, the worker's CPU µs per job, and the observer's own cost per job measured alone (a job's start and end through
 the same observer the pool builds, best of several repeats: a figure the machine's load
 hardly moves, unlike the drain) with its share of ``off``'s CPU per job
 (docs/performance.md quotes it).
@@ -227,7 +231,7 @@ def _run_in_child(dsn: str, jobs: int, config: str, work_ms: float) -> tuple[flo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", help="a PostgreSQL server to create a scratch database on")
-    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
         "--work-ms", type=float, default=0.0, help="CPU milliseconds each job spends (default 0)"
