@@ -28,10 +28,11 @@ Configurations (``--configs``), interleaved rep by rep so load drifts hit them a
 - ``both``: ``metrics`` and ``tracing-sdk``.
 
 Prints a markdown table: median jobs/s, its ratio to ``off``'s median and the median of
-the per-rep ratios to the same rep's ``off``, the worker's CPU µs per job, and the observer's own cost per job measured alone (a job's start and end through
-the same observer the pool builds, best of several repeats: a figure the machine's load
-hardly moves, unlike the drain) with its share of ``off``'s CPU per job
-(docs/performance.md quotes it).
+the per-rep ratios to the same rep's ``off``, the worker's CPU µs per job, and the
+observer's own cost per job measured alone (a job's start and end through the same
+observer the pool builds, best of several repeats: a figure the machine's load hardly
+moves, unlike the drain) with its share of ``off``'s CPU per job (docs/performance.md
+quotes it).
 """
 
 from __future__ import annotations
