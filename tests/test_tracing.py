@@ -316,7 +316,8 @@ def test_each_span_has_its_own_job_attributes(spans: InMemorySpanExporter) -> No
     tracer = JobTracer()
     for job in (_claimed(5, queue="q1"), _claimed(6), _claimed(7, queue="q2")):
         tracer.job_ended(job, tracer.job_started(job), None, "")
-    found = {s.attributes["messaging.message.id"]: s for s in spans.get_finished_spans()}
+    finished: list[Any] = list(spans.get_finished_spans())
+    found = {s.attributes["messaging.message.id"]: s for s in finished}
     assert sorted(found) == ["5", "6", "7"]
     for job_id, destination in (("5", "q1"), ("6", "t"), ("7", "q2")):
         span = found[job_id]
@@ -347,10 +348,9 @@ def test_payload_is_decoded_only_when_it_may_carry_a_trace_context(
     for job in (plain, mentions, carries):
         job_tracer.job_ended(job, job_tracer.job_started(job), None, "")
     assert plain._cache[_PAYLOAD] is _UNSET  # a handler that never reads it never decodes it
+    finished: list[Any] = list(spans.get_finished_spans())
     found = {
-        s.attributes["messaging.message.id"]: s
-        for s in spans.get_finished_spans()
-        if s.name == "kongtask.work t"
+        s.attributes["messaging.message.id"]: s for s in finished if s.name == "kongtask.work t"
     }
     assert found["1"].parent is None
     assert found["2"].parent is None
