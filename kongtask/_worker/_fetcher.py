@@ -156,6 +156,7 @@ class Fetcher:
         forbidden_flags: Callable[[], list[str] | None],
         session_settings: bool,
         once: bool,
+        on_backlog: Callable[[], None],
     ) -> None:
         self._db = db
         self._q = queries
@@ -178,6 +179,7 @@ class Fetcher:
         self._forbidden_flags = forbidden_flags
         self._session_settings = session_settings
         self._once = once
+        self._on_backlog = on_backlog
         # trio times at which to look for jobs of a claim whose reply was lost (sorted)
         self.reconcile_due: list[float] = []
         # the claiming connection opened during the pool's start (preopen), until used
@@ -246,7 +248,10 @@ class Fetcher:
                 if rows:
                     self._hold(rows)
                     # a candidate scan that hit the limit means more may be ready
-                    if len(rows) == size or rows[0]["n_candidates"] >= size or self._once:
+                    if rows[0]["n_candidates"] >= size:
+                        self._on_backlog()
+                        continue
+                    if len(rows) == size or self._once:
                         continue
                     # the claim saw every job it could take: wait for news
                 elif self._once and self._quiet() and not wakeup.pending():

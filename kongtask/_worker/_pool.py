@@ -40,6 +40,7 @@ from ._lifecycle import FLUSHING, RETURNING, RUNNING, STOPPED, Lifecycle
 from ._local_queue import HeldRecheck, LocalQueue
 from ._notifier import Notifier
 from ._runner import JobRunner
+from ._statistics import StatisticsKeeper
 from ._timing import DEFAULT_TIMING, WorkerTiming
 
 log = logging.getLogger("kongtask.worker")
@@ -218,6 +219,7 @@ class Worker:
             io=io,
             timing=timing,
         )
+        self._statistics = statistics = StatisticsKeeper(db, queries, pool_id)
         self._fetcher = Fetcher(
             db,
             queries,
@@ -241,6 +243,7 @@ class Worker:
             forbidden_flags=_flags_reader(forbidden_flags),
             session_settings=options.claim_session_settings,
             once=options.once,
+            on_backlog=statistics.backlog_seen,
         )
         self._housekeeping = Housekeeping(
             db,
@@ -331,6 +334,7 @@ class Worker:
                         background.start_soon(self._fetcher.run)
                         await background.start(self._notifier.run)
                         self._housekeeping.start(background)
+                        background.start_soon(self._statistics.run)
                         self._start_cron(background)
                         task_status.started()
                         await lifecycle.stop_requested.wait()
