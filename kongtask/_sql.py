@@ -91,6 +91,24 @@ JOB_COLUMNS_US = f"""
 _CLAIM_RETURNING = f"{JOB_COLUMNS_US}, k.queue_name"
 
 
+#: Whether a schema's jobs table has outgrown its planner statistics
+#: (kongtask._worker._statistics): ``$1 min_rows int8, $2 growth float8, $3 schema text``
+#: (the name as a value, unquoted); ``live_rows, counted_rows, stale``: whether the table
+#: holds at least ``$1`` rows and more than ``$2`` times the rows its statistics counted.
+#: n_live_tup is the statistics system's running count; reltuples is what the last
+#: ANALYZE or VACUUM counted (-1: never). No row when the current role does not own the
+#: table (its ANALYZE would be a no-op with a warning).
+JOBS_STATISTICS_STALE = """
+select s.n_live_tup as live_rows, c.reltuples as counted_rows,
+       s.n_live_tup >= $1::int8 and s.n_live_tup > $2::float8 * greatest(c.reltuples, 0)
+         as stale
+from pg_stat_user_tables s
+join pg_class c on c.oid = s.relid
+where s.schemaname = $3::text and s.relname = '_private_jobs'
+  and pg_has_role(c.relowner, 'USAGE')
+"""
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class WorkerQueries(SchemaSql):
     """The worker's SQL for one schema. Construct once per pool: ``WorkerQueries(schema)``.
@@ -122,10 +140,6 @@ class WorkerQueries(SchemaSql):
       register_tasks: ``$1 identifiers text[]``; returns ``id, identifier`` rows for
         those identifiers, inserting only the missing ones (#619).
       add_job: ``select * from <schema>.add_job($1..$9)`` (the SQL function).
-      jobs_statistics_stale: ``$1 min_rows int8, $2 growth float8, $3 schema text``;
-        ``live_rows, counted_rows, stale``: whether the jobs table holds at least
-        ``$1`` rows and more than ``$2`` times the rows its statistics counted. No row
-        when the current role does not own the table (its ANALYZE would be a no-op).
       analyze_job_tables: ``ANALYZE`` the jobs and queue tables, skipping one that
         another session is vacuuming or analyzing.
     """
@@ -136,7 +150,6 @@ class WorkerQueries(SchemaSql):
     complete: str = field(init=False)
     complete_and_fail: str = field(init=False)
     fail: str = field(init=False)
-    jobs_statistics_stale: str = field(init=False)
     locked_by_pool: str = field(init=False)
     recheck: str = field(init=False)
     register_tasks: str = field(init=False)
@@ -439,18 +452,8 @@ union all
 select t.id, t.identifier from {s}._private_tasks t where t.identifier = any($1::text[])
 """
 
-        # Planner statistics (kongtask._worker._statistics). n_live_tup is the
-        # statistics system's running count; reltuples is what the last ANALYZE or VACUUM
-        # counted (-1: never).
-        sql["jobs_statistics_stale"] = """
-select s.n_live_tup as live_rows, c.reltuples as counted_rows,
-       s.n_live_tup >= $1::int8 and s.n_live_tup > $2::float8 * greatest(c.reltuples, 0)
-         as stale
-from pg_stat_user_tables s
-join pg_class c on c.oid = s.relid
-where s.schemaname = $3::text and s.relname = '_private_jobs'
-  and pg_has_role(c.relowner, 'USAGE')
-"""
+        # Planner statistics (kongtask._worker._statistics; the check is
+        # JOBS_STATISTICS_STALE, a module constant: it takes the schema as a value).
         sql["analyze_job_tables"] = f"analyze (skip_locked) {jobs}, {queues}"
 
         sql["add_job"] = f"""

@@ -26,7 +26,7 @@ import trio
 
 from .._outage import is_connection_lost
 from .._pg import Database
-from .._sql import WorkerQueries
+from .._sql import JOBS_STATISTICS_STALE, WorkerQueries
 
 log = logging.getLogger("kongtask.worker")
 
@@ -80,7 +80,7 @@ class StatisticsKeeper:
         self.checks += 1
         try:
             row = await self._db.fetchrow(
-                self._q.jobs_statistics_stale, MIN_ROWS, GROWTH_FACTOR, self._q.schema
+                JOBS_STATISTICS_STALE, MIN_ROWS, GROWTH_FACTOR, self._q.schema
             )
             if row is None:  # not the owner (or the table is gone)
                 return False
