@@ -15,7 +15,7 @@ application's own loops are untouched) run, after each callback it waits for, th
 already queued, up to :data:`MAX_CALLBACKS_PER_ROUND`: the same order, and the same
 callbacks as before, in fewer rounds. It relies on trio-asyncio's private step method;
 when that is missing (another trio-asyncio release), the loop is left as it is and a
-test notices (tests/test_pg_connect.py counts the rounds).
+test notices (tests/test_aio_loop.py counts the rounds).
 """
 
 from __future__ import annotations

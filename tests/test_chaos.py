@@ -223,10 +223,13 @@ async def test_the_jobs_of_a_claim_whose_reply_is_lost_are_returned(kongtask_dsn
             idle: list[Any] = []
 
             async def claim_connection_idle() -> bool:
-                # the row is kept from the query that saw it idle: a second query
-                # could meet the connection busy
+                # Quiet: the fetcher waits for news (the start's own nudges consumed) and
+                # its connection is idle on the server. The row is kept from the query
+                # that saw it idle: a second query could meet the connection busy.
+                if worker.statistics().fetcher != "waiting for jobs":
+                    return False
                 idle[:] = await db.fetch(claim_conn)
-                return len(idle) == 1
+                return len(idle) == 1 and worker.statistics().fetcher == "waiting for jobs"
 
             await wait_until(claim_connection_idle, limit=30)
             (row,) = idle
