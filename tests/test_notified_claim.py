@@ -101,3 +101,35 @@ async def test_a_claim_sent_as_the_pool_stops_is_handed_back(
     assert (row["attempts"], row["locked_by"]) == (0, None)
     returned = [e for e in events if e.name == "job:returned" and job_id in _ids(e)]
     assert [e["reason"] for e in returned] == ["shutdown"]
+
+
+async def test_forbidden_flags_that_raise_leave_nothing_armed(kongtask_dsn: str) -> None:
+    """The armed claim reads the forbidden flags when the fetcher starts to wait: an
+    error there (user code) arms nothing and raises nothing; the claim sent on waking
+    reads them again, reports the error and retries, as for any claim."""
+    broken = False
+
+    def flags() -> list[str]:
+        if broken:
+            raise RuntimeError("flags unavailable")
+        return []
+
+    async def handler(job: kongtask.Job, ctx: kongtask.JobContext) -> None:
+        pass
+
+    async with kongtask.open_worker(
+        kongtask_dsn, {"t": handler}, poll_interval=3600, forbidden_flags=flags
+    ) as worker:
+        await _waiting(worker)
+        fetcher: Any = worker._fetcher
+        wakeup: Any = worker._wakeup
+        assert wakeup._armed is not None  # armed by the waiting fetcher
+        wakeup.arm(None)
+        broken = True
+        fetcher._arm_claim(object())  # what the fetcher does before each wait
+        assert wakeup._armed is None
+        broken = False
+        fetcher._arm_claim(object())
+        assert wakeup._armed is not None
+        wakeup.arm(None)
+        assert not worker.stopping

@@ -324,7 +324,10 @@ class Fetcher:
         if conn is None or size <= 0:
             return
         task_ids = list(self._tasks.ids.values())
-        flags = self._forbidden_flags()
+        try:
+            flags = self._forbidden_flags()
+        except Exception:
+            return  # the claim sent on waking reads them again and reports the error
 
         def send_claim() -> None:
             reply = self._db.start(
