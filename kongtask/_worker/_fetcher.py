@@ -79,9 +79,11 @@ class FetchWakeup:
         """A ``jobs:insert`` notification (on the asyncio side): send the armed claim
         now, then wake the fetcher, which takes its reply."""
         send, self._armed = self._armed, None
-        if send is not None:
-            send()
-        self.nudge()
+        try:
+            if send is not None:
+                send()
+        finally:
+            self.nudge()  # even if sending failed: the fetcher then claims itself
 
     def nudge(self) -> None:
         """Wake the fetcher (something may be ready)."""
