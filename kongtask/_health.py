@@ -46,8 +46,6 @@ class IoCounters:
       claims: claim statements that succeeded.
       claim_seconds: their total duration.
       claimed: jobs they returned.
-      claims_sent_on_notify: of those, the claims a ``jobs:insert`` notification sent
-        while the fetcher waited for jobs.
       last_claim_at: trio time of the last successful claim (``-inf`` before the first).
       flushes: outcome-writing statements that succeeded.
       flush_seconds: their total duration.
@@ -57,7 +55,6 @@ class IoCounters:
     claims: int = 0
     claim_seconds: float = 0.0
     claimed: int = 0
-    claims_sent_on_notify: int = 0
     last_claim_at: float = -math.inf
     flushes: int = 0
     flush_seconds: float = 0.0

@@ -26,9 +26,8 @@ wait for a connection the pool would otherwise have had free.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 
@@ -313,19 +312,6 @@ class Database:
     async def run(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Await the asyncio coroutine function ``fn(*args)`` from trio, crossing once."""
         result: T = await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args, **kwargs)
-        return result
-
-    def start(
-        self, fn: Callable[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
-    ) -> asyncio.Future[T]:
-        """Start the asyncio coroutine function ``fn(*args)`` now, as a task of the loop;
-        callable from either side (an asyncio callback starts work with no trio round in
-        between). Await it from trio with :meth:`wait_for`."""
-        return self._loop.create_task(fn(*args, **kwargs))  # type: ignore[no-any-return]
-
-    async def wait_for(self, future: asyncio.Future[T]) -> T:
-        """Await a future of this loop from trio; a cancelled scope cancels it."""
-        result: T = await trio_asyncio.run_aio_future(future)
         return result
 
     async def with_connection(

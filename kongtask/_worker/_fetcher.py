@@ -9,11 +9,9 @@ for that claim's jobs (``Fetcher._reconcile_locks``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
@@ -61,29 +59,12 @@ class FetchWakeup:
       state: CLAIMING, WAITING_FOR_CAPACITY or WAITING_FOR_JOBS.
     """
 
-    __slots__ = ("_armed", "_recv", "_send", "sizer", "state")
+    __slots__ = ("_recv", "_send", "sizer", "state")
 
     def __init__(self, sizer: ClaimSizer) -> None:
         self._send, self._recv = trio.open_memory_channel[None](1)
         self.sizer = sizer
         self.state = CLAIMING
-        # the claim a jobs:insert notification sends at once (set while the fetcher
-        # waits for jobs)
-        self._armed: Callable[[], None] | None = None
-
-    def arm(self, send_claim: Callable[[], None] | None) -> None:
-        """Let the next :meth:`jobs_inserted` call ``send_claim`` (``None``: disarm)."""
-        self._armed = send_claim
-
-    def jobs_inserted(self) -> None:
-        """A ``jobs:insert`` notification (on the asyncio side): send the armed claim
-        now, then wake the fetcher, which takes its reply."""
-        send, self._armed = self._armed, None
-        try:
-            if send is not None:
-                send()
-        finally:
-            self.nudge()  # even if sending failed: the fetcher then claims itself
 
     def nudge(self) -> None:
         """Wake the fetcher (something may be ready)."""
@@ -122,15 +103,6 @@ class FetchWakeup:
                 await self._recv.receive()
         finally:
             self.state = CLAIMING
-
-
-@dataclass(frozen=True, slots=True)
-class SentClaim:
-    """A claim sent by a notification while the fetcher waited (see :meth:`Fetcher.run`)."""
-
-    size: int
-    reply: asyncio.Future[list[asyncpg.Record]]
-    sent_at: float
 
 
 class TaskRegistry:
@@ -214,8 +186,6 @@ class Fetcher:
         self._preopened: Any = None
         # set when preopen is done (warmed connection or not); None: no preopen started
         self._preopen_done: trio.Event | None = None
-        # a claim a notification sent while the fetcher waited, until the fetcher takes it
-        self._sent: SentClaim | None = None
 
     def claim_size(self) -> int:
         """How many jobs to claim now (0 = wait for capacity)."""
@@ -235,37 +205,27 @@ class Fetcher:
         try:
             conn = await self._take_warm_connection()
             while True:
-                # a claim a notification sent while we waited (with the lock held)
-                sent, self._sent = self._sent, None
                 listening = self._listening()
-                if sent is None and listening is not None and not listening.is_set():
+                if listening is not None and not listening.is_set():
                     # claim only while our liveness lock is held (it lives on the LISTEN
                     # connection), or a dead-pool sweeper could release what we claim
                     await listening.wait()
                     continue
                 wakeup.forget()
-                if sent is not None:
-                    # a notification sent this claim while we waited: take its reply
-                    # before anything else (a lock check needs no claim in flight)
-                    size = sent.size
-                else:
-                    if self.reconcile_due and self.reconcile_due[0] <= trio.current_time():
-                        await self._reconcile_locks()
-                    self._expire_held()
-                    size = self.claim_size()
-                    if size <= 0:
-                        deadline = min(self._queue.ttl_deadline(), self._next_reconcile())
-                        await wakeup.wait(deadline, WAITING_FOR_CAPACITY)
-                        continue
-                    if conn is not None and conn.is_closed():
-                        conn = None  # the server went away meanwhile: no failed claim
+                if self.reconcile_due and self.reconcile_due[0] <= trio.current_time():
+                    await self._reconcile_locks()
+                self._expire_held()
+                size = self.claim_size()
+                if size <= 0:
+                    deadline = min(self._queue.ttl_deadline(), self._next_reconcile())
+                    await wakeup.wait(deadline, WAITING_FOR_CAPACITY)
+                    continue
+                if conn is not None and conn.is_closed():
+                    conn = None  # the server went away meanwhile: no failed claim needed
                 try:
-                    if sent is not None:
-                        rows = await self._claim(conn, size, sent)
-                    else:
-                        if conn is None:
-                            conn = await self._connect()
-                        rows = await self._claim(conn, size)
+                    if conn is None:
+                        conn = await self._connect()
+                    rows = await self._claim(conn, size)
                 except Exception as exc:
                     errors += 1
                     # the claim may have committed and only its reply been lost
@@ -306,53 +266,10 @@ class Fetcher:
                     self._queue.ttl_deadline(),
                     self._next_reconcile(),
                 )
-                self._arm_claim(conn)
-                try:
-                    await wakeup.wait(deadline, WAITING_FOR_JOBS)
-                finally:
-                    wakeup.arm(None)
+                await wakeup.wait(deadline, WAITING_FOR_JOBS)
         finally:
-            await self._take_sent_at_exit(conn)
             if conn is not None:
                 await self._db.close_connection(conn)
-
-    def _arm_claim(self, conn: Any) -> None:
-        """While the fetcher waits for jobs, a ``jobs:insert`` notification sends the
-        next claim itself, on the asyncio side, as soon as it arrives: the fetcher then
-        wakes to take the reply instead of to send the claim (two trio scheduling rounds
-        and its own step sooner; docs/performance.md). The claim is the one the fetcher
-        would send on waking: same size, task ids and forbidden flags (read now)."""
-        size = self.claim_size()
-        if conn is None or size <= 0:
-            return
-        task_ids = list(self._tasks.ids.values())
-        try:
-            flags = self._forbidden_flags()
-        except Exception:
-            return  # the claim sent on waking reads them again and reports the error
-
-        def send_claim() -> None:
-            reply = self._db.start(
-                claim_jobs, conn, self._q, self._pool_id, task_ids, size, flags, None
-            )
-            self._sent = SentClaim(size, reply, trio.current_time())
-
-        self._wakeup.arm(send_claim)
-
-    async def _take_sent_at_exit(self, conn: Any) -> None:
-        """A claim a notification sent just before the fetcher stopped: its jobs are
-        held, so the shutdown hands them back (or, if it failed, the pool's final
-        release returns whatever it locked)."""
-        sent, self._sent = self._sent, None
-        if sent is None:
-            return
-        try:
-            rows = await self._claim(conn, sent.size, sent)
-        except Exception as exc:
-            log.debug("pool %s: a claim sent at the shutdown failed: %s", self._pool_id, exc)
-            return
-        if rows:
-            self._hold(rows)
 
     def _quiet(self) -> bool:
         return not (len(self._queue) or self._running() or self._completer.unwritten)
@@ -445,35 +362,26 @@ class Fetcher:
             return await self._db.connect()
         return await self._db.connect(CLAIM_SESSION_SETTINGS)
 
-    async def _claim(
-        self, conn: Any, size: int, sent: SentClaim | None = None
-    ) -> list[asyncpg.Record]:
-        """Claim up to ``size`` jobs on ``conn``, or take the reply of ``sent``."""
+    async def _claim(self, conn: Any, size: int) -> list[asyncpg.Record]:
         # Shielded: a claim whose reply is lost to a cancellation would leave jobs locked
         # by us that nobody runs. The shutdown hands back whatever this returns.
-        start = trio.current_time() if sent is None else sent.sent_at
-        rows: list[asyncpg.Record]
+        start = trio.current_time()
         with trio.CancelScope(shield=True), trio.fail_after(self._timing.statement_timeout):
-            if sent is not None:
-                rows = await self._db.wait_for(sent.reply)
-            else:
-                rows = await self._db.run(
-                    claim_jobs,
-                    conn,
-                    self._q,
-                    self._pool_id,
-                    list(self._tasks.ids.values()),
-                    size,
-                    self._forbidden_flags(),
-                    None,
-                )
+            rows: list[asyncpg.Record] = await self._db.run(
+                claim_jobs,
+                conn,
+                self._q,
+                self._pool_id,
+                list(self._tasks.ids.values()),
+                size,
+                self._forbidden_flags(),
+                None,
+            )
         io = self._io
         io.last_claim_at = end = trio.current_time()
         io.claims += 1
         io.claim_seconds += end - start
         io.claimed += len(rows)
-        if sent is not None:
-            io.claims_sent_on_notify += 1
         return rows
 
     # -- lost claims -----------------------------------------------------------------

@@ -76,7 +76,7 @@ class Notifier:
             # to wake it: a claim never takes more than are ready, and limiting it to
             # the count would cost a second round trip whenever more were waiting.
             if parse_insert_count(payload) > 0:
-                self._wakeup.jobs_inserted()
+                self._wakeup.nudge()
         except Exception:
             log.exception("jobs:insert handler failed")
 
