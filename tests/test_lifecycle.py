@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from hypothesis import Phase
 
 from kongtask._config import quote_ident
 from kongtask.testing import lifecycle as lc, run_sync_sql
+from kongtask.testing._model import Model, MQueue, Spec
+from kongtask.testing._portal import Connections
 from kongtask.testing.lifecycle import (
     INVARIANTS,
     InvariantViolation,
@@ -39,6 +42,7 @@ from kongtask.testing.lifecycle._invariants import FIELD_INVARIANT
 KNOWN_DEVIATIONS: frozenset[str] = frozenset()
 
 EXAMPLES = 40
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def test_kongtask_schema(kongtask_dsn: str) -> None:
@@ -394,3 +398,78 @@ def test_runner_scratch_refuses_when_workers_listen(kongtask_dsn: str) -> None:
     with Portal(kongtask_dsn), pytest.raises(RuntimeError, match="worker:migrate"):
         run_lifecycle(kongtask_dsn, examples=1, out=lambda _: None)
     assert _schemas(kongtask_dsn) == before
+
+
+async def _move_behind_the_others(conns: Connections, schema: str, job_id: int) -> None:
+    # Two updates of an indexed column (not HOT) give the row a new place at the table's
+    # end and new index entries after its equals; its content ends as it was.
+    table = f"{quote_ident(schema)}._private_jobs"
+    for shift in ("+", "-"):
+        await conns.actor.execute(
+            f"update {table} set run_at = run_at {shift} interval '1 second', "
+            "updated_at = updated_at where id = $1",
+            job_id,
+        )
+
+
+def test_a_claim_that_cuts_equal_keys_takes_the_first_created_job(kongtask_dsn: str) -> None:
+    """Which of several jobs of equal (priority, run_at) a claim takes is the table's
+    physical order: the machine row-locks all but the first-created, so that a replayed
+    example takes the same job whatever vacuum did to the table meanwhile."""
+    template = lc.JobTemplate(identifier="task_a")  # run_at: the statement's now(), shared
+    with open_lifecycle_harness(kongtask_dsn) as harness:
+        machine = lc.lifecycle_machine(harness)()
+        machine.seed_jobs([template, template, template])
+        first, second, _third = machine.model.job_ids()
+        harness.portal.run(_move_behind_the_others, harness.schema, first)
+        machine.claim(slot=0, tasks=[], limit=1, forbidden=None)
+        assert machine.model.pools[0].held == [first]
+        machine.claim(slot=1, tasks=[], limit=1, forbidden=None)
+        assert machine.model.pools[1].held == [second]
+        machine.teardown()
+
+
+def _job(model: Model, ordinal: int, *, queue: str | None = None, priority: int = 0) -> int:
+    """A job in ``model`` whose id runs against its creation order."""
+    job = model.new_job(1000 - ordinal, Spec("task_a", queue_name=queue, priority=priority), NOW)
+    job.ordinal = ordinal
+    model.jobs[job.id] = job
+    if queue is not None:
+        model.queues.setdefault(queue, MQueue(queue))
+    return job.id
+
+
+def _unlocked_model() -> Model:
+    model = Model(NOW, pools=2)
+    model.registered = {"task_a": 1}
+    return model
+
+
+def test_tie_breaking_locks_keep_the_first_created_of_a_cut_group() -> None:
+    model = _unlocked_model()
+    urgent = _job(model, 1, priority=-1)
+    a, b, c = (_job(model, n) for n in (2, 3, 4))
+    assert model.job_ids() == [urgent, a, b, c]  # creation order, not id order
+    assert model.tie_breaking_locks([1], None, NOW, limit=2) == [b, c]
+    assert model.tie_breaking_locks([1], None, NOW, limit=4) == []  # no cut: all taken
+    assert model.tie_breaking_locks([1], None, NOW, limit=1) == []  # the cut is between keys
+    # jobs the caller locks already are neither candidates nor returned again
+    assert model.tie_breaking_locks([1], None, NOW, limit=2, row_locked_jobs=[a]) == [c]
+
+
+def test_tie_breaking_locks_keep_one_first_job_per_named_queue() -> None:
+    model = _unlocked_model()
+    first = _job(model, 1, queue="q1")
+    later = _job(model, 2, queue="q1")  # the lower id: the claim itself would take it
+    assert later < first
+    assert model.tie_breaking_locks([1], None, NOW, limit=5) == [later]
+
+
+def test_tie_breaking_locks_go_on_while_locked_jobs_let_equal_ones_in() -> None:
+    model = _unlocked_model()
+    a, b = _job(model, 1), _job(model, 2)
+    q1_first, q1_second = _job(model, 3, queue="q1"), _job(model, 4, queue="q1")
+    # first q1's second job (equal to q1's first); then, at the final cut of limit 2, q1's
+    # first job, which ties with a and b and was created after them
+    assert model.tie_breaking_locks([1], None, NOW, limit=2) == [q1_second, q1_first]
+    assert [j.id for j in model.eligible([1], None, NOW, [q1_second, q1_first])] == [a, b]

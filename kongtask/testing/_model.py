@@ -76,6 +76,10 @@ class MJob:
     locked_by: str | None
     revision: int
     flags: frozenset[str] | None
+    #: The model's own creation order (the order of the specs that added the jobs). Rules
+    #: pick jobs in this order, never by id: which id the database gives which row of one
+    #: statement is its choice, and a replayed example must pick the same jobs.
+    ordinal: int = field(default=0, compare=False)
 
     @property
     def is_available(self) -> bool:
@@ -160,6 +164,7 @@ class Model:
         # believe they run some jobs: the machine may let them act late ("zombies").
         self.zombies: list[Pool] = []
         self.seq: dict[str, int] = {"tasks": 0, "queues": 0}
+        self.created = 0  # jobs made by new_job so far: the next ordinal
 
     # ----- helpers -------------------------------------------------------------------
     def by_key(self, key: str) -> MJob | None:
@@ -200,7 +205,12 @@ class Model:
                 new_queues += 1
         return new_tasks, new_queues
 
+    def job_ids(self) -> list[int]:
+        """The jobs' ids in creation order (see :attr:`MJob.ordinal`)."""
+        return sorted(self.jobs, key=lambda i: self.jobs[i].ordinal)
+
     def new_job(self, job_id: int, spec: Spec, now: datetime) -> MJob:
+        self.created += 1
         return MJob(
             id=job_id,
             task=spec.identifier,
@@ -218,6 +228,7 @@ class Model:
             locked_by=None,
             revision=0,
             flags=spec.flag_set(),
+            ordinal=self.created,
         )
 
     # ----- SQL API (§3) --------------------------------------------------------------
@@ -372,6 +383,50 @@ class Model:
             out.append(job)
         return out
 
+    def tie_breaking_locks(
+        self,
+        task_ids: Iterable[int],
+        forbidden: Sequence[str] | None,
+        now: datetime,
+        limit: int,
+        row_locked_jobs: Iterable[int] = (),
+        row_locked_queues: Iterable[str] = (),
+    ) -> list[int]:
+        """The jobs to row-lock as well, so that a claim's result is determined (§5.3).
+
+        A claim orders by ``(priority, run_at)``: where its limit cuts a group of equal
+        keys, which members it takes depends on the rows' physical order (where the table
+        put them, which vacuum and page pruning decide), and of a named queue's equal
+        first jobs it takes the lowest id (which the database chose). A replayed example
+        would then take other jobs, and hypothesis could not replay it. Row-locking the
+        members that are not the first by :attr:`MJob.ordinal` (SKIP LOCKED passes over
+        them) leaves the claim one possible answer. Applied until nothing is left open: a
+        locked job lets the next ones in, which may tie again.
+        """
+        task_ids = list(task_ids)
+        locked = list(row_locked_jobs)
+        given = len(locked)
+        queues = list(row_locked_queues)
+        while True:
+            eligible = self.eligible(task_ids, forbidden, now, locked, queues)
+            queued = sorted((j for j in eligible if j.queue is not None), key=MJob.sort_key)
+            unqueued = sorted((j for j in eligible if j.queue is None), key=MJob.sort_key)
+            taken_queued, losers = _cut(queued, limit)
+            taken_unqueued, more = _cut(unqueued, limit)
+            losers += more
+            firsts: dict[str, MJob] = {}
+            for job in sorted(taken_queued, key=lambda j: (*j.sort_key(), j.ordinal)):
+                assert job.queue is not None
+                first = firsts.setdefault(job.queue, job)
+                if first is not job and job.sort_key() == first.sort_key():
+                    losers.append(job)
+            if not losers:
+                candidates = sorted([*firsts.values(), *taken_unqueued], key=MJob.sort_key)
+                losers = _cut(candidates, limit)[1]
+            if not losers:
+                return locked[given:]
+            locked += [j.id for j in losers]
+
     def claim(self, pool: Pool, ids: Sequence[int], now: datetime) -> None:
         for job_id in ids:
             job = self.jobs[job_id]
@@ -473,3 +528,17 @@ def _short(value: Any) -> str:
 
 def clone(job: MJob) -> MJob:
     return replace(job)
+
+
+def _cut(ordered: Sequence[MJob], limit: int) -> tuple[list[MJob], list[MJob]]:
+    """The first ``limit`` of ``ordered`` (sorted by key), and, where the limit cuts a group
+    of equal keys, that group's members past the cut in creation order (else none)."""
+    if len(ordered) <= limit:
+        return list(ordered), []
+    key = ordered[limit - 1].sort_key() if limit > 0 else None
+    if key is None or ordered[limit].sort_key() != key:
+        return list(ordered[:limit]), []
+    before = [j for j in ordered[:limit] if j.sort_key() != key]
+    group = sorted((j for j in ordered if j.sort_key() == key), key=lambda j: j.ordinal)
+    kept = group[: limit - len(before)]
+    return [*before, *kept], group[len(kept) :]

@@ -58,7 +58,7 @@ class ClaimRules(MachineCore):
         queue_picks: list[int],
     ) -> None:
         """Claim while a second connection holds row locks on some jobs and queue rows."""
-        jobs = choose(job_picks, sorted(self.model.jobs))
+        jobs = choose(job_picks, self.model.job_ids())
         queues = choose(queue_picks, sorted(self.model.queues))
         self._claim(slot, tasks, limit, forbidden, locked_jobs=jobs, locked_queues=queues)
 
@@ -77,6 +77,11 @@ class ClaimRules(MachineCore):
         registered = [self.model.registered[name] for name in sorted(self.model.registered)]
         task_ids = choose(tasks, registered) if tasks else registered
         now = self.model.clock
+        # where the limit would cut jobs of equal keys, lock the ones it must not take, so
+        # that the database has one answer and every replay of the example matches
+        locked_jobs = locked_jobs + self.model.tie_breaking_locks(
+            task_ids, forbidden, now, limit, locked_jobs, locked_queues
+        )
         step = (
             f"claim(pool={pool.pool_id}, tasks={task_ids}, limit={limit}, forbidden={forbidden}"
             + (
@@ -95,7 +100,8 @@ class ClaimRules(MachineCore):
         self._check_claim(
             step, ids, eligible, task_ids, limit, forbidden, now, locked_jobs, locked_queues
         )
-        self.model.claim(pool, ids, now)
+        # in creation order: rows of equal keys come back in either order
+        self.model.claim(pool, sorted(ids, key=lambda i: self.model.jobs[i].ordinal), now)
         self._verify(step, raw)
 
     def _check_claim(

@@ -113,8 +113,8 @@ class SqlApiRules(MachineCore):
         )
 
     def _ids(self, picks: Sequence[int]) -> list[int]:
-        known = sorted(self.model.jobs)
-        missing = (max(known) if known else 0) + 1000
+        known = self.model.job_ids()
+        missing = max(known, default=0) + 1000
         return choose(picks, [*known, missing])
 
     @precondition(lambda self: self.model.jobs)
