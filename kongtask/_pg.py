@@ -36,6 +36,7 @@ import asyncpg.pool
 import trio
 import trio_asyncio
 
+from ._aio_loop import run_ready_callbacks_together
 from ._config import asyncpg_dsn
 
 log = logging.getLogger("kongtask.pg")
@@ -434,6 +435,7 @@ async def open_database(
     try:
         async with trio_asyncio.open_loop() as loop:
             loop.set_exception_handler(_log_asyncio_exception)
+            run_ready_callbacks_together(loop)
             pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool, loop=loop)(
                 min_size=min(min_size, max_size),
                 max_size=max_size,
