@@ -6,16 +6,16 @@ a whole trio scheduling round (an ``epoll`` call and a pass over the run queue),
 asyncpg round trip is a chain of callbacks that each schedule the next: the task step
 that sends the query, the reader that receives the reply, the step that resumes the
 coroutine, the done-callback that wakes the trio caller, and the reader's own
-synchronisation. That chain took 7 rounds per statement; run as asyncio runs its ready
-queue, it takes 4, and an ``add_job`` round trip is about a tenth of a millisecond
-shorter (docs/performance.md, "The asyncio side's scheduling rounds").
+synchronisation. That chain takes 7 rounds per statement; run as asyncio runs its ready
+queue, it takes 4 (docs/performance.md, "The latency path").
 
 :func:`run_ready_callbacks_together` makes one loop (never trio-asyncio's class, so an
 application's own loops are untouched) run, after each callback it waits for, those
 already queued, up to :data:`MAX_CALLBACKS_PER_ROUND`: the same order, and the same
 callbacks as before, in fewer rounds. It relies on trio-asyncio's private step method;
 when that is missing (another trio-asyncio release), the loop is left as it is and a
-test notices (tests/test_pg_connect.py counts the rounds).
+test notices (tests/test_aio_loop.py counts the rounds); pyproject.toml keeps
+trio-asyncio below its next release for that reason.
 """
 
 from __future__ import annotations
