@@ -235,10 +235,16 @@ claimed as (
   from kept k
   where j.id = k.id
   returning {_CLAIM_RETURNING}
-)
+),
+-- A claim's commit does not wait for the WAL flush (why no job can be lost by it:
+-- docs/reliability.md). The claiming session says so for itself where it has a session
+-- of its own; behind a transaction pooler this transaction-local setting is the only
+-- way. Run once per claim (a CTE); a claim that takes nothing writes nothing to flush.
+async_commit as (select pg_catalog.set_config('synchronous_commit', 'off', true) as s)
 select c.*, greatest((select count(*) from queued), (select count(*) from unqueued))
        as n_candidates
-from claimed c order by c.priority asc, c.run_at_us asc
+from claimed c cross join async_commit
+order by c.priority asc, c.run_at_us asc
 """
 
         # Complete (§5.4): delete by id (no locked_by check, as upstream), and unlock

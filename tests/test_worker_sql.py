@@ -9,6 +9,7 @@ import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import asyncpg
 import pytest
 import trio
 from _worker_helpers import add_job_row as add
@@ -196,3 +197,23 @@ async def test_row_locked_queue_does_not_use_up_the_limit(wdb: Database) -> None
     finally:
         await wdb.run(blocker.execute, "rollback")
         await wdb.close_connection(blocker)
+
+
+async def _claim_in_a_transaction(
+    conn: asyncpg.Connection, task_ids: list[int], n: int
+) -> tuple[int, str, str]:
+    """Claim in an explicit transaction; the setting inside it and in the session after."""
+    await conn.execute("set synchronous_commit = on")
+    async with conn.transaction():
+        rows = await claim_jobs(conn, Q, P1, task_ids, n)
+        inside = await conn.fetchval("show synchronous_commit")
+    return len(rows), inside, await conn.fetchval("show synchronous_commit")
+
+
+async def test_a_claim_commits_asynchronously_without_a_session_setting(wdb: Database) -> None:
+    """Behind a transaction pooler the claiming session cannot set synchronous_commit:
+    a claim that takes jobs turns it off for its own transaction, and only for it."""
+    ids = await tasks(wdb, "t")
+    await add(wdb, "t")
+    claimed, inside, after = await wdb.with_connection(_claim_in_a_transaction, [ids["t"]], 5)
+    assert (claimed, inside, after) == (1, "off", "on")
