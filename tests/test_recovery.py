@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from test_worker import wait_until
 
 import kongtask
 from kongtask._liveness import (
@@ -209,14 +210,16 @@ async def test_nothing_is_released_while_every_live_pool_reconnected_recently(
     jobs = await _add_locked_jobs(ldb, dead, 1, None)
     # the server must be clearly older than the lock session opened below (a test run
     # may begin with this test, right after its cluster started)
-    with trio.fail_after(10):
-        while True:
-            uptime = await ldb.fetchval("select now() - pg_postmaster_start_time()")
-            assert isinstance(uptime, timedelta)
-            if uptime.total_seconds() >= 2:
-                break
-            await trio.sleep(0.1)
-    grace = uptime.total_seconds() * 0.9  # the server is older than that...
+    seen: list[timedelta] = []
+
+    async def server_two_seconds_old() -> bool:
+        uptime = await ldb.fetchval("select now() - pg_postmaster_start_time()")
+        assert isinstance(uptime, timedelta)
+        seen[:] = [uptime]
+        return uptime.total_seconds() >= 2
+
+    await wait_until(server_two_seconds_old)
+    grace = seen[0].total_seconds() * 0.9  # the server is older than that...
     fresh = await ldb.connect()  # ...but the only live pool's lock session is not
     try:
         await ldb.run(hold_liveness_lock, fresh, new_pool_id())
